@@ -1,0 +1,2 @@
+"""The methods that ship with mtlbench. Each module registers itself through the public plugin API."""
+from mtlbench.baselines import archs, optimizers  # noqa: F401

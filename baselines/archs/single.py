@@ -1,0 +1,46 @@
+"""Single-task baseline: one independent network per task, nothing shared (the reference for Δm%)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mtlbench import MLP, MultiTaskArch, register_arch
+from mtlbench.arch import tower
+
+
+@register_arch("single")
+class SingleTask(MultiTaskArch):
+    """One network per task (own embeddings, bottom and tower): the single-task baseline Δm% is measured against.
+
+    Each task's network has the same shape as ``shared_bottom`` (input layer -> bottom MLP -> tower), so the
+    comparison isolates the effect of sharing. Training all T networks in one run is equivalent to T separate
+    runs: their parameters and losses are disjoint, so under equal weighting their gradients never interact.
+    """
+
+    @dataclass
+    class Options:
+        bottom_units: tuple[int, ...] = (256, 128)
+        tower_units: tuple[int, ...] = (64,)
+        dropout: float = 0.1
+        batch_norm: bool = True
+
+    def __init__(self, schema, tasks, embed_dim, options=None):
+        super().__init__(schema, tasks, embed_dim, options)
+        o = options or self.Options()
+        for t in self.tasks:
+            inp = self.input_layer()
+            bottom = MLP(inp.output_dim, o.bottom_units, o.dropout, o.batch_norm)
+            self.heads[t.name].update({"input": inp, "bottom": bottom,
+                                       "tower": tower(bottom.output_dim, o.tower_units, t, o.dropout,
+                                                      o.batch_norm)})
+
+    def encode(self, batch):
+        return ()
+
+    def decode(self, features, batch):
+        out = []
+        for t in self.task_names:
+            h = self.heads[t]
+            out.append(h["tower"](h["bottom"](h["input"](batch))))
+        return out

@@ -1,0 +1,84 @@
+"""The architecture contract.
+
+An architecture is built from the feature schema, the task specs, the shared embedding width and its own
+``Options``. It is split in two, so optimizers can work with per-task gradients without knowing the model:
+
+- :meth:`MultiTaskArch.encode` maps a batch to the *shared features*: a tuple of tensors computed only by the
+  shared parameters (``self.shared``);
+- :meth:`MultiTaskArch.decode` maps the features to one output per task, using only the task-specific parameters
+  (``self.heads[task]``). Each task's output depends on the shared parameters only through the features.
+
+So ``d loss_t / d shared`` = VJP of ``encode`` with ``d loss_t / d features``, which the training step computes for
+all tasks with one batched backward through the shared trunk. Every parameter lives either in ``self.shared`` or
+in exactly one ``self.heads[task]`` (tests check the partition).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtlbench.data import FeatureSchema, TaskSpec
+from mtlbench.layers import MLP, InputLayer
+
+
+@dataclass
+class ArchOutput:
+    """Per-task raw outputs (logits, values or class logits) and the shared features they came from."""
+
+    outputs: list[torch.Tensor]
+    features: tuple[torch.Tensor, ...]
+
+
+class MultiTaskArch(nn.Module):
+    """Base class of every architecture. Subclasses fill ``self.shared`` and ``self.heads`` and implement
+    :meth:`encode` and :meth:`decode`. Optional hyper-parameters go in a nested ``Options`` dataclass."""
+
+    Options: Any = None
+
+    def __init__(self, schema: FeatureSchema, tasks: tuple[TaskSpec, ...], embed_dim: int,
+                 options: Any = None) -> None:
+        super().__init__()
+        self.schema, self.tasks, self.embed_dim, self.options = schema, tuple(tasks), embed_dim, options
+        self.task_names = tuple(t.name for t in tasks)
+        self.shared = nn.ModuleDict()
+        self.heads = nn.ModuleDict({t.name: nn.ModuleDict() for t in tasks})
+
+    def input_layer(self) -> InputLayer:
+        """A fresh input layer of the common shape (same embedding width for every arch)."""
+        return InputLayer(self.schema, self.embed_dim)
+
+    # -- the split -------------------------------------------------------------------------------------------
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def decode(self, features: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> ArchOutput:
+        features = self.encode(batch)
+        return ArchOutput(self.decode(features, batch), features)
+
+    # -- parameter declaration -------------------------------------------------------------------------------
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.shared.parameters() if p.requires_grad]
+
+    def task_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {t: [p for p in self.heads[t].parameters() if p.requires_grad] for t in self.task_names}
+
+    def describe(self) -> dict[str, Any]:
+        """Arch facts resolved at build time (e.g. HoME's task groups), stored in the run record."""
+        return {}
+
+    def parameter_counts(self) -> dict[str, Any]:
+        shared = sum(p.numel() for p in self.shared.parameters())
+        task = {t: sum(p.numel() for p in self.heads[t].parameters()) for t in self.task_names}
+        return {"total": sum(p.numel() for p in self.parameters()), "shared": shared, "task": task}
+
+
+def tower(in_dim: int, units: tuple[int, ...], task: TaskSpec, dropout: float = 0.0,
+          batch_norm: bool = True) -> MLP:
+    """A task tower: hidden layers, then a linear output of the task's width (1, or C classes)."""
+    return MLP(in_dim, units, dropout=dropout, batch_norm=batch_norm, out_dim=task.output_dim)

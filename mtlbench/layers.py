@@ -1,0 +1,164 @@
+"""Building blocks shared by the architectures (and available to plugins).
+
+- :class:`InputLayer`: the one input layer every arch uses, so all archs see the same embeddings: one embedding
+  table per categorical field (stored as a single table with offsets, one lookup per batch) and the dense features
+  projected to one more field of the same width (the MTReclib convention).
+- :class:`MLP`: ``[Linear -> (BatchNorm) -> activation -> Dropout] x L``.
+- :class:`ExpertBank`: ``n`` same-shaped expert MLPs evaluated together with batched matrix products instead of
+  a Python loop over expert modules.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtlbench.data import FeatureSchema
+
+Activation = Literal["relu", "swish"]
+
+
+def activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return F.relu(x)
+    if name == "swish":  # Swish with beta = 1 (SiLU)
+        return F.silu(x)
+    raise ValueError(f"unknown activation '{name}' (valid: relu, swish)")
+
+
+class InputLayer(nn.Module):
+    """Embeds every categorical field to ``embed_dim`` and projects the dense vector to one extra field."""
+
+    def __init__(self, schema: FeatureSchema, embed_dim: int) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        sizes = [f.vocab_size for f in schema.categorical]
+        self.n_fields = len(sizes) + (1 if schema.n_dense else 0)
+        if self.n_fields == 0:
+            raise ValueError("the schema has no features")
+        offsets = torch.tensor([0] + sizes[:-1], dtype=torch.long).cumsum(0) if sizes else torch.zeros(0).long()
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.embedding = nn.Embedding(sum(sizes), embed_dim) if sizes else None
+        if self.embedding is not None:
+            nn.init.normal_(self.embedding.weight, std=1e-2 if embed_dim > 0 else 1.0)
+        self.dense = nn.Linear(schema.n_dense, embed_dim) if schema.n_dense else None
+
+    @property
+    def output_dim(self) -> int:
+        return self.n_fields * self.embed_dim
+
+    def fields(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-field embeddings ``[B, n_fields, embed_dim]``."""
+        parts = []
+        if self.embedding is not None:
+            parts.append(self.embedding(batch["categorical"] + self.offsets))
+        if self.dense is not None:
+            parts.append(self.dense(batch["dense"]).unsqueeze(1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Flattened embeddings ``[B, n_fields * embed_dim]``."""
+        return self.fields(batch).flatten(1)
+
+
+class MLP(nn.Module):
+    """``[Linear -> (BatchNorm1d) -> activation -> Dropout]`` per hidden layer; optional final linear output."""
+
+    def __init__(self, in_dim: int, units: Sequence[int], dropout: float = 0.0, batch_norm: bool = True,
+                 act: Activation = "relu", out_dim: int | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        d = in_dim
+        for u in units:
+            layers.append(nn.Linear(d, u))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(u))
+            layers.append(nn.SiLU() if act == "swish" else nn.ReLU())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = u
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        self.net = nn.Sequential(*layers)
+        self.output_dim = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ExpertBatchNorm(nn.Module):
+    """BatchNorm over the batch axis of ``[n_experts, B, units]``: independent statistics per expert and unit,
+    the same maths as one ``BatchNorm1d`` per expert, without moving data into ``[B, n * units]``."""
+
+    def __init__(self, n: int, units: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(n, 1, units))
+        self.bias = nn.Parameter(torch.zeros(n, 1, units))
+        self.register_buffer("running_mean", torch.zeros(n, 1, units))
+        self.register_buffer("running_var", torch.ones(n, 1, units))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+            with torch.no_grad():
+                b = x.shape[1]
+                unbiased = var * (b / max(b - 1, 1))
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class ExpertBank(nn.Module):
+    """``n`` expert MLPs with identical shapes, evaluated with batched matmuls.
+
+    Input ``[B, in]`` (every expert sees the same input) or ``[n, B, in]`` (a private input per expert, as with
+    HoME's feature gates). Output ``[n, B, units[-1]]``. Per layer: Linear -> (BatchNorm) -> activation ->
+    Dropout, as in :class:`MLP`; ``norm_last=False`` leaves the last layer without BatchNorm.
+    """
+
+    def __init__(self, n: int, in_dim: int, units: Sequence[int], dropout: float = 0.0, batch_norm: bool = True,
+                 act: Activation = "relu") -> None:
+        super().__init__()
+        if n < 1 or not units:
+            raise ValueError("an expert bank needs at least one expert and one layer")
+        self.n, self.act, self.dropout = n, act, dropout
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.norms = nn.ModuleList()
+        d = in_dim
+        for u in units:
+            w = torch.empty(n, d, u)
+            b = torch.empty(n, 1, u)
+            bound = 1.0 / math.sqrt(d)  # nn.Linear's default init, per expert
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(b))
+            self.norms.append(ExpertBatchNorm(n, u) if batch_norm else nn.Identity())
+            d = u
+        self.output_dim = d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for w, b, norm in zip(self.weights, self.biases, self.norms):
+            if h.dim() == 2:  # shared input: one matmul against all experts' weights at once
+                B = h.shape[0]
+                h = (h @ w.permute(1, 0, 2).reshape(w.shape[1], -1)).reshape(B, self.n, -1).transpose(0, 1) + b
+            else:
+                h = torch.baddbmm(b, h, w)
+            h = activation(self.act, norm(h))
+            if self.dropout > 0:
+                h = F.dropout(h, self.dropout, self.training)
+        return h
+
+
+def mix(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Gate-weighted sum of expert outputs: ``experts [n, B, d]``, ``weights [B, n]`` -> ``[B, d]``."""
+    return torch.einsum("nbd,bn->bd", experts, weights)

@@ -1,0 +1,51 @@
+"""Batches are slices of pre-built tensors: one seeded permutation per epoch, no per-sample Python."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from mtlbench.data import Split
+
+Batch = dict[str, torch.Tensor]
+
+
+class BatchLoader:
+    """Iterates over a split in batches of ``batch_size`` rows.
+
+    With ``shuffle`` the rows are permuted once per epoch by ``generator`` (so the run seed fixes the order),
+    then every batch is a contiguous view of the permuted tensors. Every row appears exactly once per epoch; a
+    final batch of a single row is folded into the previous one, because BatchNorm cannot train on one row.
+    """
+
+    def __init__(self, split: Split, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.split = split if device is None else split.to(device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+
+    def __len__(self) -> int:
+        n, b = len(self.split), self.batch_size
+        k = -(-n // b)
+        return k - 1 if k > 1 and n % b == 1 else k
+
+    def bounds(self) -> list[tuple[int, int]]:
+        n, b = len(self.split), self.batch_size
+        starts = list(range(0, n, b))
+        out = [(s, min(s + b, n)) for s in starts]
+        if len(out) > 1 and out[-1][1] - out[-1][0] == 1:
+            out[-2] = (out[-2][0], n)
+            out.pop()
+        return out
+
+    def __iter__(self) -> Iterator[Batch]:
+        tensors = self.split.tensors
+        if self.shuffle:
+            perm = torch.randperm(len(self.split), generator=self.generator)
+            perm = perm.to(next(iter(tensors.values())).device)
+            tensors = {k: v.index_select(0, perm) for k, v in tensors.items()}
+        for lo, hi in self.bounds():
+            yield {k: v[lo:hi] for k, v in tensors.items()}

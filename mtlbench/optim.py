@@ -1,0 +1,206 @@
+"""The MTL optimizer contract: how T task losses become one update.
+
+Each training step the loop builds a :class:`StepContext` and calls ``method.step(ctx)``; the method must leave
+``.grad`` set on every trainable parameter, then the loop calls the torch optimizer and ``method.after_step(ctx)``.
+The context offers, lazily and cached, everything the families of methods need:
+
+- loss-only methods (EW, UW, DWA, RLW, FAMO...): ``ctx.losses`` and ``ctx.backward(weights)``, one backward;
+- Jacobian / Gramian methods (MGDA, PCGrad, CAGrad, Nash-MTL, UPGrad...): ``ctx.jacobian()`` (per-task gradients
+  of the shared parameters, ``[T, P]``) or ``ctx.gramian()``, then ``ctx.set_grads(shared_grad, task_weights)``;
+- representation methods (MGDA-UB, Rep-MTL): ``ctx.features`` and ``ctx.feature_grads()``;
+- methods needing an extra forward (FAMO's loss after the step, SAM-style perturbations, GradNorm):
+  ``ctx.forward()`` recomputes the outputs and losses at the current parameters;
+- stateful methods keep their state in attributes and save it through ``state_dict`` / ``load_state_dict``.
+
+Per-task gradients are computed the cheap way: one backward per task through its head only, down to the shared
+features, then a single batched vector-Jacobian product through the shared trunk (``is_grads_batched``), with a
+per-task loop as the fallback where batching is not supported.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from mtlbench.errors import MtlbenchError
+
+Requirement = str  # "shared_grads" | "features"
+
+
+class StepContext:
+    """Everything one training step knows, with expensive quantities computed on first use and cached."""
+
+    def __init__(self, model: nn.Module, batch: dict[str, torch.Tensor], output: Any,
+                 losses: list[torch.Tensor], forward: Callable[[], tuple[Any, list[torch.Tensor]]],
+                 generator: torch.Generator, step: int, epoch: int) -> None:
+        self.model, self.batch, self.output, self.losses = model, batch, output, losses
+        self.generator, self.step, self.epoch = generator, step, epoch
+        self._forward = forward
+        self.task_names: tuple[str, ...] = model.task_names
+        self.shared_params: list[nn.Parameter] = model.shared_parameters()
+        tp = model.task_parameters()
+        self.task_params: list[list[nn.Parameter]] = [tp[t] for t in self.task_names]
+        self._feature_grads: list[tuple[torch.Tensor, ...]] | None = None
+        self._head_grads: list[tuple[torch.Tensor | None, ...]] | None = None
+        self._jacobian: torch.Tensor | None = None
+
+    # -- losses ----------------------------------------------------------------------------------------------
+    @property
+    def n_tasks(self) -> int:
+        return len(self.losses)
+
+    @property
+    def loss_values(self) -> torch.Tensor:
+        """The task losses as a detached vector ``[T]``."""
+        return torch.stack([l.detach() for l in self.losses])
+
+    @property
+    def features(self) -> tuple[torch.Tensor, ...]:
+        return self.output.features
+
+    def backward(self, weights: torch.Tensor | None = None, retain_graph: bool = False) -> None:
+        """One backward of ``sum_t weights[t] * loss_t`` (weights 1 if None), accumulating into ``.grad``."""
+        if weights is None:
+            total = torch.stack(self.losses).sum()
+        else:
+            total = (weights.to(self.losses[0].dtype) * torch.stack(self.losses)).sum()
+        total.backward(retain_graph=retain_graph)
+
+    def forward(self) -> tuple[Any, list[torch.Tensor]]:
+        """An extra forward at the current parameters (same batch, training mode): ``(output, losses)``."""
+        return self._forward()
+
+    # -- per-task gradients ----------------------------------------------------------------------------------
+    def _head_pass(self) -> None:
+        if self._feature_grads is not None:
+            return
+        feats = self.features
+        fgrads, hgrads = [], []
+        for loss, params in zip(self.losses, self.task_params):
+            grads = torch.autograd.grad(loss, (*feats, *params), retain_graph=True, allow_unused=True)
+            fgrads.append(tuple(torch.zeros_like(f) if g is None else g for f, g in zip(feats, grads[:len(feats)])))
+            hgrads.append(grads[len(feats):])
+        self._feature_grads, self._head_grads = fgrads, hgrads
+
+    def feature_grads(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per task, ``d loss_t / d features`` (one tuple per task, aligned with ``ctx.features``)."""
+        self._head_pass()
+        assert self._feature_grads is not None
+        return self._feature_grads
+
+    def jacobian(self) -> torch.Tensor:
+        """Per-task gradients of the shared parameters, flattened: ``[T, P]`` (row t = grad of loss_t)."""
+        if self._jacobian is not None:
+            return self._jacobian
+        if not self.shared_params:
+            raise MtlbenchError("this method needs per-task gradients of shared parameters, but the architecture "
+                                "declares none")
+        fgrads = self.feature_grads()
+        feats = self.features
+        cot = tuple(torch.stack([fg[i] for fg in fgrads]) for i in range(len(feats)))
+        rows = _batched_vjp(feats, self.shared_params, cot)
+        self._jacobian = torch.cat([r.reshape(r.shape[0], -1) for r in rows], dim=1)
+        return self._jacobian
+
+    def gramian(self) -> torch.Tensor:
+        """``J J^T`` (``[T, T]``), the inner products of the task gradients."""
+        j = self.jacobian()
+        return j @ j.T
+
+    # -- writing the update ----------------------------------------------------------------------------------
+    def set_grads(self, shared_grad: torch.Tensor, task_weights: torch.Tensor | None = None) -> None:
+        """Write a flat update for the shared parameters and ``task_weights[t] * d loss_t / d head_t`` for each
+        head (weights 1 if None: each head follows its own loss)."""
+        self._head_pass()
+        assert self._head_grads is not None
+        offset = 0
+        for p in self.shared_params:
+            n = p.numel()
+            _accumulate(p, shared_grad[offset:offset + n].view_as(p))
+            offset += n
+        if offset != shared_grad.numel():
+            raise ValueError(f"shared update has {shared_grad.numel()} entries for {offset} shared parameters")
+        for t, (params, grads) in enumerate(zip(self.task_params, self._head_grads)):
+            w = 1.0 if task_weights is None else task_weights[t]
+            for p, g in zip(params, grads):
+                if g is not None:
+                    _accumulate(p, g * w)
+
+
+def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
+    g = g.detach()
+    if p.grad is None:
+        p.grad = g.clone()
+    else:
+        p.grad.add_(g)
+
+
+_BATCHED_VJP_OK = True
+
+
+def _batched_vjp(outputs: tuple[torch.Tensor, ...], inputs: list[nn.Parameter],
+                 cotangents: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """``[T, *p.shape]`` per input: VJPs of ``outputs`` for T stacked cotangents, batched if possible."""
+    global _BATCHED_VJP_OK
+    if _BATCHED_VJP_OK:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_grads_batched.*")
+                warnings.filterwarnings("ignore", message=".*fall back.*")
+                grads = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True)
+            return [torch.zeros((cotangents[0].shape[0], *p.shape), dtype=p.dtype, device=p.device)
+                    if g is None else g for p, g in zip(inputs, grads)]
+        except RuntimeError:
+            _BATCHED_VJP_OK = False  # some modules (e.g. certain RNN kernels) have no batching rule
+    T = cotangents[0].shape[0]
+    per_task = []
+    for t in range(T):
+        g = torch.autograd.grad(outputs, inputs, tuple(c[t] for c in cotangents), retain_graph=True,
+                                allow_unused=True)
+        per_task.append([torch.zeros_like(p) if x is None else x for p, x in zip(inputs, g)])
+    return [torch.stack([pt[i] for pt in per_task]) for i in range(len(inputs))]
+
+
+class MTLOptimizer:
+    """Base class of every MTL optimizer (weighting or gradient method).
+
+    ``requires`` names what the method needs from the architecture, checked before training starts:
+    ``"shared_grads"`` (declared shared parameters) or ``"features"`` (a shared representation).
+    """
+
+    Options: Any = None
+    requires: ClassVar[frozenset[Requirement]] = frozenset()
+
+    def __init__(self, task_names: tuple[str, ...], options: Any = None) -> None:
+        self.task_names = tuple(task_names)
+        self.options = options
+        self.last_weights: torch.Tensor | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Learnable parameters of the method itself (e.g. UW's log-variances); stepped with the model."""
+        return []
+
+    def step(self, ctx: StepContext) -> None:
+        raise NotImplementedError
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Called after the parameter update (e.g. FAMO's weight update)."""
+
+    def end_epoch(self, epoch: int, train_losses: dict[str, float]) -> None:
+        """Called after each epoch with the mean training loss per task (e.g. DWA)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def check_compatible(method: MTLOptimizer, model: nn.Module, method_name: str, arch_name: str) -> None:
+    """One clear line when a method needs something the architecture does not offer."""
+    if "shared_grads" in method.requires and not model.shared_parameters():
+        raise MtlbenchError(f"optimizer '{method_name}' needs per-task gradients of shared parameters, but arch "
+                            f"'{arch_name}' shares none (use a multi-task arch, or optimizer 'ew')")

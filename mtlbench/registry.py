@@ -1,0 +1,333 @@
+"""One registry for datasets, architectures, MTL optimizers and metrics.
+
+Built-in methods and a user's plugin register through the same decorators::
+
+    from mtlbench import register_arch
+
+    @register_arch("my_arch")
+    class MyArch(MultiTaskArch):
+        '''One-line description shown by `mtlbench list`.'''
+
+A registered class may declare its hyper-parameters as a dataclass named ``Options``; the registry validates
+user-given options against it (unknown names and wrong types give one clear line) and fills in the defaults,
+so the full set of values lands in the run spec.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mtlbench.errors import MtlbenchError, unknown
+
+KINDS = ("dataset", "arch", "optimizer", "metric")
+ENTRY_POINT_GROUP = "mtlbench.plugins"
+BUILTIN_MODULES = ("mtlbench.metrics", "mtlbench.tasks", "mtlbench.baselines")
+
+
+@dataclass
+class Entry:
+    """A registered component: its kind, name, the object (class or function) and a one-line description."""
+
+    kind: str
+    name: str
+    obj: Any
+    description: str
+    module: str
+
+    @property
+    def builtin(self) -> bool:
+        return self.module == "mtlbench" or self.module.startswith("mtlbench.")
+
+    @property
+    def options_class(self) -> type | None:
+        opts = getattr(self.obj, "Options", None)
+        return opts if dataclasses.is_dataclass(opts) else None
+
+    def resolve_options(self, given: dict[str, Any] | None) -> dict[str, Any]:
+        """Validate ``given`` against ``Options`` and return every option with defaults filled in."""
+        return resolve_options(self.options_class, given or {}, f"{self.kind} '{self.name}'")
+
+    def source_hash(self) -> str | None:
+        """sha256 of the file that defines a plugin (None for built-ins), so editing a plugin changes the run id."""
+        if self.builtin:
+            return None
+        try:
+            path = inspect.getsourcefile(self.obj)
+        except TypeError:
+            return None
+        if not path or not Path(path).is_file():
+            return None
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+_REGISTRY: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+_loaded_builtins = False
+_loaded_plugins: set[str] = set()
+
+
+def _first_line(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def register(kind: str, name: str, description: str | None = None) -> Callable[[Any], Any]:
+    """Decorator registering ``obj`` under ``kind``/``name``. Re-registering the same object is a no-op."""
+    if kind not in KINDS:
+        raise unknown("registry kind", kind, KINDS)
+
+    def deco(obj: Any) -> Any:
+        table = _REGISTRY[kind]
+        old = table.get(name)
+        module = getattr(obj, "__module__", "") or ""
+        if old is not None and (old.obj is not obj and (old.module, getattr(old.obj, "__qualname__", "")) != (
+                module, getattr(obj, "__qualname__", ""))):
+            raise MtlbenchError(f"{kind} '{name}' is registered twice: by {old.module} and by {module}")
+        table[name] = Entry(kind, name, obj, description or _first_line(obj), module)
+        try:
+            obj.registered_name = name
+        except (AttributeError, TypeError):
+            pass
+        return obj
+
+    return deco
+
+
+def register_dataset(name: str, description: str | None = None):
+    return register("dataset", name, description)
+
+
+def register_arch(name: str, description: str | None = None):
+    return register("arch", name, description)
+
+
+def register_optimizer(name: str, description: str | None = None):
+    return register("optimizer", name, description)
+
+
+def register_metric(name: str, description: str | None = None):
+    return register("metric", name, description)
+
+
+def load_builtins() -> None:
+    """Import the shipped components; they register themselves exactly as plugins do."""
+    global _loaded_builtins
+    if _loaded_builtins:
+        return
+    _loaded_builtins = True
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+    load_entry_point_plugins()
+
+
+def load_entry_point_plugins() -> None:
+    """Import every module advertised under the ``mtlbench.plugins`` entry-point group."""
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.value in _loaded_plugins:
+            continue
+        _loaded_plugins.add(ep.value)
+        try:
+            loaded = ep.load()
+            if callable(loaded) and not isinstance(loaded, types.ModuleType):
+                loaded()
+        except Exception as exc:  # a broken third-party plugin must not take the tool down silently
+            raise MtlbenchError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: "
+                                f"{type(exc).__name__}: {exc}") from exc
+
+
+def load_plugin(target: str) -> None:
+    """Import a plugin from a ``.py`` file or an importable module name; its decorators register it."""
+    if target in _loaded_plugins:
+        return
+    path = Path(target)
+    try:
+        if target.endswith(".py") or path.is_file():
+            if not path.is_file():
+                raise MtlbenchError(f"plugin file '{target}' does not exist")
+            mod_name = "mtlbench_plugin_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(mod_name, None)
+                raise
+        else:
+            try:
+                importlib.import_module(target)
+            except ModuleNotFoundError as exc:
+                if exc.name and target.startswith(exc.name):
+                    raise MtlbenchError(f"plugin '{target}' is neither an existing .py file nor an importable "
+                                        f"module") from exc
+                raise
+    except MtlbenchError:
+        raise
+    except Exception as exc:
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None:
+            if Path(tb.tb_frame.f_code.co_filename).name == path.name:
+                where = f" (line {tb.tb_lineno})"
+            tb = tb.tb_next
+        if isinstance(exc, SyntaxError) and exc.lineno:
+            where = f" (line {exc.lineno})"
+        raise MtlbenchError(f"plugin '{target}' failed to import{where}: {type(exc).__name__}: {exc}") from exc
+    _loaded_plugins.add(target)
+
+
+def get(kind: str, name: str) -> Entry:
+    """The entry for ``name``; an unknown name raises one line with the valid names and a suggestion."""
+    load_builtins()
+    table = _REGISTRY[kind]
+    if name not in table:
+        raise unknown(kind, name, table)
+    return table[name]
+
+
+def names(kind: str) -> list[str]:
+    load_builtins()
+    return sorted(_REGISTRY[kind])
+
+
+def entries(kind: str) -> list[Entry]:
+    load_builtins()
+    return [_REGISTRY[kind][n] for n in sorted(_REGISTRY[kind])]
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line option value: JSON when it parses (numbers, booleans, lists), else the string."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        low = text.lower()
+        if low in ("true", "yes", "on"):
+            return True
+        if low in ("false", "no", "off"):
+            return False
+        return text
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except MtlbenchError as exc:
+                errors.append(str(exc))
+        raise MtlbenchError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [parse_value(v) for v in value.split(",") if v != ""] if value else []
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise MtlbenchError(f"{where} must be a list, got {value!r}")
+        inner = args[0] if args and args[0] is not Ellipsis else Any
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            inner = args[0]
+        out = [_coerce(v, inner, where) for v in value]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise MtlbenchError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, str):
+            value = parse_value(value)
+        if not isinstance(value, bool):
+            raise MtlbenchError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):
+            value = parse_value(value)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MtlbenchError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            value = parse_value(value)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise MtlbenchError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise MtlbenchError(f"{where} must be a string, got {value!r}")
+        return value
+    if typing.get_origin(tp) is typing.Literal:
+        if value not in args:
+            raise MtlbenchError(f"{where} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    return value
+
+
+def resolve_options(options_class: type | None, given: dict[str, Any], owner: str) -> dict[str, Any]:
+    """Check ``given`` against the ``Options`` dataclass, coerce types, fill defaults; JSON-ready result."""
+    if options_class is None:
+        if given:
+            raise MtlbenchError(f"{owner} takes no options; got {', '.join(sorted(given))}")
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(options_class)}
+    for key in given:
+        if key not in fields:
+            raise unknown(f"option for {owner}", key, fields)
+    hints = typing.get_type_hints(options_class)
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in given:
+            values[name] = _coerce(given[name], hints.get(name, Any), f"{owner} option '{name}'")
+    try:
+        inst = options_class(**values)
+    except (ValueError, TypeError) as exc:
+        raise MtlbenchError(f"{owner}: {exc}") from exc
+    return _jsonable(dataclasses.asdict(inst))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def build_options(options_class: type | None, resolved: dict[str, Any]) -> Any:
+    """Instantiate the ``Options`` dataclass from a resolved (JSON) dict, turning lists back into tuples."""
+    if options_class is None:
+        return None
+    hints = typing.get_type_hints(options_class)
+    kwargs = {}
+    for k, v in resolved.items():
+        kwargs[k] = _coerce(v, hints.get(k, Any), k) if isinstance(v, list) else v
+    return options_class(**kwargs)
+
+
+def option_field(default: Any, help: str = "") -> Any:
+    """A dataclass field with a help text (shown by `mtlbench list --verbose`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default.copy(), metadata={"help": help})
+    return field(default=default, metadata={"help": help})

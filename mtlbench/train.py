@@ -1,0 +1,265 @@
+"""One run: data -> architecture -> MTL optimizer -> model selection on validation -> test metrics -> record.
+
+Model selection uses the validation split only: after each epoch the validation metrics are computed, the best
+epoch (by ``spec.selection``) is kept, training stops after ``spec.patience`` epochs without improvement, and the
+test split is evaluated once, on the selected weights. The seed fixes data generation, initialisation,
+shuffling and any randomness of the MTL optimizer; on CPU the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+import mtlbench
+from mtlbench import registry
+from mtlbench.data import MultiTaskData, Split
+from mtlbench.errors import MtlbenchError, RunFailed
+from mtlbench.loader import BatchLoader
+from mtlbench.metrics import evaluate_task, metric
+from mtlbench.objectives import predict, task_loss
+from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
+from mtlbench.registry import build_options
+from mtlbench.spec import RunSpec
+from mtlbench.store import RECORD_SCHEMA, write_record
+
+EVAL_BATCH = 8192
+
+
+@dataclass
+class Built:
+    """The components of a run, built and checked before any training."""
+
+    data: MultiTaskData
+    model: torch.nn.Module
+    method: MTLOptimizer
+
+
+def build(spec: RunSpec, data_dir: str | None = None) -> Built:
+    """Load the data and build the model and method; every incompatibility is one clear line."""
+    ds_entry = registry.get("dataset", spec.dataset)
+    adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
+    data = adapter.load(spec.seed).select_tasks(spec.tasks)
+    torch.manual_seed(spec.seed)
+    arch_entry = registry.get("arch", spec.arch)
+    model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
+                           build_options(arch_entry.options_class, spec.arch_options))
+    model = model.to(spec.device)
+    opt_entry = registry.get("optimizer", spec.optimizer)
+    method = opt_entry.obj(data.task_names, build_options(opt_entry.options_class, spec.optimizer_options))
+    check_compatible(method, model, spec.optimizer, spec.arch)
+    return Built(data, model, method)
+
+
+def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: str) -> dict[str, dict[str, float]]:
+    """Every task's metrics on ``split`` (masked rows excluded), at full precision."""
+    model.eval()
+    outs: list[list[torch.Tensor]] = [[] for _ in data.tasks]
+    with torch.no_grad():
+        for batch in BatchLoader(split, EVAL_BATCH, device=device):
+            for i, (task, o) in enumerate(zip(data.tasks, model(batch).outputs)):
+                outs[i].append(predict(task, o).float().cpu())
+    result = {}
+    for i, task in enumerate(data.tasks):
+        result[task.name] = evaluate_task(task.metrics, split["labels"][:, i], torch.cat(outs[i]),
+                                          split["masks"][:, i])
+    return result
+
+
+def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
+                    val_loss: float | None) -> float:
+    """Higher is better. ``mean_primary``: mean over tasks of each primary metric, negated where lower is
+    better; ``val_loss``: minus the summed validation loss."""
+    if spec.selection == "val_loss":
+        return -val_loss if val_loss is not None else -math.inf
+    vals = []
+    for t in data.tasks:
+        v = val[t.name][t.primary_metric]
+        vals.append(v if metric(t.primary_metric).direction == "max" else -v)
+    finite = [v for v in vals if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else -math.inf
+
+
+def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
+    model.eval()
+    total, n = [0.0] * len(data.tasks), [0.0] * len(data.tasks)
+    with torch.no_grad():
+        for batch in BatchLoader(split, EVAL_BATCH, device=device):
+            for i, (task, o) in enumerate(zip(data.tasks, model(batch).outputs)):
+                m = batch["masks"][:, i]
+                total[i] += float(task_loss(task, o, batch["labels"][:, i], m)) * float(m.sum())
+                n[i] += float(m.sum())
+    return sum(t / max(c, 1.0) for t, c in zip(total, n))
+
+
+def environment(device: str) -> dict[str, Any]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "mtlbench": mtlbench.__version__,
+           "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
+           "git_sha": _git_sha()}
+    if device.startswith("cuda"):
+        env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def _git_sha() -> str | None:
+    root = Path(mtlbench.__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def train(spec: RunSpec, built: Built, progress: bool = False,
+          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train and evaluate; returns the record body (metrics, curves, timings). Raises RunFailed on a
+    non-finite loss, naming the epoch and the task."""
+    data, model, method = built.data, built.model, built.method
+    device = spec.device
+    torch.manual_seed(spec.seed)
+    shuffle_gen = torch.Generator().manual_seed(spec.seed)
+    method_gen = torch.Generator().manual_seed(spec.seed + 7919)
+    params = list(model.parameters()) + list(method.parameters())
+    optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    train_loader = BatchLoader(data.splits["train"], spec.batch_size, shuffle=True, generator=shuffle_gen,
+                               device=device)
+    val_split = data.splits["val"].to(device)
+    tasks = data.tasks
+    curves: list[dict[str, Any]] = []
+    best_score, best_epoch, best_state, best_method_state = -math.inf, 0, None, None
+    train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
+
+    def losses_of(batch):
+        out = model(batch)
+        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
+                     for i, (t, o) in enumerate(zip(tasks, out.outputs))]
+
+    for epoch in range(1, spec.epochs + 1):
+        model.train()
+        sums = torch.zeros(len(tasks), dtype=torch.float64)
+        weight_sums: torch.Tensor | None = None
+        n_steps = 0
+        t0 = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{spec.epochs}", disable=not progress, leave=False,
+                   unit="batch", dynamic_ncols=True)
+        for batch in bar:
+            out, losses = losses_of(batch)
+            stacked = torch.stack([l.detach() for l in losses])
+            if not bool(torch.isfinite(stacked).all()):
+                bad = [t.name for t, v in zip(tasks, stacked.tolist()) if not math.isfinite(v)]
+                raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
+            optimizer.zero_grad(set_to_none=True)
+            ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
+            method.step(ctx)
+            optimizer.step()
+            method.after_step(ctx)
+            sums += stacked.cpu().double()
+            if method.last_weights is not None:
+                w = method.last_weights.detach().double().cpu()
+                weight_sums = w if weight_sums is None else weight_sums + w
+            n_steps += 1
+            step += 1
+            train_rows += batch["labels"].shape[0]
+            if progress and n_steps % 20 == 0:
+                bar.set_postfix(loss=f"{float(stacked.sum()):.4f}")
+        bar.close()
+        epoch_seconds = time.perf_counter() - t0
+        train_seconds += epoch_seconds
+        train_losses = {t.name: float(s) / max(n_steps, 1) for t, s in zip(tasks, sums)}
+        method.end_epoch(epoch, train_losses)
+        val = evaluate(model, data, val_split, device)
+        val_loss = _val_loss(model, data, val_split, device) if spec.selection == "val_loss" else None
+        score = selection_score(spec, data, val, val_loss)
+        entry = {"epoch": epoch, "train_loss": train_losses, "val": val, "selection_score": score,
+                 "seconds": epoch_seconds}
+        if weight_sums is not None:
+            entry["task_weights"] = {t.name: float(w) / n_steps for t, w in zip(tasks, weight_sums)}
+        curves.append(entry)
+        if log:
+            summary = "  ".join(f"{t.name} {t.primary_metric} {val[t.name][t.primary_metric]:.4f}" for t in tasks)
+            log(f"epoch {epoch}/{spec.epochs}  train loss {sum(train_losses.values()):.4f}  val {summary}")
+        if score > best_score:
+            best_score, best_epoch, since_best = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+            best_method_state = copy.deepcopy(method.state_dict())
+        else:
+            since_best += 1
+            if spec.patience and since_best >= spec.patience:
+                break
+    if best_state is None:
+        raise RunFailed("no epoch produced a finite validation score")
+    model.load_state_dict(best_state)
+    metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
+    return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+            "selection_score": best_score, "train_seconds": train_seconds,
+            "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
+            "optimizer_state": _jsonable_state(best_method_state)}
+
+
+def _jsonable_state(state: Any) -> Any:
+    if isinstance(state, torch.Tensor):
+        return state.tolist()
+    if isinstance(state, dict):
+        return {str(k): _jsonable_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_jsonable_state(v) for v in state]
+    return state
+
+
+def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
+        log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Build, train and store one run. A run that fails after it started is stored as failed (with the reason)
+    and re-raised as RunFailed; bad input raises MtlbenchError before anything is stored; Ctrl-C stores nothing."""
+    from mtlbench.store import ensure_writable, record_path
+
+    results = ensure_writable(results_dir)
+    path = record_path(results, spec.run_id)
+    started = time.time()
+    record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
+                              "status": "running",
+                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        built = build(spec, data_dir)
+        record["dataset"] = built.data.describe()
+        record["parameters"] = built.model.parameter_counts()
+        record["arch_info"] = built.model.describe()
+        record["environment"] = environment(spec.device)
+        if log:
+            p = record["parameters"]
+            log(f"parameters: {p['total']:,} ({p['shared']:,} shared)")
+        body = train(spec, built, progress=progress, log=log)
+    except KeyboardInterrupt:
+        raise
+    except MtlbenchError as exc:
+        if not isinstance(exc, RunFailed):
+            raise  # bad input: one line, nothing stored
+        reason = str(exc)
+        record.update(status="failed", error={"reason": reason, "type": type(exc).__name__, "traceback": None},
+                      wall_seconds=time.time() - started)
+        write_record(path, record)
+        raise
+    except Exception as exc:  # a failed run is recorded as failed, with its reason
+        reason = f"{type(exc).__name__}: {exc}"
+        record.update(status="failed", error={"reason": reason, "type": type(exc).__name__,
+                                              "traceback": traceback.format_exc(limit=8)},
+                      wall_seconds=time.time() - started)
+        write_record(path, record)
+        raise RunFailed(reason) from exc
+    record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    write_record(path, record)
+    return path, record

@@ -1,0 +1,6 @@
+"""Task adapters: one module per benchmark dataset, each registered through the public plugin API."""
+import importlib
+import pkgutil
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
