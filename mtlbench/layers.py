@@ -90,29 +90,26 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class ExpertBatchNorm(nn.Module):
-    """BatchNorm over the batch axis of ``[n_experts, B, units]``: independent statistics per expert and unit,
-    the same maths as one ``BatchNorm1d`` per expert, without moving data into ``[B, n * units]``."""
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout from a uniform mask: same maths as ``F.dropout``, ~1.5x faster on CPU (its bernoulli
+    sampler is the slow part)."""
+    if not training or p <= 0.0:
+        return x
+    return x * ((torch.rand_like(x) >= p).to(x.dtype) * (1.0 / (1.0 - p)))
 
-    def __init__(self, n: int, units: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+
+class ExpertBatchNorm(nn.Module):
+    """BatchNorm of ``[n_experts, B, units]`` with independent statistics per expert and unit: one
+    ``BatchNorm1d(n * units)`` applied to the ``[B, n * units]`` view (a cheap copy; reducing over the middle axis
+    in place is ~10x slower on CPU)."""
+
+    def __init__(self, n: int, units: int) -> None:
         super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.weight = nn.Parameter(torch.ones(n, 1, units))
-        self.bias = nn.Parameter(torch.zeros(n, 1, units))
-        self.register_buffer("running_mean", torch.zeros(n, 1, units))
-        self.register_buffer("running_var", torch.ones(n, 1, units))
+        self.norm = nn.BatchNorm1d(n * units)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
-            with torch.no_grad():
-                b = x.shape[1]
-                unbiased = var * (b / max(b - 1, 1))
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(unbiased, self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        n, B, u = x.shape
+        return self.norm(x.transpose(0, 1).reshape(B, n * u)).reshape(B, n, u).transpose(0, 1)
 
 
 class ExpertBank(nn.Module):
@@ -154,8 +151,7 @@ class ExpertBank(nn.Module):
             else:
                 h = torch.baddbmm(b, h, w)
             h = activation(self.act, norm(h))
-            if self.dropout > 0:
-                h = F.dropout(h, self.dropout, self.training)
+            h = dropout(h, self.dropout, self.training)
         return h
 
 

@@ -61,8 +61,8 @@ class EcommerceSynthetic(DatasetAdapter):
     @dataclass
     class Options:
         n_rows: int = 200_000
-        n_users: int = 20_000
-        n_items: int = 10_000
+        n_users: int = 5_000
+        n_items: int = 2_000
         n_categories: int = 100
         n_brands: int = 400
         n_segments: int = 20

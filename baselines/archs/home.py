@@ -115,7 +115,7 @@ class HoME(MultiTaskArch):
         task_experts: int = 1
         expert_units: tuple[int, ...] = (128, 64)
         tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.1
+        dropout: float = 0.0
         feature_gate_rank: int = 16
         expert_norm: bool = True
         hierarchy: bool = True

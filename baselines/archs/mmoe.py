@@ -26,7 +26,7 @@ class MMoE(MultiTaskArch):
         n_experts: int = 8
         expert_units: tuple[int, ...] = (128, 64)
         tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.1
+        dropout: float = 0.0
         batch_norm: bool = True
 
         def __post_init__(self) -> None:

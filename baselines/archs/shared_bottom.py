@@ -15,7 +15,7 @@ class SharedBottom(MultiTaskArch):
     class Options:
         bottom_units: tuple[int, ...] = (256, 128)
         tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.1
+        dropout: float = 0.0
         batch_norm: bool = True
 
     def __init__(self, schema, tasks, embed_dim, options=None):
