@@ -58,7 +58,10 @@ class MultiTaskArch(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ArchOutput:
-        features = self.encode(batch)
+        # Each feature enters the heads through its own identity node, so that d loss / d feature is the
+        # partial derivative along the heads only, even when one feature is computed from another (MMoE's
+        # experts read its embeddings): the chain rule through the trunk then counts every path exactly once.
+        features = tuple(f.view_as(f) for f in self.encode(batch))
         return ArchOutput(self.decode(features, batch), features)
 
     # -- parameter declaration -------------------------------------------------------------------------------
