@@ -48,6 +48,7 @@ How to run (from the repository root)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -294,6 +295,14 @@ def warm_up(side: Side, batches: int) -> None:
         side.step()
 
 
+def _load() -> str:
+    """The 1-minute load average: other processes on the cores skew the numbers (see the docstring)."""
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dims = [int(d) for d in args.embed_dims.split(",") if d.strip()]
 
+    load_start = _load()
     data = make_data(args.rows, args.seed)
     print(f"mmoe training throughput: {args.rows:,} rows, {len(VOCAB_SIZES)} categorical fields "
           f"(vocab {min(VOCAB_SIZES)}..{max(VOCAB_SIZES)}, {sum(VOCAB_SIZES):,} ids), {N_DENSE} dense, "
@@ -360,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     for d, r_ref, r_ours, p_ref, p_ours in results:
         flag = "" if p_ref == p_ours else "  (parameter counts differ!)"
         print(f"{d:>5}  {r_ref:>11,.0f}  {r_ours:>10,.0f}  {r_ours / r_ref:>5.2f}x  {p_ref:>11,}  {p_ours:>11,}{flag}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; goal: mtlbench >= {GOAL:g}x the reference")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {load_start} at start, {_load()} at end; goal: mtlbench >= {GOAL:g}x the reference")
     return 0
 
 

@@ -161,6 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -170,10 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "list": cmd_list}[args.command](args)
     except RunFailed as exc:
-        print(f"mtlbench: run failed: {exc} (recorded as failed)", file=sys.stderr)
+        print(f"mtlbench: run failed: {_one_line(exc)} (recorded as failed)", file=sys.stderr)
         return 1
     except MtlbenchError as exc:
-        print(f"mtlbench: error: {exc}", file=sys.stderr)
+        print(f"mtlbench: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mtlbench: interrupted; nothing was recorded for the unfinished run", file=sys.stderr)

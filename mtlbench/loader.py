@@ -15,7 +15,8 @@ class BatchLoader:
 
     With ``shuffle`` the rows are permuted once per epoch by ``generator`` (so the run seed fixes the order),
     then every batch is a contiguous view of the permuted tensors. Every row appears exactly once per epoch; a
-    final batch of a single row is folded into the previous one, because BatchNorm cannot train on one row.
+    final batch of a single row is folded into the previous one (unless batch_size is 1), because BatchNorm cannot
+    train on one row.
     """
 
     def __init__(self, split: Split, batch_size: int, shuffle: bool = False,
@@ -30,13 +31,13 @@ class BatchLoader:
     def __len__(self) -> int:
         n, b = len(self.split), self.batch_size
         k = -(-n // b)
-        return k - 1 if k > 1 and n % b == 1 else k
+        return k - 1 if k > 1 and b > 1 and n % b == 1 else k
 
     def bounds(self) -> list[tuple[int, int]]:
         n, b = len(self.split), self.batch_size
         starts = list(range(0, n, b))
         out = [(s, min(s + b, n)) for s in starts]
-        if len(out) > 1 and out[-1][1] - out[-1][0] == 1:
+        if len(out) > 1 and b > 1 and out[-1][1] - out[-1][0] == 1:
             out[-2] = (out[-2][0], n)
             out.pop()
         return out

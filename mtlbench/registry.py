@@ -21,6 +21,7 @@ import importlib.metadata
 import importlib.util
 import inspect
 import json
+import math
 import sys
 import types
 import typing
@@ -89,9 +90,11 @@ def register(kind: str, name: str, description: str | None = None) -> Callable[[
     def deco(obj: Any) -> Any:
         table = _REGISTRY[kind]
         old = table.get(name)
-        module = getattr(obj, "__module__", "") or ""
-        if old is not None and (old.obj is not obj and (old.module, getattr(old.obj, "__qualname__", "")) != (
-                module, getattr(obj, "__qualname__", ""))):
+        # the module that registers (not the object's class module: a Metric instance is built anywhere)
+        module = sys._getframe(1).f_globals.get("__name__", "") or getattr(obj, "__module__", "")
+        same_class = (isinstance(obj, type) and isinstance(getattr(old, "obj", None), type)
+                      and (old.module, old.obj.__qualname__) == (module, obj.__qualname__))  # a re-imported module
+        if old is not None and old.obj is not obj and not same_class:
             raise MtlbenchError(f"{kind} '{name}' is registered twice: by {old.module} and by {module}")
         table[name] = Entry(kind, name, obj, description or _first_line(obj), module)
         try:
@@ -183,7 +186,8 @@ def load_plugin(target: str) -> None:
             tb = tb.tb_next
         if isinstance(exc, SyntaxError) and exc.lineno:
             where = f" (line {exc.lineno})"
-        raise MtlbenchError(f"plugin '{target}' failed to import{where}: {type(exc).__name__}: {exc}") from exc
+        detail = " ".join(str(exc).split())
+        raise MtlbenchError(f"plugin '{target}' failed to import{where}: {type(exc).__name__}: {detail}") from exc
     _loaded_plugins.add(target)
 
 
@@ -271,8 +275,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             value = parse_value(value)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise MtlbenchError(f"{where} must be a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise MtlbenchError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -80,11 +81,14 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+def _positive(name: str, value: float | int | None, allow_zero: bool = False, integer: bool = False) -> None:
     if value is None:
         return
-    if value != value or value < 0 or (value == 0 and not allow_zero):
-        raise MtlbenchError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+    if integer and (isinstance(value, bool) or not float(value).is_integer()):
+        raise MtlbenchError(f"{name} must be an integer, got {value}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        raise MtlbenchError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} number, "
+                            f"got {value}")
 
 
 def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int = 0,
@@ -116,12 +120,13 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     epochs = defaults["epochs"] if epochs is None else epochs
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     lr = defaults["lr"] if lr is None else lr
-    _positive("epochs", epochs)
-    _positive("batch size", batch_size)
+    _positive("epochs", epochs, integer=True)
+    _positive("batch size", batch_size, integer=True)
     _positive("learning rate", lr)
     _positive("weight decay", weight_decay, allow_zero=True)
-    _positive("patience", patience, allow_zero=True)
-    _positive("embedding dim", embed_dim)
+    _positive("patience", patience, allow_zero=True, integer=True)
+    _positive("embedding dim", embed_dim, integer=True)
+    _positive("seed", seed, allow_zero=True, integer=True)
     if selection not in SELECTIONS:
         raise unknown("selection criterion", selection, SELECTIONS)
     sources = {f"{e.kind}:{e.name}": h for e in (ds, ar, op) if (h := e.source_hash())}

@@ -183,11 +183,6 @@ def test_unavailable_cuda_is_one_clear_line():
     assert "\n" not in msg and "cuda" in msg and "cpu" in msg
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG mtlbench/spec.py _positive (line 83-87) rejects NaN but not +inf, and option values are never checked "
-    "for finiteness: build_spec(lr=inf) (or weight_decay=inf, arch_options={'dropout': nan}, "
-    "dataset_options={'signal': inf}) returns a spec whose run_id raises ValueError 'Out of range float values "
-    "are not JSON compliant' (canonical_json uses allow_nan=False) instead of a one-line MtlbenchError"))
 @pytest.mark.parametrize("changes", [
     dict(lr=math.inf),
     dict(weight_decay=math.inf),
@@ -202,3 +197,9 @@ def test_non_finite_values_are_rejected_up_front(changes):
         assert "\n" not in str(exc)
         return
     pytest.fail("non-finite value was accepted")
+
+
+def test_fractional_counts_are_rejected():
+    for key in ("epochs", "batch_size", "patience", "embed_dim", "seed"):
+        with pytest.raises(MtlbenchError, match="integer"):
+            spec(**{key: 2.5})
