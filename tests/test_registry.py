@@ -271,3 +271,20 @@ def test_parse_value(text, value):
     out = registry.parse_value(text)
     assert out == value
     assert type(out) is type(value)
+
+
+def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
+    """A package advertising a module under the `mtlbench.plugins` entry-point group is imported and registers
+    its components (real importlib.metadata discovery of an installed distribution's metadata)."""
+    name = unique(tmp_path, "ep_opt")
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    (pkg / f"{name}_mod.py").write_text(PLUGIN.format(name=name, variant="ep"))
+    dist = pkg / f"{name}_dist-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-dist\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[mtlbench.plugins]\n{name} = {name}_mod\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    registry.load_entry_point_plugins()
+    entry = registry.get("optimizer", name)
+    assert not entry.builtin and entry.module == f"{name}_mod"
