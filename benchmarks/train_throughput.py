@@ -39,6 +39,12 @@ Why the reference looks the way it does
     tensors), the registered ``mmoe`` arch (one embedding table with offsets, an ``ExpertBank`` evaluating all
     experts with batched matmuls) and ``task_loss``.
 
+Reading the numbers
+    Run it on an otherwise idle machine and check the load average printed under the table. With other
+    processes on the cores, torch's intra-op threads oversubscribe them and every parallel op pays for thread
+    hand-offs; the reference, which runs several times as many (smaller) ops per step, slows down far more than
+    mtlbench, so a busy machine inflates the ratio. ``--threads 1`` is the least noise-sensitive comparison.
+
 How to run (from the repository root)
     .venv/bin/python benchmarks/train_throughput.py              # defaults, well under 3 minutes on 2 cores
     .venv/bin/python benchmarks/train_throughput.py --quick      # ~30 s smoke run
@@ -311,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2, help="un-timed batches per side and width (default 2)")
     p.add_argument("--batches", type=int, default=None,
-                   help="timed batches per repetition (default: 6 for width <= 32, 3 above)")
+                   help="timed batches per repetition (default: 10 for width <= 32, 5 above)")
     p.add_argument("--seconds", type=float, default=None,
                    help="time each repetition for this many seconds instead of a batch count")
     p.add_argument("--reps", type=int, default=3, help="repetitions per side (median reported; default 3)")
@@ -331,16 +337,17 @@ def main(argv: list[str] | None = None) -> int:
 
     load_start = _load()
     data = make_data(args.rows, args.seed)
+    rates_pos = ", ".join(f"{r:.3f}" for r in data["labels"].mean(0).tolist())
     print(f"mmoe training throughput: {args.rows:,} rows, {len(VOCAB_SIZES)} categorical fields "
           f"(vocab {min(VOCAB_SIZES)}..{max(VOCAB_SIZES)}, {sum(VOCAB_SIZES):,} ids), {N_DENSE} dense, "
-          f"tasks {'/'.join(TASK_NAMES)} (positive rates {', '.join(f'{r:.3f}' for r in data['labels'].mean(0).tolist())})")
+          f"tasks {'/'.join(TASK_NAMES)} (positive rates {rates_pos})")
     print(f"batch {args.batch_size}, {N_EXPERTS} experts {'-'.join(map(str, EXPERT_UNITS))}, towers "
           f"{'-'.join(map(str, TOWER_UNITS))}-1, dropout {DROPOUT}, Adam lr {LR}; median of {args.reps} "
           f"interleaved repetitions", flush=True)
 
     results = []
     for d in dims:
-        batches = args.batches or (6 if d <= 32 else 3)
+        batches = args.batches or (10 if d <= 32 else 5)
         ref = ReferenceSide(data, d, args.batch_size, args.seed)
         ours = MtlbenchSide(data, d, args.batch_size, args.seed)
         if not args.no_check:
@@ -364,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(f'{r:,.0f}' for r in rates['mtlbench'])}", flush=True)
 
     print()
-    head = f"{'embed':>5}  {'reference/s':>11}  {'mtlbench/s':>10}  {'ratio':>6}  {'ref params':>11}  {'mtl params':>11}"
+    head = (f"{'embed':>5}  {'reference/s':>11}  {'mtlbench/s':>10}  {'ratio':>6}  {'ref params':>11}  "
+            f"{'mtl params':>11}")
     print(head)
     print("-" * len(head))
     for d, r_ref, r_ours, p_ref, p_ours in results:

@@ -199,6 +199,32 @@ class MTLOptimizer:
         pass
 
 
+class JacobianMethod(MTLOptimizer):
+    """Base class of methods that aggregate the per-task gradients of the shared parameters.
+
+    Subclasses implement :meth:`aggregate`, a function of the Jacobian ``J`` (``[T, P]``; most methods only use
+    the Gramian ``J J^T``) that returns the shared update and the task weights ``w`` it corresponds to (update =
+    ``J^T w`` where that holds, else None). Because it is a plain function of ``J``, wrappers such as F-MTL call
+    it on any Jacobian. By default each task head follows its own loss's gradient (weight 1), as in MGDA's and
+    PCGrad's papers; :meth:`head_weights` changes that for methods whose papers weight the heads too.
+    """
+
+    requires = frozenset({"shared_grads"})
+
+    def aggregate(self, J: torch.Tensor, losses: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def head_weights(self, weights: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def step(self, ctx: StepContext) -> None:
+        J = ctx.jacobian()
+        update, weights = self.aggregate(J, ctx.loss_values, ctx.generator)
+        ctx.set_grads(update, self.head_weights(weights))
+        self.last_weights = weights
+
+
 def check_compatible(method: MTLOptimizer, model: nn.Module, method_name: str, arch_name: str) -> None:
     """One clear line when a method needs something the architecture does not offer."""
     if "shared_grads" in method.requires and not model.shared_parameters():

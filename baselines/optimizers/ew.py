@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from mtlbench import MTLOptimizer, StepContext, register_optimizer
+from mtlbench import JacobianMethod, StepContext, register_optimizer
 
 
 @register_optimizer("ew")
-class EqualWeighting(MTLOptimizer):
+class EqualWeighting(JacobianMethod):
     """Equal weighting: minimise the plain sum of task losses (every weight 1)."""
+
+    requires = frozenset()  # one backward of the summed loss; no per-task gradients needed
+
+    def aggregate(self, J, losses, generator):
+        """As an aggregator (e.g. inside F-MTL): the sum of the task gradients."""
+        w = torch.ones(J.shape[0], dtype=J.dtype, device=J.device)
+        return J.sum(0), w
 
     def step(self, ctx: StepContext) -> None:
         ctx.backward()

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from mtlbench import MTLOptimizer, StepContext, register_optimizer
+from mtlbench import JacobianMethod, register_optimizer
 
 
 def pcgrad_weights(gramian: torch.Tensor, generator: torch.Generator | None = None,
@@ -48,17 +48,13 @@ def pcgrad_weights(gramian: torch.Tensor, generator: torch.Generator | None = No
 
 
 @register_optimizer("pcgrad")
-class PCGrad(MTLOptimizer):
+class PCGrad(JacobianMethod):
     """PCGrad (Yu et al., NeurIPS 2020): project away conflicting components of task gradients."""
-
-    requires = frozenset({"shared_grads"})
 
     @dataclass
     class Options:
         reduction: Literal["sum", "mean"] = "sum"
 
-    def step(self, ctx: StepContext) -> None:
-        J = ctx.jacobian()
-        w = pcgrad_weights(J @ J.T, ctx.generator, reduction=self.options.reduction)
-        ctx.set_grads(w.to(J.dtype) @ J)
-        self.last_weights = w.float()
+    def aggregate(self, J, losses, generator):
+        w = pcgrad_weights(J @ J.T, generator, reduction=self.options.reduction).to(J.dtype)
+        return w @ J, w
