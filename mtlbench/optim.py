@@ -178,6 +178,16 @@ class MTLOptimizer:
         self.task_names = tuple(task_names)
         self.options = options
         self.last_weights: torch.Tensor | None = None
+        self.warnings: list[str] = []  # stored in the run record
+        self._warned: set[str] = set()
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn once per run (e.g. a solver that did not converge); the message lands in the run record."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        self.warnings.append(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def parameters(self) -> list[nn.Parameter]:
         """Learnable parameters of the method itself (e.g. UW's log-variances); stepped with the model."""

@@ -166,6 +166,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
             method.step(ctx)
+            _check_grads(params, epoch, step + 1, spec.optimizer)
             optimizer.step()
             method.after_step(ctx)
             sums += stacked.cpu().double()
@@ -208,7 +209,14 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
     return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
-            "optimizer_state": _jsonable_state(best_method_state)}
+            "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings)}
+
+
+def _check_grads(params: list[torch.Tensor], epoch: int, step: int, method: str) -> None:
+    """Fail the run on a NaN or infinite gradient (one host sync per step)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+        raise RunFailed(f"non-finite gradient in epoch {epoch}, step {step} (optimizer '{method}')")
 
 
 def _jsonable_state(state: Any) -> Any:

@@ -248,3 +248,27 @@ def test_ctrl_c_records_nothing(tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     assert _records(results) == []
     assert not [p for p in results.iterdir() if p.suffix == ".tmp"]
+
+
+NAN_GRAD_OPT = '''
+import torch
+from mtlbench import MTLOptimizer, register_optimizer
+
+@register_optimizer("nan_grad")
+class NanGrad(MTLOptimizer):
+    """Writes NaN gradients."""
+    def step(self, ctx):
+        ctx.backward()
+        for p in ctx.shared_params:
+            p.grad.fill_(float("nan"))
+'''
+
+
+def test_nan_gradient_recorded_as_failed(tmp_path, capsys):
+    plugin = tmp_path / "nan_grad.py"
+    plugin.write_text(NAN_GRAD_OPT)
+    code, results = _run(tmp_path, "--plugin", str(plugin), "--optimizer", "nan_grad", "--tasks", "ctr,cvr")
+    assert code == 1
+    rec = json.loads(_records(results)[0].read_text())
+    assert rec["status"] == "failed"
+    assert "non-finite gradient in epoch 1, step 1 (optimizer 'nan_grad')" in rec["error"]["reason"]
