@@ -96,7 +96,8 @@ def register(kind: str, name: str, description: str | None = None) -> Callable[[
                       and (old.module, old.obj.__qualname__) == (module, obj.__qualname__))  # a re-imported module
         if old is not None and old.obj is not obj and not same_class:
             raise MtlbenchError(f"{kind} '{name}' is registered twice: by {old.module} and by {module}")
-        table[name] = Entry(kind, name, obj, description or _first_line(obj), module)
+        desc = description or getattr(obj, "description", None) or _first_line(obj)
+        table[name] = Entry(kind, name, obj, desc, module)
         try:
             obj.registered_name = name
         except (AttributeError, TypeError):
