@@ -12,8 +12,10 @@ import os
 import sys
 from typing import Any, NoReturn, Sequence
 
-from mtlbench import registry
-from mtlbench.errors import MtlbenchError, RunFailed
+from pathlib import Path
+
+from mtlbench import registry, sweep
+from mtlbench.errors import MtlbenchError, RunFailed, unknown
 
 DEFAULT_RESULTS_DIR = os.path.join("results", "runs")
 DATA_DIR_ENV = "MTLBENCH_DATA_DIR"
@@ -41,36 +43,160 @@ def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+# every `run` setting: (type, default). Flags override the --config file, which overrides these defaults.
+RUN_SETTINGS: dict[str, tuple[type, Any]] = {
+    "dataset": (list, ["ecommerce"]), "tasks": (list, None), "arch": (list, ["shared_bottom"]),
+    "optimizer": (list, ["ew"]), "seeds": (list, [0]), "epochs": (int, None), "batch_size": (int, None),
+    "lr": (float, None), "weight_decay": (float, 1e-6), "patience": (int, 3), "embed_dim": (int, 16),
+    "selection": (str, "mean_primary"), "device": (str, "auto"), "arch_options": (dict, {}),
+    "optimizer_options": (dict, {}), "dataset_options": (dict, {}), "results_dir": (str, DEFAULT_RESULTS_DIR),
+    "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
+    "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False),
+}
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mtlbench", description="Multi-task learning benchmarks: runs, methods, datasets.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    r = sub.add_parser("run", help="train and evaluate one run, store its record")
-    r.add_argument("--dataset", default="ecommerce", help="dataset name (default: the embedded 'ecommerce')")
-    r.add_argument("--tasks", help="comma-separated tasks (default: all of the dataset's)")
-    r.add_argument("--arch", default="shared_bottom", help="architecture name (default: shared_bottom)")
-    r.add_argument("--optimizer", default="ew", help="MTL optimizer name (default: ew)")
-    r.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="train and evaluate one run or a sweep, store the records")
+    r.add_argument("--config", help="a YAML or JSON file of run settings (flags override it)")
+    r.add_argument("--dataset", help="dataset name(s), comma-separated (default: the embedded 'ecommerce')")
+    r.add_argument("--tasks", help="comma-separated tasks (default: all of the dataset's); several task sets "
+                   "separated by ';'")
+    r.add_argument("--arch", help="architecture name(s), comma-separated (default: shared_bottom)")
+    r.add_argument("--optimizer", help="MTL optimizer name(s), comma-separated (default: ew)")
+    r.add_argument("--seed", type=int, help="one seed (default 0)")
+    r.add_argument("--seeds", help=sweep.SEEDS_HELP)
     r.add_argument("--epochs", type=int, help="maximum epochs (default: the dataset's suggestion)")
     r.add_argument("--batch-size", type=int)
     r.add_argument("--lr", type=float)
-    r.add_argument("--weight-decay", type=float, default=1e-6)
-    r.add_argument("--patience", type=int, default=3, help="early stopping on validation (0: never stop early)")
-    r.add_argument("--embed-dim", type=int, default=16, help="embedding width shared by all archs")
-    r.add_argument("--selection", default="mean_primary", help="model selection on validation: "
-                   "mean_primary (mean primary metric over tasks) or val_loss")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    r.add_argument("--weight-decay", type=float, help="default 1e-6")
+    r.add_argument("--patience", type=int, help="early stopping on validation (default 3; 0: never stop early)")
+    r.add_argument("--embed-dim", type=int, help="embedding width shared by all archs (default 16)")
+    r.add_argument("--selection", help="model selection on validation: mean_primary (default: mean primary "
+                   "metric over tasks) or val_loss")
+    r.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     r.add_argument("-A", "--arch-option", action="append", metavar="KEY=VALUE", help="architecture option")
     r.add_argument("-O", "--optimizer-option", action="append", metavar="KEY=VALUE", help="optimizer option")
     r.add_argument("-D", "--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option")
-    r.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR)
-    r.add_argument("--data-dir", default=None, help=f"data directory (default: ${DATA_DIR_ENV})")
+    r.add_argument("--results-dir", help=f"where records go (default: {DEFAULT_RESULTS_DIR})")
+    r.add_argument("--data-dir", help=f"data directory (default: ${DATA_DIR_ENV})")
     r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE", help="load a plugin first")
-    r.add_argument("--force", action="store_true", help="rerun even if this exact run already finished")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.add_argument("--jobs", type=int, help="parallel runs in a sweep (default: one per core)")
+    r.add_argument("--threads", type=int, help="torch threads per run (default: the cores divided among the "
+                   "parallel runs); results can differ in the last digits between thread counts")
+    r.add_argument("--executor", help="local (default: processes on this machine) or ray")
+    r.add_argument("--ray-address", help="a Ray cluster to join (default: start a local one)")
+    r.add_argument("--force", action="store_true", default=None, help="rerun runs that already finished")
+    r.add_argument("--quiet", action="store_true", default=None, help="no progress output")
     ls = sub.add_parser("list", help="list datasets, archs, optimizers and metrics")
     ls.add_argument("--verbose", "-v", action="store_true", help="also show every option and its default")
     ls.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE")
     return p
+
+
+def _read_config(path: str) -> dict[str, Any]:
+    import json
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise MtlbenchError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from exc
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:
+        raise MtlbenchError(f"config file '{path}' does not parse: {' '.join(str(exc).split())}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MtlbenchError(f"config file '{path}' must hold a mapping of settings, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k == "seed":
+            k, value = "seeds", [value]
+        if k not in RUN_SETTINGS:
+            raise unknown(f"setting in config file '{path}'", key, RUN_SETTINGS)
+        out[k] = _check_type(k, value, f"config file '{path}'")
+    return out
+
+
+def _check_type(key: str, value: Any, where: str) -> Any:
+    tp = RUN_SETTINGS[key][0]
+    if value is None:
+        return None
+    if tp is list:
+        if key == "seeds" and isinstance(value, (str, int)):
+            return sweep.parse_seeds(str(value))
+        if key == "tasks" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return [value]  # one task set
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise MtlbenchError(f"{where}: '{key}' must be a list or a comma-separated string, got {value!r}")
+        return value
+    if tp is dict and not isinstance(value, dict):
+        raise MtlbenchError(f"{where}: '{key}' must be a mapping, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MtlbenchError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if tp is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise MtlbenchError(f"{where}: '{key}' must be a number, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise MtlbenchError(f"{where}: '{key}' must be a string, got {value!r}")
+    if tp is bool and not isinstance(value, bool):
+        raise MtlbenchError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults, then the config file, then the flags given on the command line."""
+    settings = {k: (list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d)
+                for k, (_, d) in RUN_SETTINGS.items()}
+    if args.config:
+        settings.update(_read_config(args.config))
+    flags: dict[str, Any] = {}
+    for name in ("dataset", "arch", "optimizer"):
+        if getattr(args, name) is not None:
+            flags[name] = _csv(getattr(args, name)) or [""]
+    if args.tasks is not None:
+        flags["tasks"] = [_csv(t) or [] for t in args.tasks.split(";")]
+    if args.seed is not None and args.seeds is not None:
+        raise MtlbenchError("give either --seed or --seeds, not both")
+    if args.seed is not None:
+        flags["seeds"] = [args.seed]
+    if args.seeds is not None:
+        flags["seeds"] = sweep.parse_seeds(args.seeds)
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "embed_dim", "selection", "device",
+                 "results_dir", "data_dir", "jobs", "threads", "executor", "ray_address", "force", "quiet"):
+        if getattr(args, name) is not None:
+            flags[name] = getattr(args, name)
+    for flag, key in (("arch_option", "arch_options"), ("optimizer_option", "optimizer_options"),
+                      ("dataset_option", "dataset_options")):
+        given = _key_values(getattr(args, flag), "--" + flag.replace("_", "-"))
+        if given:
+            flags[key] = {**settings[key], **given}
+    if args.plugin:
+        flags["plugins"] = settings["plugins"] + args.plugin
+    settings.update(flags)
+    if settings["executor"] not in ("local", "ray"):
+        raise unknown("executor", settings["executor"], ("local", "ray"))
+    for key in ("jobs", "threads"):
+        if settings[key] is not None and settings[key] < 1:
+            raise MtlbenchError(f"--{key} must be at least 1, got {settings[key]}")
+    return settings
+
+
+def _options_for(options: dict[str, Any], name: str, all_names: list[str]) -> dict[str, Any]:
+    """Options given per name ({home: {...}, mmoe: {...}}) or for all (a flat mapping)."""
+    if options and all(isinstance(v, dict) for v in options.values()) and set(options) <= set(all_names) | set(
+            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")):
+        return dict(options.get(name, {}))
+    return dict(options)
 
 
 def _load_plugins(targets: list[str] | None) -> None:
@@ -136,29 +262,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mtlbench.store import ensure_writable, finished_record
     from mtlbench.train import run
 
-    _load_plugins(args.plugin)
-    tasks = _csv(args.tasks)
-    spec = build_spec(dataset=args.dataset, tasks=tasks, arch=args.arch, optimizer=args.optimizer, seed=args.seed,
-                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      patience=args.patience, embed_dim=args.embed_dim, device=args.device,
-                      selection=args.selection,
-                      dataset_options=_key_values(args.dataset_option, "--dataset-option"),
-                      arch_options=_key_values(args.arch_option, "--arch-option"),
-                      optimizer_options=_key_values(args.optimizer_option, "--optimizer-option"))
-    ensure_writable(args.results_dir)
-    done = None if args.force else finished_record(args.results_dir, spec.run_id)
-    if done is not None:
-        print(f"already done: {spec.label()}; record: {done[0]} (use --force to rerun)")
+    st = _settings(args)
+    _load_plugins(st["plugins"])
+    ensure_writable(st["results_dir"])
+    data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
+
+    def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int):
+        return build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, seed=seed,
+                          epochs=st["epochs"], batch_size=st["batch_size"], lr=st["lr"],
+                          weight_decay=st["weight_decay"], patience=st["patience"], embed_dim=st["embed_dim"],
+                          device=st["device"], selection=st["selection"],
+                          dataset_options=_options_for(st["dataset_options"], dataset, st["dataset"]),
+                          arch_options=_options_for(st["arch_options"], arch, st["arch"]),
+                          optimizer_options=_options_for(st["optimizer_options"], optimizer, st["optimizer"]))
+
+    specs = sweep.expand({"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
+                          "optimizer": st["optimizer"], "seed": st["seeds"]}, build)
+    quiet = st["quiet"]
+    if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1:
+        spec = specs[0]
+        done = None if st["force"] else finished_record(st["results_dir"], spec.run_id)
+        if done is not None:
+            print(f"already done: {spec.label()}; record: {done[0]} (use --force to rerun)")
+            return 0
+        log = None if quiet else (lambda msg: print(msg, file=sys.stderr))
+        if st["threads"]:
+            import torch
+
+            torch.set_num_threads(st["threads"])
+        if not quiet:
+            print(f"run {spec.run_id}: {spec.label()} on {spec.device}", file=sys.stderr)
+        path, record = run(spec, st["results_dir"], data_dir=data_dir,
+                           progress=not quiet and sys.stderr.isatty(), log=log)
+        print_summary(record, str(path))
         return 0
-    quiet = args.quiet
-    log = None if quiet else (lambda msg: print(msg, file=sys.stderr))
+    jobs = st["jobs"] or min(len(specs), sweep._threads_per_job(1))
     if not quiet:
-        print(f"run {spec.run_id}: {spec.label()} on {spec.device}", file=sys.stderr)
-    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV)
-    path, record = run(spec, args.results_dir, data_dir=data_dir, progress=not quiet and sys.stderr.isatty(),
-                       log=log)
-    print_summary(record, str(path))
-    return 0
+        print(f"sweep: {len(specs)} runs, executor {st['executor']}"
+              + (f", {jobs} parallel" if st["executor"] == "local" else ""), file=sys.stderr)
+    result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=jobs, executor=st["executor"],
+                             ray_address=st["ray_address"], plugins=st["plugins"], force=st["force"],
+                             threads=st["threads"],
+                             progress=not quiet and sys.stderr.isatty())
+    print(result.summary())
+    return 1 if result.failed else 0
 
 
 def _one_line(exc: BaseException) -> str:

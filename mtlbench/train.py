@@ -229,14 +229,10 @@ def _jsonable_state(state: Any) -> Any:
     return state
 
 
-def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
-        log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
-    """Build, train and store one run. A run that fails after it started is stored as failed (with the reason)
-    and re-raised as RunFailed; bad input raises MtlbenchError before anything is stored; Ctrl-C stores nothing."""
-    from mtlbench.store import ensure_writable, record_path
-
-    results = ensure_writable(results_dir)
-    path = record_path(results, spec.run_id)
+def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = False,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build, train and evaluate one run and return its record, status ``ok`` or ``failed`` (with the reason).
+    Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
     record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
                               "status": "running",
@@ -256,18 +252,26 @@ def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, pro
     except MtlbenchError as exc:
         if not isinstance(exc, RunFailed):
             raise  # bad input: one line, nothing stored
-        reason = str(exc)
-        record.update(status="failed", error={"reason": reason, "type": type(exc).__name__, "traceback": None},
+        record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
-        write_record(path, record)
-        raise
+        return record
     except Exception as exc:  # a failed run is recorded as failed, with its reason
-        reason = f"{type(exc).__name__}: {exc}"
-        record.update(status="failed", error={"reason": reason, "type": type(exc).__name__,
+        record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
-        write_record(path, record)
-        raise RunFailed(reason) from exc
+        return record
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    return record
+
+
+def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
+        log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run one spec and store its record atomically; a failed run is stored, then raised as RunFailed."""
+    from mtlbench.store import ensure_writable, record_path
+
+    path = record_path(ensure_writable(results_dir), spec.run_id)
+    record = run_to_record(spec, data_dir, progress, log)
     write_record(path, record)
+    if record["status"] != "ok":
+        raise RunFailed(record["error"]["reason"])
     return path, record

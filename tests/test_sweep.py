@@ -1,0 +1,176 @@
+"""Sweeps: grid expansion, resume, failures that do not stop the sweep, config files, local processes, Ray."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mtlbench.cli import main
+from mtlbench.errors import MtlbenchError
+from mtlbench.sweep import parse_seeds
+
+SMALL = ["-D", "n_rows=3000", "-D", "n_users=200", "-D", "n_items=100", "--epochs", "1", "--batch-size", "512",
+         "--quiet"]
+
+BROKEN_ARCH = '''
+import torch
+from mtlbench import MultiTaskArch, register_arch
+
+@register_arch("broken")
+class Broken(MultiTaskArch):
+    """Raises in forward."""
+    def __init__(self, schema, tasks, embed_dim, options=None):
+        super().__init__(schema, tasks, embed_dim, options)
+        self.shared["x"] = torch.nn.Linear(1, 1)
+    def encode(self, batch):
+        raise RuntimeError("boom in encode")
+'''
+
+
+def _records(d: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
+
+
+@pytest.mark.parametrize("text,expected", [("3", [0, 1, 2]), ("0-4", [0, 1, 2, 3, 4]), ("1,3,7", [1, 3, 7]),
+                                           ("0-2,9", [0, 1, 2, 9]), ("2,2,1", [2, 1]), (" 4 - 5 ", [4, 5])])
+def test_parse_seeds(text, expected):
+    assert parse_seeds(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "a", "1-", "5-2", "0", "1,,x", "1.5"])
+def test_parse_seeds_rejects(text):
+    with pytest.raises(MtlbenchError) as info:
+        parse_seeds(text)
+    assert "seeds" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_grid_resume_and_failures(tmp_path, capsys):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text(BROKEN_ARCH)
+    results = tmp_path / "runs"
+    args = ["run", "--plugin", str(plugin), "--arch", "shared_bottom,broken", "--optimizer", "ew,pcgrad",
+            "--seeds", "0-1", "--tasks", "ctr,cvr", "--jobs", "2", *SMALL, "--results-dir", str(results)]
+    assert main(args) == 1  # some runs failed; the sweep went on
+    out = capsys.readouterr().out
+    assert "4 done, 0 skipped" in out and "4 failed" in out
+    recs = _records(results)
+    assert len(recs) == 8
+    ok = [r for r in recs.values() if r["status"] == "ok"]
+    failed = [r for r in recs.values() if r["status"] == "failed"]
+    assert {r["spec"]["arch"] for r in ok} == {"shared_bottom"} and len(ok) == 4
+    assert all("boom in encode" in r["error"]["reason"] for r in failed)
+    assert {(r["spec"]["optimizer"], r["spec"]["seed"]) for r in ok} == {(o, s) for o in ("ew", "pcgrad")
+                                                                        for s in (0, 1)}
+    assert len(list((results / "logs").glob("*.log"))) == 8
+    # resume: finished runs are skipped, failed ones retried; delete one finished record to see it rerun
+    victim = ok[0]["run_id"]
+    (results / f"{victim}.json").unlink()
+    before = {k: v for k, v in recs.items() if k != victim}
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "1 done, 3 skipped" in out and "4 failed" in out
+    after = _records(results)
+    assert set(after) == set(recs)
+    for k, v in before.items():
+        if v["status"] == "ok":
+            assert after[k] == v, "a finished record was rewritten"
+
+
+def test_config_file_and_flag_override(tmp_path, capsys):
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text("arch: [shared_bottom, mmoe]\noptimizer: ew\nseeds: 0-1\ntasks: [ctr, cvr]\nepochs: 1\n"
+                   "batch_size: 512\ndataset_options: {n_rows: 3000, n_users: 200, n_items: 100}\n"
+                   "arch_options: {mmoe: {n_experts: 2}}\nquiet: true\n")
+    results = tmp_path / "runs"
+    assert main(["run", "--config", str(cfg), "--arch", "mmoe", "--results-dir", str(results)]) == 0
+    recs = list(_records(results).values())
+    assert len(recs) == 2 and {r["spec"]["arch"] for r in recs} == {"mmoe"}
+    assert all(r["spec"]["arch_options"]["n_experts"] == 2 for r in recs)
+    assert {r["spec"]["seed"] for r in recs} == {0, 1}
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("archs: [mmoe]\n", "unknown setting in config file"),
+    ("epochs: two\n", "'epochs' must be an integer"),
+    ("arch_options: 3\n", "'arch_options' must be a mapping"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("epochs: [1\n", "does not parse"),
+])
+def test_bad_config(tmp_path, capsys, text, needle):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert main(["run", "--config", str(cfg), "--results-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_bad_sweep_flags(tmp_path, capsys):
+    assert main(["run", "--seeds", "x-y", "--results-dir", str(tmp_path)]) == 2
+    assert "does not parse" in capsys.readouterr().err
+    assert main(["run", "--executor", "dask", "--results-dir", str(tmp_path)]) == 2
+    assert "unknown executor 'dask'" in capsys.readouterr().err
+    assert main(["run", "--seed", "1", "--seeds", "2", "--results-dir", str(tmp_path)]) == 2
+    assert "either --seed or --seeds" in capsys.readouterr().err
+
+
+def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path):
+    results = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "mtlbench.cli", "run", "--arch", "shared_bottom", "--seeds", "0-5",
+           "--tasks", "ctr", "--jobs", "1", *SMALL, "--results-dir", str(results)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(results.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = _records(results)
+    assert 2 <= len(first) < 6, "kill the sweep in the middle"
+    assert all(r["status"] == "ok" for r in first.values())
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    final = _records(results)
+    assert len(final) == 6 and {r["spec"]["seed"] for r in final.values()} == set(range(6))
+    for k, v in first.items():
+        assert final[k] == v
+    assert not list(results.glob(".*.tmp"))
+
+
+def test_local_pool_matches_serial(tmp_path):
+    args = ["--arch", "mmoe", "--seeds", "0-1", "--tasks", "ctr,cvr", *SMALL]
+    assert main(["run", *args, "--jobs", "1", "--threads", "1", "--results-dir", str(tmp_path / "a")]) == 0
+    assert main(["run", *args, "--jobs", "2", "--results-dir", str(tmp_path / "b")]) == 0  # 1 thread each
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k]["environment"]["threads"] == b[k]["environment"]["threads"] == 1
+        assert a[k]["metrics"] == b[k]["metrics"]
+
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'mtlbench[ray]'")
+
+
+def test_ray_executor_real_local_cluster(tmp_path, capsys):
+    args = ["--arch", "shared_bottom,mmoe", "--seed", "0", "--tasks", "ctr,cvr", *SMALL]
+    assert main(["run", *args, "--jobs", "1", "--threads", "1", "--results-dir", str(tmp_path / "local")]) == 0
+    try:
+        assert main(["run", *args, "--executor", "ray", "--results-dir", str(tmp_path / "ray")]) == 0
+    finally:
+        ray.shutdown()
+    assert "2 done" in capsys.readouterr().out
+    local, remote = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    assert set(local) == set(remote)
+    for k in local:
+        assert remote[k]["status"] == "ok"
+        assert remote[k]["metrics"] == local[k]["metrics"]  # one thread each: the same numbers
+
+
+def test_ray_address_that_does_not_answer(tmp_path, capsys):
+    code = main(["run", "--arch", "shared_bottom,mmoe", *SMALL, "--executor", "ray", "--ray-address",
+                 "127.0.0.1:1", "--results-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not answer" in err and len(err.splitlines()) == 1
