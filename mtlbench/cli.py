@@ -89,6 +89,18 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-address", help="a Ray cluster to join (default: start a local one)")
     r.add_argument("--force", action="store_true", default=None, help="rerun runs that already finished")
     r.add_argument("--quiet", action="store_true", default=None, help="no progress output")
+    lb = sub.add_parser("leaderboard", help="regenerate tables, statistics and plots from stored records")
+    lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
+    lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
+    lb.add_argument("--flat-delta-m", action="store_true", help="Δm% over every task metric, not just primary")
+    lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html")
+    cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
+    cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew)")
+    cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER")
+    cmp_.add_argument("--dataset", help="dataset name (needed when the methods share several)")
+    cmp_.add_argument("--tasks", help="task set, comma-separated (needed when there are several)")
+    cmp_.add_argument("--split", default="test", help="split to compare on (default test)")
+    cmp_.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR)
     ls = sub.add_parser("list", help="list datasets, archs, optimizers and metrics")
     ls.add_argument("--verbose", "-v", action="store_true", help="also show every option and its default")
     ls.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE")
@@ -308,6 +320,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from mtlbench.report import write_leaderboard
+
+    formats = tuple(_csv(args.format) or [])
+    bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
+    if bad or not formats:
+        raise unknown("format", (bad or [""])[0], ("md", "csv", "tex", "json", "html"))
+    if not Path(args.results_dir).is_dir():
+        raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
+    written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats)
+    for fmt, path in written.items():
+        print(f"{fmt}: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mtlbench.compare import compare
+
+    print(compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
+                  split=args.split))
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
@@ -319,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"run": cmd_run, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard,
+                "compare": cmd_compare}[args.command](args)
     except RunFailed as exc:
         print(f"mtlbench: run failed: {_one_line(exc)} (recorded as failed)", file=sys.stderr)
         return 1
