@@ -90,6 +90,12 @@ class StepContext:
         assert self._feature_grads is not None
         return self._feature_grads
 
+    def head_grads(self) -> list[tuple[torch.Tensor | None, ...]]:
+        """Per task, ``d loss_t / d head_t`` for that task's own parameters (aligned with ``task_params[t]``)."""
+        self._head_pass()
+        assert self._head_grads is not None
+        return self._head_grads
+
     def jacobian(self) -> torch.Tensor:
         """Per-task gradients of the shared parameters, flattened: ``[T, P]`` (row t = grad of loss_t)."""
         if self._jacobian is not None:
@@ -240,3 +246,7 @@ def check_compatible(method: MTLOptimizer, model: nn.Module, method_name: str, a
     if "shared_grads" in method.requires and not model.shared_parameters():
         raise MtlbenchError(f"optimizer '{method_name}' needs per-task gradients of shared parameters, but arch "
                             f"'{arch_name}' shares none (use a multi-task arch, or optimizer 'ew')")
+    # features are computed by the shared parameters only, so an arch without shared parameters has none
+    if "features" in method.requires and not model.shared_parameters():
+        raise MtlbenchError(f"optimizer '{method_name}' needs a shared representation, but arch '{arch_name}' "
+                            f"shares nothing (use a multi-task arch, or optimizer 'ew')")
