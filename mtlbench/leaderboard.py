@@ -218,20 +218,21 @@ def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metric
     best = order[0]
     out: dict[str, dict[str, Any]] = {}
     raw_t, raw_w, keys = [], [], []
+    prim = part[part["metric"] == part["task"].map(lambda t: (metrics_by_task.get(t) or [None])[0])]
+    values = {k: dict(zip(g["seed"], g["value"])) for k, g in prim.groupby(["method", "task"], sort=False)}
     for m in order[1:]:
         out[m] = {}
         for t in tasks:
             if not metrics_by_task.get(t):
                 continue
             metric = metrics_by_task[t][0]
-            sel = part[(part["task"] == t) & (part["metric"] == metric)]
-            a = sel[sel["method"] == m].set_index("seed")["value"]
-            b = sel[sel["method"] == best].set_index("seed")["value"]
-            common = sorted(set(a.index) & set(b.index))
-            x, y = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
+            a, b = values.get((m, t), {}), values.get((best, t), {})
+            common = sorted(set(a) & set(b))
             sign = 1.0 if directions[metric] == "max" else -1.0
-            tt = stats.paired_t(sign * x, sign * y)
-            wx = stats.wilcoxon(sign * x, sign * y)
+            x = sign * np.array([a[k] for k in common], dtype=float)
+            y = sign * np.array([b[k] for k in common], dtype=float)
+            tt = stats.paired_t(x, y)
+            wx = stats.wilcoxon(x, y)
             out[m][t] = {"metric": metric, "n": len(common), "mean_diff": tt.mean_diff, "ci": [tt.ci_low, tt.ci_high],
                          "t_p": tt.pvalue, "wilcoxon_p": wx.pvalue, "note": "; ".join(n for n in (tt.note, wx.note) if n)}
             raw_t.append(tt.pvalue)

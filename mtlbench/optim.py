@@ -57,6 +57,11 @@ class StepContext:
         return torch.stack([l.detach() for l in self.losses])
 
     @property
+    def label_counts(self) -> torch.Tensor:
+        """Labelled rows per task in this batch ``[T]`` (0: the task's loss is a constant 0 here)."""
+        return self.batch["masks"].sum(0)
+
+    @property
     def features(self) -> tuple[torch.Tensor, ...]:
         return self.output.features
 
@@ -174,7 +179,8 @@ class MTLOptimizer:
     """Base class of every MTL optimizer (weighting or gradient method).
 
     ``requires`` names what the method needs from the architecture, checked before training starts:
-    ``"shared_grads"`` (declared shared parameters) or ``"features"`` (a shared representation).
+    ``"shared_grads"`` (declared shared parameters) or ``"features"`` (a shared representation). A method whose
+    needs depend on its options may set ``self.requires`` per instance in ``__init__``.
     """
 
     Options: Any = None
@@ -198,6 +204,12 @@ class MTLOptimizer:
     def parameters(self) -> list[nn.Parameter]:
         """Learnable parameters of the method itself (e.g. UW's log-variances); stepped with the model."""
         return []
+
+    def to(self, device: torch.device | str) -> "MTLOptimizer":
+        """Move the method's own parameters to the model's device (called before the torch optimizer is built)."""
+        for p in self.parameters():
+            p.data = p.data.to(device)
+        return self
 
     def step(self, ctx: StepContext) -> None:
         raise NotImplementedError

@@ -392,7 +392,7 @@ def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[s
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def across_datasets(tables: list[Table], fig_dir: Path) -> dict[str, Any] | None:
+def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True) -> dict[str, Any] | None:
     """Friedman / Iman-Davenport, pairwise Wilcoxon + Holm and the Nemenyi CD diagram over the tables whose
     methods all share: each table is one 'dataset', scored by the mean primary metric's rank."""
     from mtlbench import stats
@@ -407,7 +407,8 @@ def across_datasets(tables: list[Table], fig_dir: Path) -> dict[str, Any] | None
     cd = stats.nemenyi_cd(len(common), len(tables))
     ranks = dict(zip(common, [float(r) for r in fr.avg_ranks]))
     fig = stats.critical_difference_diagram(ranks, cd.cd, fig_dir / "critical_difference.png",
-                                            title=f"average rank over {len(tables)} tables (Nemenyi CD)")
+                                            title=f"average rank over {len(tables)} tables (Nemenyi CD)") \
+        if plots else None
     pw = stats.pairwise_wilcoxon_holm(matrix, common)
     text = (f"{len(common)} methods on {len(tables)} tables (each scored by its mean rank over metrics): "
             f"Friedman chi2 = {_num(fr.chi2, 3)}, p = {_num(fr.pvalue, 4)}; Iman-Davenport F = "
@@ -415,8 +416,8 @@ def across_datasets(tables: list[Table], fig_dir: Path) -> dict[str, Any] | None
             + (fr.note or "") + " Average ranks: " + ", ".join(f"{m} {r:.2f}" for m, r in sorted(
                 ranks.items(), key=lambda x: x[1])) + ".")
     return {"text": text, "methods": common, "avg_ranks": ranks, "friedman": dataclasses.asdict(fr), "cd": cd.cd,
-            "pairwise": [dataclasses.asdict(r) for r in pw.rows], "figure": f"figures/{Path(fig).name}",
-            "figure_path": Path(fig)}
+            "pairwise": [dataclasses.asdict(r) for r in pw.rows], "figure": fig and f"figures/{Path(fig).name}",
+            "figure_path": fig and Path(fig)}
 
 
 def _records_of(obj: Any) -> Any:
@@ -428,7 +429,8 @@ def _records_of(obj: Any) -> Any:
 
 
 def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m: bool = False,
-                      formats: tuple[str, ...] = ("md", "csv", "tex", "json", "html")) -> dict[str, Path]:
+                      formats: tuple[str, ...] = ("md", "csv", "tex", "json", "html"),
+                      plots: bool = True) -> dict[str, Path]:
     """Build every table from the records in ``results_dir`` and write all formats and figures to ``out_dir``."""
     from mtlbench.errors import MtlbenchError
 
@@ -441,12 +443,12 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     frame = long_frame(store.records)
     tables = build_tables(frame, flat_delta_m)
     figures: dict[str, list[Path]] = {}
-    for t in tables:
+    for t in tables if plots else []:
         s = slug(t)
         figs = [plot_bars(t, out / "figures" / f"{s}-bars.png"), plot_tradeoff(t, out / "figures" / f"{s}-tradeoff.png"),
                 plot_curves(t, store.records, frame, out / "figures" / f"{s}-curves.png")]
         figures[s] = [f for f in figs if f is not None]
-    cross = across_datasets(tables, out / "figures")
+    cross = across_datasets(tables, out / "figures", plots)
     written = {}
     texts = {"md": lambda: markdown(tables, store, cross), "tex": lambda: latex(tables),
              "json": lambda: as_json(tables, store, cross), "html": lambda: html_page(tables, figures, cross),

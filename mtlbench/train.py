@@ -134,6 +134,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
     torch.manual_seed(spec.seed)
     shuffle_gen = torch.Generator().manual_seed(spec.seed)
     method_gen = torch.Generator().manual_seed(spec.seed + 7919)
+    method.to(device)
     params = list(model.parameters()) + list(method.parameters())
     optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     train_loader = BatchLoader(data.splits["train"], spec.batch_size, shuffle=True, generator=shuffle_gen,
