@@ -220,8 +220,14 @@ def _check_grads(params: list[torch.Tensor], epoch: int, step: int, method: str)
         raise RunFailed(f"non-finite gradient in epoch {epoch}, step {step} (optimizer '{method}')")
 
 
+STATE_TENSOR_LIMIT = 4096  # larger state tensors (e.g. per-task gradient EMAs) are summarised, not stored
+
+
 def _jsonable_state(state: Any) -> Any:
+    """The method's state for the record: small tensors in full, large ones as their shape only."""
     if isinstance(state, torch.Tensor):
+        if state.numel() > STATE_TENSOR_LIMIT:
+            return {"tensor_shape": list(state.shape), "stored": False}
         return state.tolist()
     if isinstance(state, dict):
         return {str(k): _jsonable_state(v) for k, v in state.items()}
