@@ -22,6 +22,7 @@ from torch import nn
 
 from mtlbench.data import FeatureSchema, TaskSpec
 from mtlbench.layers import MLP, InputLayer
+from mtlbench.objectives import task_loss
 
 
 @dataclass
@@ -64,12 +65,25 @@ class MultiTaskArch(nn.Module):
         features = tuple(f.view_as(f) for f in self.encode(batch))
         return ArchOutput(self.decode(features, batch), features)
 
+    # -- what is optimised ----------------------------------------------------------------------------------
+    def loss_tasks(self) -> tuple[str, ...]:
+        """The tasks whose losses are optimised, in order (default: every task). An arch may predict a task it
+        does not train directly: ESMM predicts cvr but optimises only ctr and ctcvr. The MTL optimizer sees
+        these losses; ``self.heads`` is keyed by them (a predicted-only task needs no head)."""
+        return self.task_names
+
+    def task_losses(self, outputs: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One loss per :meth:`loss_tasks` entry. Default: each task's masked loss on its own output. Archs with
+        a paper-specific objective (ESMM's CTCVR product, AITM's calibrator) override this."""
+        return [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
+                for i, (t, o) in enumerate(zip(self.tasks, outputs))]
+
     # -- parameter declaration -------------------------------------------------------------------------------
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.shared.parameters() if p.requires_grad]
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
-        return {t: [p for p in self.heads[t].parameters() if p.requires_grad] for t in self.task_names}
+        return {t: [p for p in self.heads[t].parameters() if p.requires_grad] for t in self.heads}
 
     def describe(self) -> dict[str, Any]:
         """Arch facts resolved at build time (e.g. HoME's task groups), stored in the run record."""
@@ -77,7 +91,7 @@ class MultiTaskArch(nn.Module):
 
     def parameter_counts(self) -> dict[str, Any]:
         shared = sum(p.numel() for p in self.shared.parameters())
-        task = {t: sum(p.numel() for p in self.heads[t].parameters()) for t in self.task_names}
+        task = {t: sum(p.numel() for p in self.heads[t].parameters()) for t in self.heads}
         return {"total": sum(p.numel() for p in self.parameters()), "shared": shared, "task": task}
 
 

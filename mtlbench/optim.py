@@ -38,10 +38,10 @@ class StepContext:
         self.model, self.batch, self.output, self.losses = model, batch, output, losses
         self.generator, self.step, self.epoch = generator, step, epoch
         self._forward = forward
-        self.task_names: tuple[str, ...] = model.task_names
+        self.task_names: tuple[str, ...] = tuple(model.loss_tasks())
         self.shared_params: list[nn.Parameter] = model.shared_parameters()
         tp = model.task_parameters()
-        self.task_params: list[list[nn.Parameter]] = [tp[t] for t in self.task_names]
+        self.task_params: list[list[nn.Parameter]] = [tp.get(t, []) for t in self.task_names]
         self._feature_grads: list[tuple[torch.Tensor, ...]] | None = None
         self._head_grads: list[tuple[torch.Tensor | None, ...]] | None = None
         self._jacobian: torch.Tensor | None = None

@@ -27,7 +27,7 @@ from mtlbench.data import MultiTaskData, Split
 from mtlbench.errors import MtlbenchError, RunFailed
 from mtlbench.loader import BatchLoader
 from mtlbench.metrics import evaluate_task, metric
-from mtlbench.objectives import predict, task_loss
+from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
@@ -56,7 +56,8 @@ def build(spec: RunSpec, data_dir: str | None = None) -> Built:
                            build_options(arch_entry.options_class, spec.arch_options))
     model = model.to(spec.device)
     opt_entry = registry.get("optimizer", spec.optimizer)
-    method = opt_entry.obj(data.task_names, build_options(opt_entry.options_class, spec.optimizer_options))
+    method = opt_entry.obj(tuple(model.loss_tasks()),
+                           build_options(opt_entry.options_class, spec.optimizer_options))
     check_compatible(method, model, spec.optimizer, spec.arch)
     return Built(data, model, method)
 
@@ -91,15 +92,15 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
 
 
 def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
+    """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, n = [0.0] * len(data.tasks), [0.0] * len(data.tasks)
+    total, rows = 0.0, 0
     with torch.no_grad():
         for batch in BatchLoader(split, EVAL_BATCH, device=device):
-            for i, (task, o) in enumerate(zip(data.tasks, model(batch).outputs)):
-                m = batch["masks"][:, i]
-                total[i] += float(task_loss(task, o, batch["labels"][:, i], m)) * float(m.sum())
-                n[i] += float(m.sum())
-    return sum(t / max(c, 1.0) for t, c in zip(total, n))
+            n = batch["labels"].shape[0]
+            total += float(sum(model.task_losses(model(batch).outputs, batch))) * n
+            rows += n
+    return total / max(rows, 1)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -145,14 +146,15 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
     best_score, best_epoch, best_state, best_method_state = -math.inf, 0, None, None
     train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
 
+    loss_names = tuple(model.loss_tasks())
+
     def losses_of(batch):
         out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(tasks, out.outputs))]
+        return out, model.task_losses(out.outputs, batch)
 
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        sums = torch.zeros(len(tasks), dtype=torch.float64)
+        sums = torch.zeros(len(loss_names), dtype=torch.float64)
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
@@ -162,7 +164,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
             out, losses = losses_of(batch)
             stacked = torch.stack([l.detach() for l in losses])
             if not bool(torch.isfinite(stacked).all()):
-                bad = [t.name for t, v in zip(tasks, stacked.tolist()) if not math.isfinite(v)]
+                bad = [t for t, v in zip(loss_names, stacked.tolist()) if not math.isfinite(v)]
                 raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
@@ -182,7 +184,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
-        train_losses = {t.name: float(s) / max(n_steps, 1) for t, s in zip(tasks, sums)}
+        train_losses = {t: float(s) / max(n_steps, 1) for t, s in zip(loss_names, sums)}
         method.end_epoch(epoch, train_losses)
         val = evaluate(model, data, val_split, device)
         val_loss = _val_loss(model, data, val_split, device) if spec.selection == "val_loss" else None
@@ -190,7 +192,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
         entry = {"epoch": epoch, "train_loss": train_losses, "val": val, "selection_score": score,
                  "seconds": epoch_seconds}
         if weight_sums is not None:
-            entry["task_weights"] = {t.name: float(w) / n_steps for t, w in zip(tasks, weight_sums)}
+            entry["task_weights"] = {t: float(w) / n_steps for t, w in zip(loss_names, weight_sums)}
         curves.append(entry)
         if log:
             summary = "  ".join(f"{t.name} {t.primary_metric} {val[t.name][t.primary_metric]:.4f}" for t in tasks)
