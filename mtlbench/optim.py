@@ -247,6 +247,7 @@ class JacobianMethod(MTLOptimizer):
         return None
 
     def step(self, ctx: StepContext) -> None:
+        self.step_index, self.epoch = ctx.step, ctx.epoch  # lets aggregate() name the step in a warning
         J = ctx.jacobian()
         update, weights = self.aggregate(J, ctx.loss_values, ctx.generator)
         ctx.set_grads(update, self.head_weights(weights))
