@@ -51,7 +51,7 @@ RUN_SETTINGS: dict[str, tuple[type, Any]] = {
     "selection": (str, "mean_primary"), "device": (str, "auto"), "arch_options": (dict, {}),
     "optimizer_options": (dict, {}), "dataset_options": (dict, {}), "results_dir": (str, DEFAULT_RESULTS_DIR),
     "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
-    "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False),
+    "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False), "log": (list, []),
 }
 
 
@@ -87,6 +87,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "parallel runs); results can differ in the last digits between thread counts")
     r.add_argument("--executor", help="local (default: processes on this machine) or ray")
     r.add_argument("--ray-address", help="a Ray cluster to join (default: start a local one)")
+    r.add_argument("--log", help="mirror metrics to mlflow and/or tensorboard (comma-separated; optional extras)")
     r.add_argument("--force", action="store_true", default=None, help="rerun runs that already finished")
     r.add_argument("--quiet", action="store_true", default=None, help="no progress output")
     lb = sub.add_parser("leaderboard", help="regenerate tables, statistics and plots from stored records")
@@ -194,6 +195,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             flags[key] = {**settings[key], **given}
     if args.plugin:
         flags["plugins"] = settings["plugins"] + args.plugin
+    if args.log is not None:
+        flags["log"] = _csv(args.log) or []
     settings.update(flags)
     if settings["executor"] not in ("local", "ray"):
         raise unknown("executor", settings["executor"], ("local", "ray"))
@@ -305,7 +308,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"run {spec.run_id}: {spec.label()} on {spec.device}", file=sys.stderr)
         path, record = run(spec, st["results_dir"], data_dir=data_dir,
-                           progress=not quiet and sys.stderr.isatty(), log=log)
+                           progress=not quiet and sys.stderr.isatty(), log=log, track=st["log"])
         print_summary(record, str(path))
         return 0
     jobs = st["jobs"] or min(len(specs), sweep._threads_per_job(1))
@@ -314,7 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f", {jobs} parallel" if st["executor"] == "local" else ""), file=sys.stderr)
     result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=jobs, executor=st["executor"],
                              ray_address=st["ray_address"], plugins=st["plugins"], force=st["force"],
-                             threads=st["threads"],
+                             threads=st["threads"], track=st["log"],
                              progress=not quiet and sys.stderr.isatty())
     print(result.summary())
     return 1 if result.failed else 0

@@ -80,7 +80,7 @@ def _log_path(results_dir: str | Path, run_id: str) -> Path:
 
 
 def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | None, threads: int | None,
-                plugins: list[str], write: bool = True) -> dict[str, Any]:
+                plugins: list[str], write: bool = True, track: list[str] | None = None) -> dict[str, Any]:
     """Run one spec in this process with output going to its log file; returns {run_id, status, reason,
     record}. Used by the process pool and by Ray workers (which return the record for the driver to write)."""
     import torch
@@ -101,7 +101,12 @@ def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | Non
         say = (lambda m: print(m, file=stream)) if stream else None
         if say:
             say(f"run {spec.run_id}: {spec.label()} on {spec.device}, {torch.get_num_threads()} thread(s)")
-        record = run_to_record(spec, data_dir=data_dir, log=say)
+        trackers = None
+        if track:
+            from mtlbench.tracking import Trackers
+
+            trackers = Trackers(track, spec.run_id, spec.to_dict(), results_dir)
+        record = run_to_record(spec, data_dir=data_dir, log=say, trackers=trackers)
         if write:
             write_record(record_path(results_dir, spec.run_id), record)
         status = record["status"]
@@ -121,7 +126,8 @@ def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | Non
 
 def run_sweep(specs: list[RunSpec], results_dir: str, *, data_dir: str | None = None, jobs: int = 1,
               executor: str = "local", ray_address: str | None = None, plugins: Iterable[str] = (),
-              force: bool = False, progress: bool = True, threads: int | None = None) -> SweepResult:
+              force: bool = False, progress: bool = True, threads: int | None = None,
+              track: list[str] | None = None) -> SweepResult:
     """Run every spec not already finished; failures are recorded and the sweep goes on."""
     result = SweepResult(results_dir=str(results_dir))
     todo = []
@@ -144,13 +150,13 @@ def run_sweep(specs: list[RunSpec], results_dir: str, *, data_dir: str | None = 
 
     try:
         if executor == "ray":
-            _run_ray(todo, results_dir, data_dir, plugins, ray_address, collect, threads or 1)
+            _run_ray(todo, results_dir, data_dir, plugins, ray_address, collect, threads or 1, track)
         elif jobs <= 1:
             for spec in todo:
                 collect(execute_one(spec.to_dict(), str(results_dir), data_dir, threads or _threads_per_job(1),
-                                    plugins))
+                                    plugins, True, track))
         else:
-            _run_pool(todo, results_dir, data_dir, plugins, jobs, collect, threads or _threads_per_job(jobs))
+            _run_pool(todo, results_dir, data_dir, plugins, jobs, collect, threads or _threads_per_job(jobs), track)
     finally:
         bar.close()
     return result
@@ -161,12 +167,14 @@ def _threads_per_job(jobs: int) -> int:
     return max(1, cores // jobs)
 
 
-def _run_pool(todo: list[RunSpec], results_dir, data_dir, plugins, jobs: int, collect, threads: int) -> None:
+def _run_pool(todo: list[RunSpec], results_dir, data_dir, plugins, jobs: int, collect, threads: int,
+              track: list[str] | None = None) -> None:
     import multiprocessing as mp
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         pending: dict[Future, RunSpec] = {
-            pool.submit(execute_one, s.to_dict(), str(results_dir), data_dir, threads, plugins): s for s in todo}
+            pool.submit(execute_one, s.to_dict(), str(results_dir), data_dir, threads, plugins, True, track): s
+            for s in todo}
         try:
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -193,7 +201,7 @@ def _crash_record(spec: RunSpec, reason: str) -> dict[str, Any]:
 
 
 def _run_ray(todo: list[RunSpec], results_dir, data_dir, plugins, address: str | None, collect,
-             threads: int) -> None:
+             threads: int, track: list[str] | None = None) -> None:
     try:
         import ray
     except ImportError as exc:
@@ -210,7 +218,8 @@ def _run_ray(todo: list[RunSpec], results_dir, data_dir, plugins, address: str |
     remote = ray.remote(num_cpus=threads)(execute_one)
     # Workers return the record; the driver writes it atomically into its own results directory, so the
     # workers need no shared filesystem. The per-run log stays on the worker's machine (local: the same dir).
-    refs = {remote.remote(s.to_dict(), str(results_dir), data_dir, threads, plugins, False): s for s in todo}
+    refs = {remote.remote(s.to_dict(), str(results_dir), data_dir, threads, plugins, False, track): s
+            for s in todo}
     try:
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)

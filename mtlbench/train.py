@@ -126,8 +126,8 @@ def _git_sha() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def train(spec: RunSpec, built: Built, progress: bool = False,
-          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[str], None] | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train and evaluate; returns the record body (metrics, curves, timings). Raises RunFailed on a
     non-finite loss, naming the epoch and the task."""
     data, model, method = built.data, built.model, built.method
@@ -194,6 +194,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False,
         if weight_sums is not None:
             entry["task_weights"] = {t: float(w) / n_steps for t, w in zip(loss_names, weight_sums)}
         curves.append(entry)
+        if on_epoch:
+            on_epoch(entry)
         if log:
             summary = "  ".join(f"{t.name} {t.primary_metric} {val[t.name][t.primary_metric]:.4f}" for t in tasks)
             log(f"epoch {epoch}/{spec.epochs}  train loss {sum(train_losses.values()):.4f}  val {summary}")
@@ -239,7 +241,7 @@ def _jsonable_state(state: Any) -> Any:
 
 
 def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = False,
-                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] | None = None, trackers: Any = None) -> dict[str, Any]:
     """Build, train and evaluate one run and return its record, status ``ok`` or ``failed`` (with the reason).
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
@@ -255,7 +257,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if log:
             p = record["parameters"]
             log(f"parameters: {p['total']:,} ({p['shared']:,} shared)")
-        body = train(spec, built, progress=progress, log=log)
+        body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None)
     except KeyboardInterrupt:
         raise
     except MtlbenchError as exc:
@@ -263,23 +265,34 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
             raise  # bad input: one line, nothing stored
         record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
+        if trackers:
+            trackers.finish(record)
         return record
     except Exception as exc:  # a failed run is recorded as failed, with its reason
         record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
+        if trackers:
+            trackers.finish(record)
         return record
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    if trackers:
+        trackers.finish(record)
     return record
 
 
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
-        log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+        log: Callable[[str], None] | None = None, track: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Run one spec and store its record atomically; a failed run is stored, then raised as RunFailed."""
     from mtlbench.store import ensure_writable, record_path
 
     path = record_path(ensure_writable(results_dir), spec.run_id)
-    record = run_to_record(spec, data_dir, progress, log)
+    trackers = None
+    if track:
+        from mtlbench.tracking import Trackers
+
+        trackers = Trackers(track, spec.run_id, spec.to_dict(), results_dir)
+    record = run_to_record(spec, data_dir, progress, log, trackers)
     write_record(path, record)
     if record["status"] != "ok":
         raise RunFailed(record["error"]["reason"])
