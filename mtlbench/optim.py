@@ -38,7 +38,9 @@ class StepContext:
         self.model, self.batch, self.output, self.losses = model, batch, output, losses
         self.generator, self.step, self.epoch = generator, step, epoch
         self._forward = forward
-        self.task_names: tuple[str, ...] = tuple(model.loss_tasks())
+        # the tasks whose losses are optimised (duck-typed models without loss_tasks(): all their tasks)
+        loss_tasks = getattr(model, "loss_tasks", None)
+        self.task_names: tuple[str, ...] = tuple(loss_tasks() if loss_tasks else model.task_names)
         self.shared_params: list[nn.Parameter] = model.shared_parameters()
         tp = model.task_parameters()
         self.task_params: list[list[nn.Parameter]] = [tp.get(t, []) for t in self.task_names]
