@@ -179,6 +179,7 @@ class DatasetAdapter:
 
     version: str = "1"
     default_training: dict[str, Any] = {}
+    task_aliases: dict[str, tuple[str, ...]] = {}  # named task sets, e.g. a paper's groups: --tasks group1
 
     def __init__(self, options: Any = None, data_dir: str | None = None) -> None:
         self.options = options

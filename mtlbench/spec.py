@@ -102,6 +102,9 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     ar = registry.get("arch", arch)
     op = registry.get("optimizer", optimizer)
     offered = ds.obj.task_names()
+    aliases = getattr(ds.obj, "task_aliases", {}) or {}
+    if tasks is not None and len(tasks) == 1 and tasks[0] in aliases:
+        tasks = list(aliases[tasks[0]])
     if tasks is not None:
         if not tasks:
             raise MtlbenchError("the task list is empty" + (f" (valid: {', '.join(offered)})" if offered else ""))
@@ -111,7 +114,7 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
         if offered:
             for t in tasks:
                 if t not in offered:
-                    raise unknown(f"task for dataset '{dataset}'", t, offered)
+                    raise unknown(f"task for dataset '{dataset}'", t, list(offered) + list(aliases))
     elif offered:
         tasks = list(offered)
     else:
