@@ -1,12 +1,17 @@
 """Shared fixtures: a small embedded dataset, and the real data directory for adapters that read files."""
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from mtlbench.objectives import task_loss
+from mtlbench.optim import StepContext
 from mtlbench.registry import build_options, get
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,3 +36,91 @@ def build_arch(name: str, data, embed_dim: int = 8, **options):
     entry = get("arch", name)
     return entry.obj(data.schema, data.tasks, embed_dim, build_options(entry.options_class,
                                                                       entry.resolve_options(options)))
+
+
+# ------------------------------------------------------------------------ shared helpers of the optimizer tests
+def make_method(name: str, tasks, **options):
+    """The registered optimizer ``name`` for ``tasks``, its options resolved and validated as the CLI does."""
+    entry = get("optimizer", name)
+    return entry.obj(tuple(tasks), build_options(entry.options_class, entry.resolve_options(options)))
+
+
+class Toy(torch.nn.Module):
+    """A shared linear trunk and one linear head per task (the losses are made by :func:`toy_context`)."""
+
+    def __init__(self, n_tasks: int = 2, d: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.task_names = tuple(f"t{i}" for i in range(n_tasks))
+        self.trunk = torch.nn.Linear(d, d)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(d, 1) for _ in range(n_tasks))
+
+    def shared_parameters(self):
+        return list(self.trunk.parameters())
+
+    def task_parameters(self):
+        return {n: list(h.parameters()) for n, h in zip(self.task_names, self.heads)}
+
+    def forward(self, batch):
+        f = self.trunk(batch["x"])
+        f = f.view_as(f)
+        return SimpleNamespace(outputs=[h(f).squeeze(-1) for h in self.heads], features=(f,))
+
+
+def toy_batch(step: int, n_tasks: int, d: int = 4, n: int = 32) -> dict[str, torch.Tensor]:
+    """Batch ``step`` of the toy problem: ``x [n, d]``, ``y [n, n_tasks]``, drawn from seed ``1000 + step``."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return {"x": torch.randn(n, d, generator=g), "y": torch.randn(n, n_tasks, generator=g)}
+
+
+def toy_context(model, step: int, scales, gen: torch.Generator | None = None, *,
+                ctx_step: int | None = None) -> StepContext:
+    """A step on :class:`Toy` over :func:`toy_batch` ``step``; task t's loss is ``scales[t] * MSE``.
+    ``gen``: the run's generator (default: a fresh unseeded one); ``ctx_step``: the step number the context
+    reports (default: ``step``)."""
+    batch = toy_batch(step, len(scales))
+
+    def fwd():
+        out = model(batch)
+        return out, [s * ((o - batch["y"][:, i]) ** 2).mean() for i, (s, o) in enumerate(zip(scales, out.outputs))]
+
+    out, losses = fwd()
+    return StepContext(model, batch, out, losses, fwd, torch.Generator() if gen is None else gen,
+                       step if ctx_step is None else ctx_step, 1)
+
+
+def step_context(model, data, n: int = 128, seed: int | None = 0, scale: float | None = None) -> StepContext:
+    """A step of ``model`` on the first ``n`` training rows of ``data`` with the tasks' own losses (times
+    ``scale`` if given); the run's generator is seeded with ``seed`` (None: a fresh unseeded one)."""
+    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
+
+    def fwd():
+        out = model(batch)
+        losses = [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
+                  for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
+        return out, losses if scale is None else [scale * l for l in losses]
+
+    out, losses = fwd()
+    gen = torch.Generator() if seed is None else torch.Generator().manual_seed(seed)
+    return StepContext(model, batch, out, losses, fwd, gen, 0, 1)
+
+
+def short_run(tmp_path, optimizer: str, *, arch: str = "mmoe", tasks: str = "ctr,cvr,ctcvr", epochs: int = 2,
+              extra=()) -> dict:
+    """``mtlbench run`` on the small e-commerce data into ``tmp_path``; checks exit code 0, exactly one record,
+    status ok, val and test metrics for every task and every metric finite. Returns the record."""
+    from mtlbench.cli import main
+
+    assert main(["run", "--optimizer", optimizer, "--arch", arch, "--tasks", tasks, "-D", "n_rows=4000",
+                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", str(epochs), "--batch-size", "256",
+                 "--quiet", *extra, "--results-dir", str(tmp_path)]) == 0
+    records = list(Path(tmp_path).rglob("*.json"))
+    assert len(records) == 1, records
+    rec = json.loads(records[0].read_text())
+    assert rec["status"] == "ok"
+    for split in ("val", "test"):
+        for task in tasks.split(","):
+            assert task in rec["metrics"][split], (split, task)
+    values = [v for split in rec["metrics"].values() for metrics in split.values() for v in metrics.values()]
+    assert values and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+    return rec

@@ -1,7 +1,6 @@
 """Aligned-MTL (baselines/optimizers/aligned_mtl.py): hand-built cases, alignment properties, torchjd, a run."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -10,7 +9,9 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.aligned_mtl import AlignedMTL, aligned_mtl_weights, balance_transformation
 from mtlbench.errors import MtlbenchError
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
+
+from conftest import make_method, short_run
 
 NAME = "aligned_mtl"
 D = torch.float64
@@ -153,25 +154,14 @@ def test_matches_torchjd_aligned_mtl(mode, seed, T, P):
 # -------------------------------------------------------------------------------------------- the method
 
 def test_heads_follow_their_own_loss_unless_scale_heads():
-    e = get("optimizer", NAME)
     w = torch.tensor([0.5, 2.0])
-    assert e.obj(("a", "b"), build_options(e.options_class, e.resolve_options({}))).head_weights(w) is None
-    m = e.obj(("a", "b"), build_options(e.options_class, e.resolve_options({"scale_heads": True})))
+    assert make_method(NAME, ("a", "b")).head_weights(w) is None
+    m = make_method(NAME, ("a", "b"), scale_heads=True)
     assert m.head_weights(w) is w
 
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    files = list(tmp_path.rglob("*.json"))
-    assert len(files) == 1
-    rec = json.loads(files[0].read_text())
-    assert rec["status"] == "ok"
-    values = [v for split in rec["metrics"].values() for task in split.values() for v in task.values()]
-    assert values and all(math.isfinite(v) for v in values)
+    rec = short_run(tmp_path, NAME)
     for c in rec["curves"]:
         assert set(c["task_weights"]) == {"ctr", "cvr", "ctcvr"}
         assert all(math.isfinite(v) for v in c["task_weights"].values())

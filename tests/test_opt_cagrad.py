@@ -2,7 +2,7 @@
 degeneracy of the official/LibMTL solver, torchjd agreement, the step on a real model, a run, option validation."""
 from __future__ import annotations
 
-import json
+import functools
 import math
 
 import numpy as np
@@ -14,18 +14,14 @@ from scipy.optimize import minimize
 from mtlbench.baselines.optimizers.cagrad import cagrad_solve, cagrad_weights
 from mtlbench.baselines.optimizers.mgda import mgda_weights
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
 RAW = dict(reduction="mean", rescale=0)  # the paper's d = g_0 + sqrt(phi)/|g_w| g_w, no official post-processing
 
 
-def _method(tasks=("a", "b", "c"), **options):
-    e = get("optimizer", "cagrad")
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
+_method = functools.partial(make_method, "cagrad")
 
 
 def _random_J(seed, T, P, shift=0.3):
@@ -204,22 +200,10 @@ def test_agrees_with_torchjd():
 
 # -- the step on a real model ----------------------------------------------------------------------------------
 
-def _ctx(model, data, n=128, seed=0):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(seed), 0, 1)
-
-
 def test_step_writes_the_update_and_heads_follow_their_loss(small_data):
     torch.manual_seed(0)
     model = build_arch("mmoe", small_data)
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     J = ctx.jacobian().clone()
     method = _method(small_data.task_names)
     method.step(ctx)
@@ -240,7 +224,7 @@ def test_unconverged_solve_warns_once_naming_the_step(small_data):
     model = build_arch("shared_bottom", small_data)
     method = _method(small_data.task_names, max_iter=1, tol=1e-300)
     with pytest.warns(RuntimeWarning, match=r"cagrad: SLSQP did not solve the dual at step 1 \(epoch 1\)"):
-        method.step(_ctx(model, small_data))
+        method.step(step_context(model, small_data))
     assert len(method.warnings) == 1
     method.aggregate(_random_J(0, 3, 5), torch.ones(3), torch.Generator())
     assert len(method.warnings) == 1  # once per run
@@ -249,19 +233,8 @@ def test_unconverged_solve_warns_once_naming_the_step(small_data):
 # -- a real run and option validation ----------------------------------------------------------------------
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", "cagrad", "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = list(tmp_path.glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
+    rec = short_run(tmp_path, "cagrad")
     assert rec["optimizer_warnings"] == []  # the normalised dual solve converges on real gradients
-    for split in rec["metrics"].values():
-        for metrics in split.values():
-            assert all(math.isfinite(v) for v in metrics.values())
     for epoch in rec["curves"]:
         w = epoch["task_weights"]
         assert set(w) == {"ctr", "cvr", "ctcvr"} and all(math.isfinite(v) and v > 0 for v in w.values())

@@ -10,19 +10,16 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.db_mtl import DBMTL, db_mtl_update
 from mtlbench.errors import MtlbenchError, RunFailed
-from mtlbench.objectives import task_loss
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
 NAME = "db_mtl"
 D = torch.float64
 
 
 def _method(**options) -> DBMTL:
-    e = get("optimizer", NAME)
-    return e.obj(("a", "b", "c")[:options.pop("T", 3)], build_options(e.options_class, e.resolve_options(options)))
+    return make_method(NAME, ("a", "b", "c")[:options.pop("T", 3)], **options)
 
 
 def _jac(seed: int, T: int, P: int) -> torch.Tensor:
@@ -152,22 +149,10 @@ def test_beta_zero_is_a_weighting_of_the_current_jacobian(args):
 
 # -------------------------------------------------------------------------------------------- the method
 
-def _ctx(model, data, n=128, seed=0):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(seed), 0, 1)
-
-
 def test_step_writes_ema_update_and_log_loss_head_gradients(small_data):
     torch.manual_seed(0)
     model = build_arch("mmoe", small_data)
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     J = ctx.jacobian().clone()
     L = ctx.loss_values.clone()
     m = DBMTL(small_data.task_names)
@@ -178,7 +163,7 @@ def test_step_writes_ema_update_and_log_loss_head_gradients(small_data):
     torch.testing.assert_close(m.last_weights, alpha)
     # heads: the gradient of log(L_t + eps) through head t only (LibMTL back-propagates the log-losses)
     heads = model.task_parameters()
-    _, losses = _ctx(model, small_data).forward()
+    _, losses = step_context(model, small_data).forward()
     for t, name in enumerate(small_data.task_names):
         params = [p for p in heads[name] if p.grad is not None]
         ref = torch.autograd.grad(torch.log(losses[t] + 1e-8), params, retain_graph=True, allow_unused=True)
@@ -209,17 +194,7 @@ def test_non_positive_loss_fails_the_run_clearly():
 
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    files = list(tmp_path.rglob("*.json"))
-    assert len(files) == 1
-    rec = json.loads(files[0].read_text())
-    assert rec["status"] == "ok"
-    values = [v for split in rec["metrics"].values() for task in split.values() for v in task.values()]
-    assert values and all(math.isfinite(v) for v in values)
+    rec = short_run(tmp_path, NAME)
     for c in rec["curves"]:
         assert set(c["task_weights"]) == {"ctr", "cvr", "ctcvr"}
         assert all(math.isfinite(v) and v >= 1.0 - 1e-6 for v in c["task_weights"].values())  # alpha >= 1

@@ -1,10 +1,9 @@
 """DWA (Liu et al., CVPR 2019): weights by hand, properties, epochs 1-2, torchjd equivalence, state, run, options."""
 from __future__ import annotations
 
+import functools
 import json
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,49 +11,12 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.dwa import dwa_weights
 from mtlbench.errors import MtlbenchError
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
+
+from conftest import Toy, make_method, short_run, toy_context as _toy_ctx
 
 NAME = "dwa"
-
-
-def _method(tasks, **options):
-    e = get("optimizer", NAME)
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
-
-
-class Toy(torch.nn.Module):
-    """A shared linear trunk and one linear head per task; task t's loss is ``scale_t * MSE``."""
-
-    def __init__(self, n_tasks: int = 2, d: int = 4, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.task_names = tuple(f"t{i}" for i in range(n_tasks))
-        self.trunk = torch.nn.Linear(d, d)
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(d, 1) for _ in range(n_tasks))
-
-    def shared_parameters(self):
-        return list(self.trunk.parameters())
-
-    def task_parameters(self):
-        return {n: list(h.parameters()) for n, h in zip(self.task_names, self.heads)}
-
-    def forward(self, batch):
-        f = self.trunk(batch["x"])
-        f = f.view_as(f)
-        return SimpleNamespace(outputs=[h(f).squeeze(-1) for h in self.heads], features=(f,))
-
-
-def _toy_ctx(model, step, scales):
-    g = torch.Generator().manual_seed(1000 + step)
-    batch = {"x": torch.randn(32, 4, generator=g), "y": torch.randn(32, len(scales), generator=g)}
-
-    def fwd():
-        out = model(batch)
-        return out, [s * ((o - batch["y"][:, i]) ** 2).mean() for i, (s, o) in enumerate(zip(scales, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator(), step, 1)
+_method = functools.partial(make_method, NAME)
 
 
 # ---------------------------------------------------------------------------------------------- the formula
@@ -187,18 +149,7 @@ def test_state_dict_round_trip_restores_behaviour_exactly():
 
 # ------------------------------------------------------------------------------------------ run and options
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = list(Path(tmp_path).glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in ("val", "test"):
-        for task in ("ctr", "cvr", "ctcvr"):
-            assert all(math.isfinite(v) for v in rec["metrics"][split][task].values())
+    rec = short_run(tmp_path, NAME)
     assert [e["task_weights"] for e in rec["curves"]] == [{"ctr": 1.0, "cvr": 1.0, "ctcvr": 1.0}] * 2
     hist = rec["optimizer_state"]["history"]  # the selected epoch's state: one or two epoch averages
     assert 1 <= len(hist) <= 2 and all(len(h) == 3 and all(v > 0 for v in h) for h in hist)

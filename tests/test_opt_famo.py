@@ -3,10 +3,9 @@ FAMO over a training run, bounds, state, a real run, bad options."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,52 +13,18 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.famo import famo_coefficients, famo_logit_grad
 from mtlbench.errors import MtlbenchError
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
+
+from conftest import Toy, make_method, short_run, toy_context
 
 NAME = "famo"
+_method = functools.partial(make_method, NAME)
 
-
-def _method(tasks, **options):
-    e = get("optimizer", NAME)
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
-
-
-class Toy(torch.nn.Module):
-    """A shared linear trunk and one linear head per task; task t's loss is ``scale_t * MSE`` (always > 0)."""
-
-    def __init__(self, n_tasks: int = 2, d: int = 4, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.task_names = tuple(f"t{i}" for i in range(n_tasks))
-        self.trunk = torch.nn.Linear(d, d)
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(d, 1) for _ in range(n_tasks))
-
-    def shared_parameters(self):
-        return list(self.trunk.parameters())
-
-    def task_parameters(self):
-        return {n: list(h.parameters()) for n, h in zip(self.task_names, self.heads)}
-
-    def forward(self, batch):
-        f = self.trunk(batch["x"])
-        f = f.view_as(f)
-        return SimpleNamespace(outputs=[h(f).squeeze(-1) for h in self.heads], features=(f,))
-
-
-SCALES = [1.0, 20.0]
+SCALES = [1.0, 20.0]  # toy losses: task t's is ``SCALES[t] * MSE`` (always > 0)
 
 
 def _ctx(model, step, scales=SCALES):
-    g = torch.Generator().manual_seed(1000 + step)
-    batch = {"x": torch.randn(32, 4, generator=g), "y": torch.randn(32, len(scales), generator=g)}
-
-    def fwd():
-        out = model(batch)
-        return out, [s * ((o - batch["y"][:, i]) ** 2).mean() for i, (s, o) in enumerate(zip(scales, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator(), step, 1)
+    return toy_context(model, step, scales)
 
 
 def _train(model, method, steps, opt=None):
@@ -245,18 +210,7 @@ def test_state_dict_round_trip_restores_behaviour_exactly():
 
 # ------------------------------------------------------------------------------------------ run and options
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = list(Path(tmp_path).glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in ("val", "test"):
-        for task in ("ctr", "cvr", "ctcvr"):
-            assert all(math.isfinite(v) for v in rec["metrics"][split][task].values())
+    rec = short_run(tmp_path, NAME)
     for entry in rec["curves"]:
         w = entry["task_weights"]  # effective coefficients: each step's sum to 1
         assert set(w) == {"ctr", "cvr", "ctcvr"} and sum(w.values()) == pytest.approx(1.0, rel=1e-5)

@@ -1,6 +1,7 @@
 """F-MTL (fmtl): per-task SAM, loss and flat gradients aggregated separately."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -13,28 +14,13 @@ from mtlbench.arch import ArchOutput
 from mtlbench.baselines.optimizers.fmtl import fmtl_update, sam_perturbation
 from mtlbench.baselines.optimizers.pcgrad import pcgrad_weights
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
 from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
-
-def _method(tasks, **options):
-    e = get("optimizer", "fmtl")
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
-
-
-def _ctx(model, data, n=256, seed=0):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(seed), 0, 1)
+_method = functools.partial(make_method, "fmtl")
+_ctx = functools.partial(step_context, n=256)  # a larger batch than the other optimizers' tests
 
 
 # ------------------------------------------------------------------------------------------- SAM step itself
@@ -298,18 +284,7 @@ def test_defaults_from_the_official_code():
 # ------------------------------------------------------------------------------------------- real training
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", "fmtl", "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = [p for p in tmp_path.rglob("*.json")]
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in rec["metrics"].values():
-        for task in split.values():
-            assert all(math.isfinite(v) for v in task.values() if isinstance(v, (int, float)))
+    rec = short_run(tmp_path, "fmtl")
     for entry in rec["curves"]:
         assert set(entry["task_weights"]) == {"ctr", "cvr", "ctcvr"}
         assert all(math.isfinite(v) for v in entry["task_weights"].values())

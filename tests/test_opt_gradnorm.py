@@ -3,9 +3,9 @@ sources, L(0) modes, state, a real run, bad options. (torchjd 0.18 has no GradNo
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,18 +14,13 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.gradnorm import MIN_WEIGHT, gradnorm_weight_grad, renormalize
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
 from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
 NAME = "gradnorm"
-
-
-def _method(tasks, **options):
-    e = get("optimizer", NAME)
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
+_method = functools.partial(make_method, NAME)
 
 
 class Scaled(torch.nn.Module):
@@ -181,21 +176,13 @@ def test_step_on_a_real_arch_writes_the_weighted_update(small_data, source):
     model = build_arch("mmoe", small_data)
     m = _method(small_data.task_names, grad_source=source)
     m.weights = torch.tensor([0.5, 1.5, 1.0], dtype=torch.float64)
-    batch = {k: v[:128] for k, v in small_data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(small_data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    ctx = StepContext(model, batch, out, losses, fwd, torch.Generator(), 0, 1)
+    ctx = step_context(model, small_data, seed=None)
     m.step(ctx)
     torch.testing.assert_close(m.last_weights, torch.tensor([0.5, 1.5, 1.0]))
     assert float(m.weights.sum()) == pytest.approx(3.0) and not torch.allclose(m.weights, m.last_weights.double())
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    _, losses = fwd()
+    _, losses = ctx.forward()
     (torch.tensor([0.5, 1.5, 1.0]) * torch.stack(losses)).sum().backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
@@ -262,18 +249,7 @@ def test_state_dict_round_trip_restores_behaviour_exactly():
 
 # ------------------------------------------------------------------------------------------ run and options
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = list(Path(tmp_path).glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in ("val", "test"):
-        for task in ("ctr", "cvr", "ctcvr"):
-            assert all(math.isfinite(v) for v in rec["metrics"][split][task].values())
+    rec = short_run(tmp_path, NAME)
     for entry in rec["curves"]:
         w = entry["task_weights"]
         assert set(w) == {"ctr", "cvr", "ctcvr"} and sum(w.values()) == pytest.approx(3.0, rel=1e-6)

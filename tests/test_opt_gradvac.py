@@ -13,6 +13,8 @@ from mtlbench.baselines.optimizers.pcgrad import pcgrad_weights
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import get
 
+from conftest import short_run
+
 NAME = "gradvac"
 D = torch.float64
 
@@ -204,17 +206,7 @@ def test_same_seed_same_weights_and_state_round_trip():
 
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    files = list(tmp_path.rglob("*.json"))
-    assert len(files) == 1
-    rec = json.loads(files[0].read_text())
-    assert rec["status"] == "ok"
-    values = [v for split in rec["metrics"].values() for task in split.values() for v in task.values()]
-    assert values and all(math.isfinite(v) for v in values)
+    rec = short_run(tmp_path, NAME)
     for c in rec["curves"]:
         assert set(c["task_weights"]) == {"ctr", "cvr", "ctcvr"}
         assert all(math.isfinite(v) for v in c["task_weights"].values())

@@ -2,6 +2,7 @@
 closed form and torchjd's IMTLG, IMTL-L against torchjd's IMTLL, the hybrid step, state, a run, bad options."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -11,16 +12,12 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.imtl import imtl_g_solve, imtl_g_weights
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
 
-def _method(tasks=("a", "b", "c"), **options):
-    e = get("optimizer", "imtl")
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
+_method = functools.partial(make_method, "imtl")
 
 
 def _random_J(seed, T, P, shift=0.3):
@@ -158,18 +155,6 @@ def test_agrees_with_torchjd():
 
 # -- IMTL-L and the hybrid on a real model ---------------------------------------------------------------------
 
-def _ctx(model, data, n=128, seed=0):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(seed), 0, 1)
-
-
 def _grads(params):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -184,7 +169,7 @@ def test_loss_mode_matches_torchjd_imtll(small_data):
     assert method.requires == frozenset() and method.parameters() == [method.log_scales]
     s = torch.tensor([0.3, -0.2, 0.1])
     method.load_state_dict({"log_scales": s.tolist()})
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     method.step(ctx)
     got, got_s = _grads(model.parameters()), method.log_scales.grad.clone()
     torch.testing.assert_close(method.last_weights, s.exp())
@@ -192,7 +177,7 @@ def test_loss_mode_matches_torchjd_imtll(small_data):
     scalarizer = IMTLL(len(small_data.tasks))
     with torch.no_grad():
         next(scalarizer.parameters()).copy_(s)
-    _, losses = _ctx(model, small_data).forward()
+    _, losses = step_context(model, small_data).forward()
     scalarizer(torch.stack(losses)).backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), rtol=1e-5, atol=1e-7)
@@ -210,7 +195,7 @@ def test_hybrid_step(small_data, rep):
     s = torch.tensor([0.5, -0.4, 0.2])
     method.load_state_dict({"log_scales": s.tolist()})
     e = s.exp()
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     J = ctx.jacobian().clone()
     if rep:
         Z = torch.stack([torch.cat([g.reshape(-1) for g in task]) for task in ctx.feature_grads()]).double()
@@ -241,7 +226,7 @@ def test_grad_mode_has_no_scales_and_heads_weight_one(small_data):
     model = build_arch("shared_bottom", small_data)
     method = _method(small_data.task_names, mode="grad")
     assert method.parameters() == [] and method.state_dict() == {}
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     J = ctx.jacobian().clone()
     method.step(ctx)
     w = imtl_g_weights((J @ J.T).double()).float()
@@ -281,18 +266,7 @@ def test_state_roundtrip_and_learning():
 # -- a real run and option validation ----------------------------------------------------------------------
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", "imtl", "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = list(tmp_path.glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in rec["metrics"].values():
-        for metrics in split.values():
-            assert all(math.isfinite(v) for v in metrics.values())
+    rec = short_run(tmp_path, "imtl")
     for epoch in rec["curves"]:
         w = epoch["task_weights"]
         assert set(w) == {"ctr", "cvr", "ctcvr"} and all(math.isfinite(v) for v in w.values())

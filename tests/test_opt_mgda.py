@@ -2,7 +2,7 @@
 the step on a real model, a short training run and option validation."""
 from __future__ import annotations
 
-import json
+import functools
 
 import pytest
 import torch
@@ -10,11 +10,9 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.mgda import find_min_norm_element, gradient_normalizers, mgda_weights
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
 SOLVERS = ["fw", "pairwise"]
 
@@ -22,9 +20,7 @@ SOLVERS = ["fw", "pairwise"]
 pytestmark = pytest.mark.filterwarnings("ignore:mgda. the 'fw' min-norm solver:RuntimeWarning")
 
 
-def _method(tasks=("a", "b", "c"), **options):
-    e = get("optimizer", "mgda")
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
+_method = functools.partial(make_method, "mgda")
 
 
 def _random_J(seed, T, P, shift=0.5):
@@ -206,18 +202,6 @@ def test_agrees_with_torchjd():
 
 # -- the step on a real model ----------------------------------------------------------------------------------
 
-def _ctx(model, data, n=128, seed=0):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(seed), 0, 1)
-
-
 def _grads(params):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
@@ -226,7 +210,7 @@ def _grads(params):
 def test_step_writes_weighted_update(small_data, weight_heads):
     torch.manual_seed(0)
     model = build_arch("shared_bottom", small_data)
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     J = ctx.jacobian().clone()
     method = _method(small_data.task_names, weight_heads=weight_heads)
     method.step(ctx)
@@ -251,7 +235,7 @@ def test_rep_mode_is_mgda_ub(small_data):
     model = build_arch("mmoe", small_data)
     method = _method(small_data.task_names, rep=True)
     assert method.requires == frozenset({"features"})
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     Z = torch.stack([torch.cat([g.reshape(-1) for g in task]) for task in ctx.feature_grads()]).double()
     expect_alpha = mgda_weights(Z @ Z.T).float()
     method.step(ctx)
@@ -260,7 +244,7 @@ def test_rep_mode_is_mgda_ub(small_data):
     got_heads = {n: _grads(ps) for n, ps in model.task_parameters().items()}
     # reference: fresh forward, sum alpha_t L_t for the shared part, each loss for its own head
     model.zero_grad(set_to_none=True)
-    _, losses = _ctx(model, small_data).forward()
+    _, losses = step_context(model, small_data).forward()
     shared = model.shared_parameters()
     ref_shared = torch.autograd.grad((expect_alpha * torch.stack(losses)).sum(), shared, retain_graph=True,
                                      allow_unused=True)
@@ -287,7 +271,7 @@ def test_non_convergence_warns_once_and_keeps_last_iterate(small_data):
     torch.manual_seed(0)
     model = build_arch("shared_bottom", small_data)
     m2 = _method(small_data.task_names, max_iter=1)
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     G = ctx.jacobian() @ ctx.jacobian().T
     if not find_min_norm_element(G, max_iter=1)[1]:
         with pytest.warns(RuntimeWarning, match=r"step 1 \(epoch 1\)"):
@@ -297,18 +281,7 @@ def test_non_convergence_warns_once_and_keeps_last_iterate(small_data):
 # -- a real run and option validation ----------------------------------------------------------------------
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", "mgda", "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = list(tmp_path.glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in rec["metrics"].values():
-        for metrics in split.values():
-            assert all(v == v and abs(v) != float("inf") for v in metrics.values())
+    rec = short_run(tmp_path, "mgda")
     for epoch in rec["curves"]:
         w = epoch["task_weights"]
         assert set(w) == {"ctr", "cvr", "ctcvr"}

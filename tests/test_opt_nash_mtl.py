@@ -11,19 +11,16 @@ from hypothesis import assume, given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.nash_mtl import NashMTL, nash_mtl_weights
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
 NAME = "nash_mtl"
 D = torch.float64
 
 
 def _method(tasks=("a", "b"), **options) -> NashMTL:
-    e = get("optimizer", NAME)
-    return e.obj(tasks, build_options(e.options_class, e.resolve_options(options)))
+    return make_method(NAME, tasks, **options)
 
 
 def _jac(seed: int, T: int, P: int, shared: float = 0.0) -> torch.Tensor:
@@ -196,18 +193,6 @@ def test_update_weights_every_reuses_alpha():
     torch.testing.assert_close(w3, torch.ones(2, dtype=D), rtol=1e-6, atol=0)
 
 
-def _ctx(model, data, n=128):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(0), 0, 1)
-
-
 def _grads(model):
     shared = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()])
     heads = {t: [None if p.grad is None else p.grad.clone() for p in ps] for t, ps in model.task_parameters().items()}
@@ -220,7 +205,7 @@ def test_solve_step_and_reuse_step_write_the_same_gradients(small_data):
     torch.manual_seed(0)
     model = build_arch("mmoe", small_data)
     m = _method(small_data.task_names, update_weights_every=2)
-    ctx = _ctx(model, small_data)
+    ctx = step_context(model, small_data)
     J = ctx.jacobian().clone()
     m.step(ctx)
     a = m.alpha.float()
@@ -230,7 +215,7 @@ def test_solve_step_and_reuse_step_write_the_same_gradients(small_data):
     assert float(s1.norm()) <= 1.0 + 1e-5
     torch.testing.assert_close(m.last_weights, a)
     model.zero_grad(set_to_none=True)
-    m.step(_ctx(model, small_data))
+    m.step(step_context(model, small_data))
     s2, h2 = _grads(model)
     torch.testing.assert_close(s2, s1, rtol=1e-4, atol=1e-7)
     for t in h1:
@@ -244,17 +229,7 @@ def test_solve_step_and_reuse_step_write_the_same_gradients(small_data):
 
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    files = list(tmp_path.rglob("*.json"))
-    assert len(files) == 1
-    rec = json.loads(files[0].read_text())
-    assert rec["status"] == "ok"
-    values = [v for split in rec["metrics"].values() for task in split.values() for v in task.values()]
-    assert values and all(math.isfinite(v) for v in values)
+    rec = short_run(tmp_path, NAME)
     for c in rec["curves"]:
         assert set(c["task_weights"]) == {"ctr", "cvr", "ctcvr"}
         assert all(math.isfinite(v) and v > 0 for v in c["task_weights"].values())

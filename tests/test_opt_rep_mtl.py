@@ -1,7 +1,7 @@
 """Rep-MTL (rep_mtl): entropy and cross-task alignment penalties on representation-level task saliency."""
 from __future__ import annotations
 
-import json
+import functools
 import math
 
 import pytest
@@ -14,28 +14,17 @@ from mtlbench.arch import ArchOutput
 from mtlbench.baselines.optimizers.rep_mtl import (canonical_saliency, rep_mtl_regularisers, saliency_alignment,
                                                    saliency_entropy)
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
 from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, make_method, short_run, step_context
 
 
 def _method(tasks, name="rep_mtl", **options):
-    e = get("optimizer", name)
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
+    return make_method(name, tasks, **options)
 
 
-def _ctx(model, data, n=128, seed=0, scale=1.0):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [scale * task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(seed), 0, 1)
+_ctx = functools.partial(step_context, scale=1.0)  # every loss times ``scale`` (default 1.0)
 
 
 def _grads(model, method, data, **kw):
@@ -332,17 +321,6 @@ def test_defaults():
 # ------------------------------------------------------------------------------------------- real training
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", "rep_mtl", "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D",
-                 "n_rows=4000", "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256",
-                 "--quiet", "--results-dir", str(tmp_path)]) == 0
-    records = list(tmp_path.rglob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in rec["metrics"].values():
-        for task in split.values():
-            assert all(math.isfinite(v) for v in task.values() if isinstance(v, (int, float)))
+    rec = short_run(tmp_path, "rep_mtl")
     for entry in rec["curves"]:
         assert entry["task_weights"] == {"ctr": 1.0, "cvr": 1.0, "ctcvr": 1.0}

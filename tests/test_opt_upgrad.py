@@ -1,7 +1,6 @@
 """UPGrad (baselines/optimizers/upgrad.py): hand-built cases, the paper's properties, torchjd equivalence, a run."""
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
@@ -12,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 from mtlbench.baselines.optimizers.upgrad import UPGrad, upgrad_weights
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import get
+
+from conftest import short_run
 
 NAME = "upgrad"
 
@@ -176,17 +177,7 @@ def test_tiny_gramian_warns_once_and_falls_back_to_the_mean():
 
 
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    files = list(tmp_path.rglob("*.json"))
-    assert len(files) == 1
-    rec = json.loads(files[0].read_text())
-    assert rec["status"] == "ok"
-    values = [v for split in rec["metrics"].values() for task in split.values() for v in task.values()]
-    assert values and all(math.isfinite(v) for v in values)
+    rec = short_run(tmp_path, NAME)
     for c in rec["curves"]:
         assert set(c["task_weights"]) == {"ctr", "cvr", "ctcvr"}
         assert all(math.isfinite(v) and v > 0 for v in c["task_weights"].values())

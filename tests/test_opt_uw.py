@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,66 +12,17 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench.baselines.optimizers.uw import uw_loss, uw_weights
 from mtlbench.errors import MtlbenchError
-from mtlbench.objectives import task_loss
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
+from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import Toy, build_arch, make_method, short_run, step_context, toy_context
 
 NAME = "uw"
+_method = functools.partial(make_method, NAME)
 
 
-def _method(tasks, **options):
-    e = get("optimizer", NAME)
-    return e.obj(tuple(tasks), build_options(e.options_class, e.resolve_options(options)))
-
-
-class Toy(torch.nn.Module):
-    """A shared linear trunk and one linear head per task; task t's loss is ``scale_t * MSE``."""
-
-    def __init__(self, n_tasks: int = 2, d: int = 4, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.task_names = tuple(f"t{i}" for i in range(n_tasks))
-        self.trunk = torch.nn.Linear(d, d)
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(d, 1) for _ in range(n_tasks))
-
-    def shared_parameters(self):
-        return list(self.trunk.parameters())
-
-    def task_parameters(self):
-        return {n: list(h.parameters()) for n, h in zip(self.task_names, self.heads)}
-
-    def forward(self, batch):
-        f = self.trunk(batch["x"])
-        f = f.view_as(f)
-        return SimpleNamespace(outputs=[h(f).squeeze(-1) for h in self.heads], features=(f,))
-
-
-def _toy_batch(step: int, n_tasks: int = 2, d: int = 4):
-    g = torch.Generator().manual_seed(1000 + step)
-    return {"x": torch.randn(32, d, generator=g), "y": torch.randn(32, n_tasks, generator=g)}
-
-
-def _toy_ctx(model, batch, scales, gen, step=0):
-    def fwd():
-        out = model(batch)
-        return out, [s * ((o - batch["y"][:, i]) ** 2).mean() for i, (s, o) in enumerate(zip(scales, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, gen, step, 1)
-
-
-def _real_ctx(model, data, n=128):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(0), 0, 1)
+def _toy_ctx(model, step, scales):
+    """Toy batch ``step``; the context reports step 0 (its generator: a fresh unseeded one)."""
+    return toy_context(model, step, scales, ctx_step=0)
 
 
 # ---------------------------------------------------------------------------------------------- the formula
@@ -137,7 +87,7 @@ def test_step_gradient_in_s_and_model_on_a_real_arch(small_data):
     method = _method(small_data.task_names)
     with torch.no_grad():
         method.log_vars.copy_(torch.tensor([0.3, -0.2, 0.1]))
-    ctx = _real_ctx(model, small_data)
+    ctx = step_context(model, small_data)
     L = ctx.loss_values.clone()
     method.step(ctx)
     s = method.log_vars.detach()
@@ -157,7 +107,7 @@ def test_initial_weights_equal_ew():
     method = _method(["a", "b", "c"])
     assert method.parameters()[0] is method.log_vars
     model = Toy(3)
-    ctx = _toy_ctx(model, _toy_batch(0, 3), [1.0, 2.0, 3.0], torch.Generator())
+    ctx = _toy_ctx(model, 0, [1.0, 2.0, 3.0])
     method.step(ctx)
     torch.testing.assert_close(method.last_weights, torch.ones(3))
 
@@ -178,7 +128,7 @@ def test_matches_torchjd_uw_over_a_training_run():
         opt = torch.optim.Adam(list(model.parameters()) + extra, lr=0.05)
         for step in range(15):
             opt.zero_grad(set_to_none=True)
-            ctx = _toy_ctx(model, _toy_batch(step), [1.0, 5.0], torch.Generator())
+            ctx = _toy_ctx(model, step, [1.0, 5.0])
             if ours:
                 method.step(ctx)
             else:
@@ -216,7 +166,7 @@ def test_state_dict_round_trip_restores_behaviour_exactly():
         out = []
         for step in steps:
             opt.zero_grad(set_to_none=True)
-            method.step(_toy_ctx(model, _toy_batch(step), [1.0, 4.0], torch.Generator()))
+            method.step(_toy_ctx(model, step, [1.0, 4.0]))
             opt.step()
             out.append(method.last_weights.clone())
         return out
@@ -239,18 +189,7 @@ def test_state_dict_round_trip_restores_behaviour_exactly():
 
 # ------------------------------------------------------------------------------------------ run and options
 def test_short_training_run(tmp_path):
-    from mtlbench.cli import main
-
-    assert main(["run", "--optimizer", NAME, "--arch", "mmoe", "--tasks", "ctr,cvr,ctcvr", "-D", "n_rows=4000",
-                 "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256", "--quiet",
-                 "--results-dir", str(tmp_path)]) == 0
-    records = list(Path(tmp_path).glob("*.json"))
-    assert len(records) == 1
-    rec = json.loads(records[0].read_text())
-    assert rec["status"] == "ok"
-    for split in ("val", "test"):
-        for task in ("ctr", "cvr", "ctcvr"):
-            assert all(math.isfinite(v) for v in rec["metrics"][split][task].values())
+    rec = short_run(tmp_path, NAME)
     for entry in rec["curves"]:
         w = entry["task_weights"]
         assert set(w) == {"ctr", "cvr", "ctcvr"} and all(v > 0 and math.isfinite(v) for v in w.values())

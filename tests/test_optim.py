@@ -7,28 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 from mtlbench import optim as optim_mod
 from mtlbench.baselines.optimizers.pcgrad import pcgrad_weights
-from mtlbench.objectives import task_loss
-from mtlbench.optim import StepContext
-from mtlbench.registry import build_options, get
 
-from conftest import build_arch
-
-
-def _ctx(model, data, n=128, seed=0):
-    batch = {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-    def fwd():
-        out = model(batch)
-        return out, [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-                     for i, (t, o) in enumerate(zip(data.tasks, out.outputs))]
-
-    out, losses = fwd()
-    return StepContext(model, batch, out, losses, fwd, torch.Generator().manual_seed(seed), 0, 1)
-
-
-def _method(name, tasks, **options):
-    e = get("optimizer", name)
-    return e.obj(tasks, build_options(e.options_class, e.resolve_options(options)))
+from conftest import build_arch, make_method as _method, step_context as _ctx
 
 
 def test_pcgrad_two_task_by_hand():
