@@ -61,7 +61,9 @@ class StepContext:
     @property
     def label_counts(self) -> torch.Tensor:
         """Labelled rows per task in this batch ``[T]`` (0: the task's loss is a constant 0 here)."""
-        return self.batch["masks"].sum(0)
+        counts = self.batch["masks"].sum(0)
+        names = tuple(getattr(self.model, "task_names", self.task_names))
+        return counts[[names.index(t) for t in self.task_names]] if names != self.task_names else counts
 
     @property
     def features(self) -> tuple[torch.Tensor, ...]:
