@@ -12,51 +12,11 @@ from mtlbench.cli import main
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import get
 
-from conftest import build_arch
+from conftest import build_arch, check_contract as _check_contract, check_partition as _check_partition
+from conftest import first_rows as _batch
 
 CLI = ["-D", "n_rows=4000", "-D", "n_users=300", "-D", "n_items=200", "--epochs", "1", "--batch-size", "256",
        "--quiet"]
-
-
-def _batch(data, n=64):
-    return {k: v[:n] for k, v in data.splits["train"].tensors.items()}
-
-
-def _check_partition(model, n_heads):
-    shared = {id(p) for p in model.shared_parameters()}
-    per_task = [{id(p) for p in ps} for ps in model.task_parameters().values()]
-    assert len(per_task) == n_heads and shared
-    union = set(shared)
-    for s in per_task:
-        assert not (s & union), "a parameter is declared twice"
-        union |= s
-    assert union == {id(p) for p in model.parameters()}, "some parameter is neither shared nor task-specific"
-    counts = model.parameter_counts()
-    assert counts["total"] == counts["shared"] + sum(counts["task"].values())
-
-
-def _check_contract(model, batch):
-    """Per-task gradients of the shared parameters via the features equal direct autograd, over the arch's own
-    loss_tasks()/task_losses(); and no task's loss reaches another task's head."""
-    model.train()
-    out = model(batch)
-    losses = model.task_losses(out.outputs, batch)
-    assert len(losses) == len(model.loss_tasks())
-    shared = model.shared_parameters()
-    for loss in losses:
-        direct = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-        fg = torch.autograd.grad(loss, out.features, retain_graph=True, allow_unused=True)
-        fg = [torch.zeros_like(f) if g is None else g for f, g in zip(out.features, fg)]
-        via = torch.autograd.grad(out.features, shared, fg, retain_graph=True, allow_unused=True)
-        for p, d, v in zip(shared, direct, via):
-            torch.testing.assert_close(torch.zeros_like(p) if d is None else d,
-                                       torch.zeros_like(p) if v is None else v, rtol=1e-4, atol=1e-6)
-    task_params = model.task_parameters()
-    for i, loss in enumerate(losses):
-        for j, name in enumerate(model.loss_tasks()):
-            if i != j and task_params[name]:
-                grads = torch.autograd.grad(loss, task_params[name], retain_graph=True, allow_unused=True)
-                assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
 
 
 @pytest.mark.parametrize("tasks", [("ctr", "cvr", "ctcvr"), ("ctr", "cvr"), ("cvr",)])
