@@ -114,7 +114,10 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
         if offered:
             for t in tasks:
                 if t not in offered:
-                    raise unknown(f"task for dataset '{dataset}'", t, list(offered) + list(aliases))
+                    err = unknown(f"task for dataset '{dataset}'", t, offered)
+                    if aliases:  # named task sets are listed apart from the task names
+                        err = MtlbenchError(f"{err}; task sets: {', '.join(sorted(aliases))}")
+                    raise err
     elif offered:
         tasks = list(offered)
     else:
