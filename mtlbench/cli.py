@@ -93,7 +93,7 @@ def make_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="regenerate tables, statistics and plots from stored records")
     lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
     lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
-    lb.add_argument("--flat-delta-m", action="store_true", help="Δm% over every task metric, not just primary")
+    lb.add_argument("--flat-delta-m", action="store_true", help="Δm%% over every task metric, not just primary")
     lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html")
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
     cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew)")

@@ -17,6 +17,27 @@ Tasks: ``ctr`` (click, all impressions), ``cvr`` (conversion given click: define
 masked elsewhere), ``ctcvr`` (click and conversion, all impressions). Splits are the first 70 % / next 15 % /
 last 15 % of the log (rows are exchangeable, so this is also a random split). Dense features are standardised
 with the training split's mean and standard deviation.
+
+Behaviour sequences (version 1.1; ``sequences = True`` by default, ``max_seq_len`` = 20). The log order is time.
+Three behaviour types per impression, all happening at that impression's time:
+
+- ``click``: the impression was clicked;
+- ``cart``: add-to-cart. A cart happens only after a click and precedes every purchase:
+  ``cart = purchase or (click and U < cart_rate)``, ``U ~ Uniform(0, 1)`` drawn per row, so
+  ``P(cart | click, no purchase) = cart_rate`` (default 0.3) and every purchase was carted. Carts are a behaviour
+  signal only, not a task;
+- ``purchase``: the impression was clicked and converted (the ``ctcvr`` label).
+
+For each row and type ``b`` the split holds ``b_history`` (int64 ``[N, max_seq_len]``) and ``b_history_len``
+(int64 ``[N]``): the items of that user's type-``b`` events at rows strictly before this row (earlier in the
+log, any split: a validation row sees the training rows before it), the most recent first, at most
+``max_seq_len`` of them, right-padded. Ids are ``item_id + 1`` so that 0 is the padding id: a value ``v > 0``
+is item ``v - 1`` of the ``item_id`` field (``FeatureSchema.sequences`` names it as ``of_field``). A row's own
+click, cart or purchase never appears in its own histories. The histories are built with sorts, cumulative
+counts and gathers (no per-row Python), see :func:`behaviour_histories`.
+
+Reproducibility: every draw of version 1.0 happens first and in the same order, so for a given seed all
+features, labels and splits of 1.0 are bit-for-bit unchanged; the only new draw (the cart's ``U``) comes last.
 """
 from __future__ import annotations
 
@@ -25,11 +46,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mtlbench import (CategoricalField, DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split,
-                      TaskSpec, register_dataset)
+from mtlbench import (CategoricalField, DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData,
+                      SequenceField, Split, TaskSpec, register_dataset)
 
 FIELDS = ("user_id", "user_segment", "item_id", "item_category", "item_brand", "device", "hour", "position")
 DENSE = ("log_price", "discount", "user_activity", "item_popularity", "user_click_prior")
+BEHAVIOURS = ("click", "cart", "purchase")
 
 
 def _zipf(n: int, exponent: float, size: int, g: torch.Generator) -> torch.Tensor:
@@ -37,6 +59,39 @@ def _zipf(n: int, exponent: float, size: int, g: torch.Generator) -> torch.Tenso
     p = torch.arange(1, n + 1, dtype=torch.float64).pow(-exponent)
     ranks = torch.multinomial(p / p.sum(), size, replacement=True, generator=g)
     return torch.randperm(n, generator=g)[ranks]
+
+
+def behaviour_histories(user: torch.Tensor, item: torch.Tensor, events: dict[str, torch.Tensor],
+                        max_len: int) -> dict[str, torch.Tensor]:
+    """Per row and event type: the items of the same user's events at strictly earlier rows.
+
+    ``user``, ``item``: int64 ``[N]`` in log (time) order; ``events``: name -> bool ``[N]`` (row i had that event).
+    Returns ``name`` -> int64 ``[N, max_len]`` (``item + 1``, most recent first, 0-padded) and ``name + "_len"`` ->
+    int64 ``[N]`` (``min(#earlier events, max_len)``). Vectorised: rows are sorted by (user, time) with a stable
+    sort; in that order the number of type-b events strictly before a position is ``cumsum - self``, which is also
+    the index in the (user, time)-sorted event list of the next type-b event, so the k-th most recent earlier
+    event of the same user is event ``before - 1 - k``, valid while ``k`` is below that user's count.
+    """
+    n = user.numel()
+    order = torch.sort(user, stable=True).indices
+    u_sorted, i_sorted = user[order], item[order]
+    first = torch.ones(n, dtype=torch.bool)
+    first[1:] = u_sorted[1:] != u_sorted[:-1]
+    group = first.long().cumsum(0) - 1  # user group of each sorted position
+    group_start = first.nonzero().squeeze(1)  # sorted position of each group's first row
+    steps = torch.arange(max_len)
+    out: dict[str, torch.Tensor] = {}
+    for name, flag in events.items():
+        f = flag[order].long()
+        before = f.cumsum(0) - f  # type-b events strictly before each sorted position, all users
+        length = (before - before[group_start][group]).clamp(max=max_len)  # ... of this position's user
+        row_before, row_length = torch.empty_like(before), torch.empty_like(length)
+        row_before[order], row_length[order] = before, length  # back to log order (1-D, cheap)
+        ev_item = torch.cat([torch.zeros(1, dtype=torch.long), i_sorted[f.bool()].long() + 1])  # slot 0: padding
+        # the k-th most recent earlier event is event before-1-k, i.e. slot before-k; invalid k read slot 0
+        slot = torch.where(steps < row_length.unsqueeze(1), row_before.unsqueeze(1) - steps, 0)
+        out[name], out[name + "_len"] = ev_item[slot], row_length
+    return out
 
 
 def _solve_intercept(logit: torch.Tensor, target: float, weight: torch.Tensor | None = None) -> float:
@@ -54,7 +109,7 @@ def _solve_intercept(logit: torch.Tensor, target: float, weight: torch.Tensor | 
 class EcommerceSynthetic(DatasetAdapter):
     """Embedded synthetic e-commerce impressions: ctr, cvr (on clicks), ctcvr; no download needed."""
 
-    version = "1.0"
+    version = "1.1"
     tasks = ("ctr", "cvr", "ctcvr")
     default_training = {"epochs": 5, "batch_size": 1024, "lr": 2e-3}
 
@@ -73,8 +128,15 @@ class EcommerceSynthetic(DatasetAdapter):
         ctr: float = 0.12
         cvr: float = 0.2
         data_seed: int | None = None
+        sequences: bool = True
+        max_seq_len: int = 20
+        cart_rate: float = 0.3
 
         def __post_init__(self) -> None:
+            if self.max_seq_len < 1:
+                raise ValueError(f"max_seq_len must be at least 1, got {self.max_seq_len}")
+            if not 0.0 <= self.cart_rate <= 1.0:
+                raise ValueError(f"cart_rate must be in [0, 1], got {self.cart_rate}")
             if not 0.0 <= self.relatedness <= 1.0:
                 raise ValueError(f"relatedness must be in [0, 1], got {self.relatedness}")
             if self.n_rows < 1000:
@@ -144,10 +206,21 @@ class EcommerceSynthetic(DatasetAdapter):
         mean, std = dense[:n_train].mean(0), dense[:n_train].std(0).clamp(min=1e-12)
         dense = ((dense - mean) / std).float()
         cuts = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n)}
-        splits = {name: Split({"categorical": categorical[a:b], "dense": dense[a:b], "labels": labels[a:b],
-                               "masks": masks[a:b]}) for name, (a, b) in cuts.items()}
+        columns = {"categorical": categorical, "dense": dense, "labels": labels, "masks": masks}
+        sequences: tuple[SequenceField, ...] = ()
+        info = {}
+        if o.sequences:  # the only draw added in 1.1, after every draw of 1.0
+            cart = buy | (click & (torch.rand(n, generator=g, dtype=torch.float64) < o.cart_rate))
+            hist = behaviour_histories(user, item, {f"{b}_history": e for b, e in
+                                                    zip(BEHAVIOURS, (click, cart, buy))}, o.max_seq_len)
+            columns.update(hist)
+            sequences = tuple(SequenceField(f"{b}_history", "item_id", o.max_seq_len) for b in BEHAVIOURS)
+            info = {"sequences": "item_id + 1 (0 = padding), most recent first, events strictly before the row",
+                    "cart_rate_given_click": float(cart.double().sum() / click.double().sum().clamp(min=1))}
+        splits = {name: Split({k: v[a:b] for k, v in columns.items()}) for name, (a, b) in cuts.items()}
         vocab = (o.n_users, o.n_segments, o.n_items, o.n_categories, o.n_brands, 4, 24, 10)
-        schema = FeatureSchema(categorical=tuple(CategoricalField(f, v) for f, v in zip(FIELDS, vocab)), dense=DENSE)
+        schema = FeatureSchema(categorical=tuple(CategoricalField(f, v) for f, v in zip(FIELDS, vocab)), dense=DENSE,
+                               sequences=sequences)
         tasks = (
             TaskSpec("ctr", "binary", ("auc", "logloss"), group="click", description="click | impression"),
             TaskSpec("cvr", "binary", ("auc", "logloss"), group="conversion",
@@ -159,4 +232,5 @@ class EcommerceSynthetic(DatasetAdapter):
             raise MtlbenchError("ecommerce: the generated log has no clicks; raise n_rows or ctr")
         return MultiTaskData("ecommerce", self.version, schema, tasks, splits,
                              {"split": "70/15/15 by log order", "click_rate": float(click.double().mean()),
-                              "conversion_rate_given_click": float(buy.double().sum() / click.double().sum())})
+                              "conversion_rate_given_click": float(buy.double().sum() / click.double().sum()),
+                              **info})

@@ -140,6 +140,15 @@ def test_list(capsys):
     assert "feature_gate_rank = 16" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", [[], ["run"], ["list"], ["leaderboard"], ["compare"]])
+def test_help_of_every_command(command, capsys):
+    """--help prints usage and exits 0 (a stray '%' in a help string made argparse crash here once)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--dataset", "nope"], "unknown dataset 'nope'"),
     (["--arch", "mmo"], "did you mean 'mmoe'"),

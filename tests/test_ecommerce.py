@@ -81,6 +81,6 @@ def test_relatedness_controls_task_correlation():
 
 def test_bad_options():
     e = get("dataset", "ecommerce")
-    for key, value in (("relatedness", 1.5), ("ctr", 0.0), ("n_rows", 10)):
+    for key, value in (("relatedness", 1.5), ("ctr", 0.0), ("n_rows", 10), ("max_seq_len", 0), ("cart_rate", 2.0)):
         with pytest.raises(MtlbenchError, match=key):
             e.resolve_options({key: value})
