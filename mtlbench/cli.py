@@ -52,6 +52,7 @@ RUN_SETTINGS: dict[str, tuple[type, Any]] = {
     "optimizer_options": (dict, {}), "dataset_options": (dict, {}), "results_dir": (str, DEFAULT_RESULTS_DIR),
     "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
     "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False), "log": (list, []),
+    "dry_run": (bool, False),
 }
 
 
@@ -90,6 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--log", help="mirror metrics to mlflow and/or tensorboard (comma-separated; optional extras)")
     r.add_argument("--force", action="store_true", default=None, help="rerun runs that already finished")
     r.add_argument("--quiet", action="store_true", default=None, help="no progress output")
+    r.add_argument("--dry-run", action="store_true", default=None,
+                   help="list the expanded runs and which are already done; train nothing")
     lb = sub.add_parser("leaderboard", help="regenerate tables, statistics and plots from stored records")
     lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
     lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
@@ -185,7 +188,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.seeds is not None:
         flags["seeds"] = sweep.parse_seeds(args.seeds)
     for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "embed_dim", "selection", "device",
-                 "results_dir", "data_dir", "jobs", "threads", "executor", "ray_address", "force", "quiet"):
+                 "results_dir", "data_dir", "jobs", "threads", "executor", "ray_address", "force", "quiet", "dry_run"):
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     for flag, key in (("arch_option", "arch_options"), ("optimizer_option", "optimizer_options"),
@@ -293,6 +296,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     specs = sweep.expand({"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
                           "optimizer": st["optimizer"], "seed": st["seeds"]}, build)
+    if st["dry_run"]:
+        return _dry_run(specs, st["results_dir"], st["force"])
     quiet = st["quiet"]
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1:
         spec = specs[0]
@@ -321,6 +326,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                              progress=not quiet and sys.stderr.isatty())
     print(result.summary())
     return 1 if result.failed else 0
+
+
+def _dry_run(specs: list, results_dir: str, force: bool) -> int:
+    """One line per expanded run (done / to run, run id, label) and a count: what the sweep would do."""
+    from mtlbench.store import finished_record
+
+    todo = 0
+    for spec in specs:
+        done = not force and finished_record(results_dir, spec.run_id) is not None
+        todo += not done
+        print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label()}")
+    print(f"dry run: {len(specs)} runs, {len(specs) - todo} already done, {todo} to run; records in {results_dir}")
+    return 0
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ def write_record(path: str | Path, record: dict[str, Any]) -> Path:
     text = json.dumps(_clean(record), indent=1, sort_keys=False, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide records from the rest of a team on a shared disk
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -66,6 +67,18 @@ def write_record(path: str | Path, record: dict[str, Any]) -> Path:
     except OSError:
         pass
     return path
+
+
+def store_run(results_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write a run's record under its run id, except that a failure never replaces a finished run.
+
+    Two sweeps over one store (or a ``--force`` rerun that fails) must not turn a good record into a failed
+    one: the failure is still reported by whoever ran it, and the finished record stays.
+    """
+    run_id = record["run_id"]
+    if record.get("status") != "ok" and finished_record(results_dir, run_id) is not None:
+        return record_path(results_dir, run_id)
+    return write_record(record_path(results_dir, run_id), record)
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:

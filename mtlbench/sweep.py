@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from mtlbench.errors import MtlbenchError
 from mtlbench.spec import RunSpec
-from mtlbench.store import finished_record, record_path, write_record
+from mtlbench.store import finished_record, record_path, store_run
 
 SEEDS_HELP = "seeds: N (the first N seeds, 0..N-1), a range A-B (inclusive) or a list 0,3,7 (combinable: 0-2,7)"
 
@@ -108,7 +108,7 @@ def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | Non
             trackers = Trackers(track, spec.run_id, spec.to_dict(), results_dir)
         record = run_to_record(spec, data_dir=data_dir, log=say, trackers=trackers)
         if write:
-            write_record(record_path(results_dir, spec.run_id), record)
+            store_run(results_dir, record)
         status = record["status"]
         reason = (record.get("error") or {}).get("reason")
         if say:
@@ -184,7 +184,7 @@ def _run_pool(todo: list[RunSpec], results_dir, data_dir, plugins, jobs: int, co
                         collect(fut.result())
                     except Exception as exc:  # the worker process died (e.g. out of memory)
                         reason = f"worker crashed: {type(exc).__name__}: {exc}"
-                        write_record(record_path(results_dir, spec.run_id), _crash_record(spec, reason))
+                        store_run(results_dir, _crash_record(spec, reason))
                         collect({"run_id": spec.run_id, "status": "failed", "reason": reason})
         except KeyboardInterrupt:
             for fut in pending:
@@ -229,11 +229,11 @@ def _run_ray(todo: list[RunSpec], results_dir, data_dir, plugins, address: str |
                     out = ray.get(ref)
                 except Exception as exc:
                     reason = f"ray task failed: {' '.join(str(exc).split())[:300]}"
-                    write_record(record_path(results_dir, spec.run_id), _crash_record(spec, reason))
+                    store_run(results_dir, _crash_record(spec, reason))
                     collect({"run_id": spec.run_id, "status": "failed", "reason": reason})
                     continue
                 if out.get("record") is not None:
-                    write_record(record_path(results_dir, spec.run_id), out["record"])
+                    store_run(results_dir, out["record"])
                 collect(out)
     except KeyboardInterrupt:
         for ref in refs:

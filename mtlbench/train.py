@@ -31,7 +31,7 @@ from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
-from mtlbench.store import RECORD_SCHEMA, write_record
+from mtlbench.store import RECORD_SCHEMA
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
@@ -287,16 +287,18 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
         log: Callable[[str], None] | None = None, track: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Run one spec and store its record atomically; a failed run is stored, then raised as RunFailed."""
-    from mtlbench.store import ensure_writable, record_path
+    from mtlbench.store import ensure_writable, finished_record, store_run
 
-    path = record_path(ensure_writable(results_dir), spec.run_id)
+    ensure_writable(results_dir)
     trackers = None
     if track:
         from mtlbench.tracking import Trackers
 
         trackers = Trackers(track, spec.run_id, spec.to_dict(), results_dir)
     record = run_to_record(spec, data_dir, progress, log, trackers)
-    write_record(path, record)
+    kept = record["status"] != "ok" and finished_record(results_dir, spec.run_id) is not None
+    path = store_run(results_dir, record)
     if record["status"] != "ok":
-        raise RunFailed(record["error"]["reason"])
+        raise RunFailed(record["error"]["reason"] + ("; the earlier finished record of this run was kept"
+                                                     if kept else ""))
     return path, record

@@ -94,6 +94,35 @@ def test_config_file_and_flag_override(tmp_path, capsys):
     assert {r["spec"]["seed"] for r in recs} == {0, 1}
 
 
+def test_dry_run_lists_runs_and_trains_nothing(tmp_path, capsys):
+    results = tmp_path / "runs"
+    args = ["run", "--arch", "shared_bottom", "--seeds", "0-2", "--tasks", "ctr,cvr", *SMALL,
+            "--results-dir", str(results)]
+    assert main(["run", "--arch", "shared_bottom", "--seed", "1", "--tasks", "ctr,cvr", *SMALL,
+                 "--results-dir", str(results)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[:3]] == ["to", "done", "to"]
+    assert "3 runs, 1 already done, 2 to run" in out[-1]
+    assert len(_records(results)) == 1  # nothing trained
+
+
+def test_failure_never_replaces_a_finished_record(tmp_path):
+    from mtlbench.store import read_record, record_path, store_run
+    from mtlbench.testing import fake_record
+
+    ok = fake_record("ecommerce", "mmoe", "ew", 0, {"ctr": 0.7, "cvr": 0.8})
+    path = store_run(tmp_path, ok)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by a team, not mkstemp's 0600
+    failed = {**ok, "status": "failed", "error": {"reason": "lost a race"}}
+    store_run(tmp_path, failed)
+    assert read_record(record_path(tmp_path, ok["run_id"]))["status"] == "ok"
+    other = {**failed, "run_id": "f" * 20}
+    store_run(tmp_path, other)  # no finished record to protect: the failure is stored
+    assert read_record(record_path(tmp_path, other["run_id"]))["status"] == "failed"
+
+
 @pytest.mark.parametrize("text,needle", [
     ("archs: [mmoe]\n", "unknown setting in config file"),
     ("epochs: two\n", "'epochs' must be an integer"),
