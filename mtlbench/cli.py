@@ -52,7 +52,7 @@ RUN_SETTINGS: dict[str, tuple[type, Any]] = {
     "optimizer_options": (dict, {}), "dataset_options": (dict, {}), "results_dir": (str, DEFAULT_RESULTS_DIR),
     "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
     "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False), "log": (list, []),
-    "dry_run": (bool, False),
+    "dry_run": (bool, False), "ablate": (list, []),
 }
 
 
@@ -91,6 +91,9 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--log", help="mirror metrics to mlflow and/or tensorboard (comma-separated; optional extras)")
     r.add_argument("--force", action="store_true", default=None, help="rerun runs that already finished")
     r.add_argument("--quiet", action="store_true", default=None, help="no progress output")
+    r.add_argument("--ablate", metavar="SWITCHES",
+                   help="comma-separated on/off arch options (e.g. feature_gate,self_gate): the full model plus one "
+                   "run per switch flipped, crossed with the rest of the grid")
     r.add_argument("--dry-run", action="store_true", default=None,
                    help="list the expanded runs and which are already done; train nothing")
     lb = sub.add_parser("leaderboard", help="regenerate tables, statistics and plots from stored records")
@@ -176,7 +179,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         settings.update(_read_config(args.config))
     flags: dict[str, Any] = {}
-    for name in ("dataset", "arch", "optimizer"):
+    for name in ("dataset", "arch", "optimizer", "ablate"):
         if getattr(args, name) is not None:
             flags[name] = _csv(getattr(args, name)) or [""]
     if args.tasks is not None:
@@ -285,17 +288,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_writable(st["results_dir"])
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
 
-    def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int):
+    switches = _check_ablation(st["ablate"], st["arch"])
+
+    def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
+        arch_options = _options_for(st["arch_options"], arch, st["arch"])
+        if flip is not None and flip in switches[arch]:
+            arch_options[flip] = not switches[arch][flip] if flip not in arch_options else not arch_options[flip]
         return build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, seed=seed,
                           epochs=st["epochs"], batch_size=st["batch_size"], lr=st["lr"],
                           weight_decay=st["weight_decay"], patience=st["patience"], embed_dim=st["embed_dim"],
                           device=st["device"], selection=st["selection"],
                           dataset_options=_options_for(st["dataset_options"], dataset, st["dataset"]),
-                          arch_options=_options_for(st["arch_options"], arch, st["arch"]),
+                          arch_options=arch_options,
                           optimizer_options=_options_for(st["optimizer_options"], optimizer, st["optimizer"]))
 
     specs = sweep.expand({"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
-                          "optimizer": st["optimizer"], "seed": st["seeds"]}, build)
+                          "optimizer": st["optimizer"], "seed": st["seeds"], "flip": [None, *st["ablate"]]}, build)
     if st["dry_run"]:
         return _dry_run(specs, st["results_dir"], st["force"])
     quiet = st["quiet"]
@@ -328,6 +336,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, bool]]:
+    """Per arch, its on/off options and their defaults; each ablated name must be a switch of some listed arch."""
+    import dataclasses
+
+    switches: dict[str, dict[str, bool]] = {}
+    for arch in archs:
+        cls = registry.get("arch", arch).options_class
+        fields = dataclasses.fields(cls) if cls is not None else ()
+        switches[arch] = {f.name: f.default for f in fields if isinstance(f.default, bool)}
+    valid = sorted({n for sw in switches.values() for n in sw})
+    for name in names:
+        if not any(name in sw for sw in switches.values()):
+            raise unknown(f"switch to ablate for arch {', '.join(archs)}", name, valid)
+    return switches
+
+
 def _dry_run(specs: list, results_dir: str, force: bool) -> int:
     """One line per expanded run (done / to run, run id, label) and a count: what the sweep would do."""
     from mtlbench.store import finished_record
@@ -336,7 +360,10 @@ def _dry_run(specs: list, results_dir: str, force: bool) -> int:
     for spec in specs:
         done = not force and finished_record(results_dir, spec.run_id) is not None
         todo += not done
-        print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label()}")
+        entry = registry.get("arch", spec.arch)
+        defaults = registry.resolve_options(entry.options_class, {}, f"arch '{spec.arch}'")
+        changed = ", ".join(f"{k}={v}" for k, v in sorted(spec.arch_options.items()) if defaults.get(k) != v)
+        print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label()}" + (f"  [{changed}]" if changed else ""))
     print(f"dry run: {len(specs)} runs, {len(specs) - todo} already done, {todo} to run; records in {results_dir}")
     return 0
 

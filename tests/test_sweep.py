@@ -108,6 +108,29 @@ def test_dry_run_lists_runs_and_trains_nothing(tmp_path, capsys):
     assert len(_records(results)) == 1  # nothing trained
 
 
+def test_ablation_is_a_sweep(tmp_path, capsys):
+    """--ablate: the full model plus one run per switch flipped; each variant has its own run id and a
+    leaderboard row named by the option that differs."""
+    results = tmp_path / "runs"
+    args = ["run", "--arch", "home,shared_bottom", "--ablate", "feature_gate,self_gate", "--seed", "0",
+            "--tasks", "ctr,cvr", *SMALL, "--results-dir", str(results), "--jobs", "1"]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 runs, 0 already done" in out  # home full / no feature gate / no self gate, shared_bottom once
+    assert "[feature_gate=False]" in out and "[self_gate=False]" in out
+    assert main(args) == 0
+    recs = list(_records(results).values())
+    flags = sorted((r["spec"]["arch"], r["spec"]["arch_options"].get("feature_gate"),
+                    r["spec"]["arch_options"].get("self_gate")) for r in recs)
+    assert flags == [("home", False, True), ("home", True, False), ("home", True, True),
+                     ("shared_bottom", None, None)]
+    capsys.readouterr()
+    assert main(["run", "--arch", "mmoe", "--ablate", "feature_gat", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown switch to ablate for arch mmoe 'feature_gat'" in err and "batch_norm" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_failure_never_replaces_a_finished_record(tmp_path):
     from mtlbench.store import read_record, record_path, store_run
     from mtlbench.testing import fake_record
