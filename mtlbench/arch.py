@@ -39,6 +39,12 @@ class MultiTaskArch(nn.Module):
 
     Options: Any = None
 
+    @classmethod
+    def required_features(cls, options: Any) -> tuple[str, ...]:
+        """Optional input features this arch needs with these options (e.g. ``"sequences"``), checked against
+        the dataset's :meth:`DatasetAdapter.provided_features` when the run spec is built, before any data loads."""
+        return ()
+
     def __init__(self, schema: FeatureSchema, tasks: tuple[TaskSpec, ...], embed_dim: int,
                  options: Any = None) -> None:
         super().__init__()

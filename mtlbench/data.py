@@ -185,6 +185,12 @@ class DatasetAdapter:
         self.options = options
         self.data_dir = data_dir
 
+    @classmethod
+    def provided_features(cls, options: Any) -> tuple[str, ...]:
+        """Optional features (``"sequences"``, ...) the schema will have with these options: what an arch's
+        ``required_features`` is checked against without loading the data."""
+        return ()
+
     def load(self, seed: int) -> MultiTaskData:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -91,6 +91,24 @@ def _positive(name: str, value: float | int | None, allow_zero: bool = False, in
                             f"got {value}")
 
 
+def _check_features(dataset: str, ds: registry.Entry, dataset_options: dict[str, Any], arch: str,
+                    ar: registry.Entry, arch_options: dict[str, Any]) -> None:
+    """An arch that needs optional features (behaviour sequences...) the dataset lacks: one line, up front."""
+    need = getattr(ar.obj, "required_features", None)
+    need = need(registry.build_options(ar.options_class, arch_options)) if need else ()
+    if not need:
+        return
+    have = getattr(ds.obj, "provided_features", None)
+    have = set(have(registry.build_options(ds.options_class, dataset_options)) if have else ())
+    missing = [f for f in need if f not in have]
+    if missing:
+        with_them = [e.name for e in registry.entries("dataset")
+                     if set(missing) <= set(getattr(e.obj, "provided_features", lambda o: ())(
+                         registry.build_options(e.options_class, e.resolve_options({}))))]
+        raise MtlbenchError(f"arch '{arch}' needs {', '.join(missing)}, which dataset '{dataset}' does not provide "
+                            f"with these options (datasets that do: {', '.join(with_them) or 'none'})")
+
+
 def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int = 0,
                epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                weight_decay: float = 1e-6, patience: int = 3, embed_dim: int = 16, device: str = "auto",
@@ -135,11 +153,14 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     _positive("seed", seed, allow_zero=True, integer=True)
     if selection not in SELECTIONS:
         raise unknown("selection criterion", selection, SELECTIONS)
+    dataset_options = ds.resolve_options(dataset_options)
+    arch_options = ar.resolve_options(arch_options)
+    _check_features(dataset, ds, dataset_options, arch, ar, arch_options)
     sources = {f"{e.kind}:{e.name}": h for e in (ds, ar, op) if (h := e.source_hash())}
     return RunSpec(
         dataset=dataset, dataset_version=str(getattr(ds.obj, "version", "1")), tasks=tuple(tasks), arch=arch,
         optimizer=optimizer, seed=int(seed), epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
         weight_decay=float(weight_decay), patience=int(patience), embed_dim=int(embed_dim),
         device=resolve_device(device), selection=selection,
-        dataset_options=ds.resolve_options(dataset_options), arch_options=ar.resolve_options(arch_options),
+        dataset_options=dataset_options, arch_options=arch_options,
         optimizer_options=op.resolve_options(optimizer_options), plugin_sources=sources)

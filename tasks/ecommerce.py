@@ -113,6 +113,10 @@ class EcommerceSynthetic(DatasetAdapter):
     tasks = ("ctr", "cvr", "ctcvr")
     default_training = {"epochs": 5, "batch_size": 1024, "lr": 2e-3}
 
+    @classmethod
+    def provided_features(cls, options) -> tuple[str, ...]:
+        return ("sequences",) if options is None or options.sequences else ()
+
     @dataclass
     class Options:
         n_rows: int = 200_000

@@ -230,3 +230,22 @@ def test_same_seed_same_model_and_outputs(small_data):
         with torch.no_grad():
             outs.append(torch.cat(model(batch).outputs, dim=1))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("args,ok", [
+    (["--dataset", "census"], False),
+    (["-D", "sequences=false"], False),
+    (["-D", "sequences=false", "-A", "tim=false"], True),  # TRM-only needs no sequences
+    ([], True),
+])
+def test_missing_sequences_caught_before_any_data_loads(args, ok, tmp_path, capsys):
+    """The spec check compares the arch's required features with what the dataset declares it provides."""
+    from mtlbench.cli import main
+
+    rc = main(["run", "--arch", "dtrn", *args, "--dry-run", "--results-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    if ok:
+        assert rc == 0 and not err
+    else:
+        assert rc == 2 and "arch 'dtrn' needs sequences" in err and "datasets that do: ecommerce" in err
+        assert len(err.strip().splitlines()) == 1

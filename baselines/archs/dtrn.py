@@ -179,7 +179,10 @@ class FieldwiseExperts(nn.Module):
 class DTRN(MultiTaskArch):
     """DTRN (Liu et al., CIKM 2023): per-task interests via a hypernetwork-conditioned Transformer, per-task SENet."""
 
-    requires = ("sequences",)  # what a runner could check up front (see the report's contract proposal)
+    @classmethod
+    def required_features(cls, options) -> tuple[str, ...]:
+        """Behaviour sequences, unless the interest module is switched off (checked when the spec is built)."""
+        return ("sequences",) if options is None or options.tim else ()
 
     @dataclass
     class Options:
