@@ -217,7 +217,7 @@ def test_cli_dataset_without_sequences_is_one_line(tmp_path, capsys):
     code = main(["run", "--arch", "dtrn", "--epochs", "1", *SMALL, "-D", "sequences=false",
                  "--results-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "needs behaviour sequences" in err and len(err.splitlines()) == 1
+    assert code == 2 and "needs sequences" in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("*.json"))
 
 
