@@ -13,11 +13,13 @@ script, not a test: the load average is printed, and numbers from a busy machine
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 GRID = ["--arch", "shared_bottom,mmoe", "--optimizer", "ew,pcgrad", "--seeds", "0-2", "--tasks", "ctr,cvr",
         "--quiet"]
@@ -31,21 +33,24 @@ def timed(extra: list[str], results: str, rows: int, epochs: int) -> float:
 
 
 def probe(rows: int, epochs: int, tmp: str) -> tuple[float, float, float]:
-    """One mmoe x ew run alone on 1 thread, alone on every core, and two 1-thread runs side by side: the ceiling
-    of --jobs 2 over --jobs 1 is 2 x (all-core time) / (side-by-side time), whatever the sweep machinery does."""
+    """One mmoe x ew run alone on 1 thread, alone on every core, and two 1-thread runs side by side, each timed by
+    its record's ``wall_seconds`` (the run itself, without interpreter start-up). The ceiling of --jobs 2 over
+    --jobs 1 is 2 x (all-core time) / (side-by-side time), whatever the sweep machinery does."""
     base = [sys.executable, "-m", "mtlbench.cli", "run", "--arch", "mmoe", "--tasks", "ctr,cvr", "-D",
             f"n_rows={rows}", "--epochs", str(epochs), "--quiet", "--force"]
 
-    def one(threads: int, d: str, seed: int = 0) -> subprocess.Popen:
+    def start(threads: int, d: str, seed: int) -> tuple[subprocess.Popen, str]:
         return subprocess.Popen([*base, "--threads", str(threads), "--seed", str(seed), "--results-dir",
-                                 f"{tmp}/{d}"], stdout=subprocess.DEVNULL)
+                                 f"{tmp}/{d}"], stdout=subprocess.DEVNULL), f"{tmp}/{d}"
 
     times = []
     for procs in ([(1, "p1")], [(os.cpu_count() or 1, "pn")], [(1, "pa"), (1, "pb")]):
-        t0 = time.perf_counter()
-        for p in [one(th, d, i) for i, (th, d) in enumerate(procs)]:
+        started = [start(th, d, i) for i, (th, d) in enumerate(procs)]
+        walls = []
+        for p, d in started:
             p.wait()
-        times.append(time.perf_counter() - t0)
+            walls += [json.loads(f.read_text())["wall_seconds"] for f in Path(d).glob("*.json")]
+        times.append(sum(walls) / len(walls))
     return times[0], times[1], times[2]
 
 
@@ -55,12 +60,17 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=100_000, help="rows of the embedded dataset (default 100,000)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--no-probe", action="store_true", help="skip the thread-scaling probe")
+    ap.add_argument("--probe-only", action="store_true", help="only the thread-scaling probe")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         scaling = None if args.no_probe else probe(args.rows, args.epochs, tmp)
-        one = timed(["--jobs", "1"], f"{tmp}/j1", args.rows, args.epochs)
-        two = timed(["--jobs", "2"], f"{tmp}/j2", args.rows, args.epochs)
+        if args.probe_only:
+            one = two = float("nan")
+            args.no_ray = True
+        if not args.probe_only:
+            one = timed(["--jobs", "1"], f"{tmp}/j1", args.rows, args.epochs)
+            two = timed(["--jobs", "2"], f"{tmp}/j2", args.rows, args.epochs)
         ray = None
         if not args.no_ray:
             try:
@@ -69,17 +79,18 @@ def main() -> None:
                 ray = timed(["--executor", "ray"], f"{tmp}/ray", args.rows, args.epochs)
             except ImportError:
                 pass
-    print(f"12 runs (shared_bottom, mmoe x ew, pcgrad x 3 seeds; {args.rows:,} rows, {args.epochs} epochs; "
-          f"{one / 12:.1f} s per run with --jobs 1)")
-    print(f"--jobs 1: {one:6.1f} s")
-    print(f"--jobs 2: {two:6.1f} s   speed-up {one / two:.2f}x (goal >= 1.7x)")
-    if ray is not None:
+    if not args.probe_only:
+        print(f"12 runs (shared_bottom, mmoe x ew, pcgrad x 3 seeds; {args.rows:,} rows, {args.epochs} epochs; "
+              f"{one / 12:.1f} s per run with --jobs 1)")
+        print(f"--jobs 1: {one:6.1f} s")
+        print(f"--jobs 2: {two:6.1f} s   speed-up {one / two:.2f}x (goal >= 1.7x)")
+    if ray is not None and not args.probe_only:
         print(f"ray     : {ray:6.1f} s   speed-up {one / ray:.2f}x (includes starting a local cluster)")
     if scaling is not None:
         alone1, alone_all, pair = scaling
         print(f"probe, one mmoe run: {alone1:.1f} s on 1 thread, {alone_all:.1f} s on {os.cpu_count()} threads "
-              f"({alone1 / alone_all:.2f}x from intra-op threads); two 1-thread runs side by side {pair:.1f} s; "
-              f"ceiling of --jobs 2 over --jobs 1: {2 * alone_all / pair:.2f}x")
+              f"({alone1 / alone_all:.2f}x from intra-op threads); two 1-thread runs side by side {pair:.1f} s each "
+              f"(record wall times, no start-up); ceiling of --jobs 2 over --jobs 1: {2 * alone_all / pair:.2f}x")
     print(f"{os.cpu_count()} CPUs; load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
 
 
