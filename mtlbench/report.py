@@ -376,7 +376,8 @@ def _img(path: Path | None) -> str:
     return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
 
 
-def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[str, Any] | None) -> str:
+def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[str, Any] | None,
+              records: list[dict[str, Any]] | None = None) -> str:
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>mtlbench leaderboard</title>", f"<style>{HTML_STYLE}</style></head><body>",
@@ -384,6 +385,7 @@ def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[s
              '<p class="note">Click a column header to sort. Generated from stored run records.</p>']
     for table in tables:
         parts += [f"<h2>{e(table.title)}</h2>", f'<p class="note">{e(protocol_text(table).replace("**", "").replace("`", ""))}</p>',
+                  f'<p class="note">{e(environment_text(table_records(table, records or [])))}</p>',
                   f'<p class="note">{e(table.delta_m_note)}. Bold: best, underlined: second.</p>',
                   '<table class="lb"><thead><tr><th>method</th><th>n</th>']
         for t, m in table.columns:
@@ -473,7 +475,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     cross = across_datasets(tables, out / "figures", plots)
     written = {}
     texts = {"md": lambda: markdown(tables, store, cross), "tex": lambda: latex(tables),
-             "json": lambda: as_json(tables, store, cross), "html": lambda: html_page(tables, figures, cross),
+             "json": lambda: as_json(tables, store, cross), "html": lambda: html_page(tables, figures, cross, store.records),
              "csv": lambda: frame.drop(columns=["protocol"]).to_csv(index=False, float_format="%.17g",
                                                                      lineterminator="\n")}
     for fmt in formats:
