@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import html
 import json
 import math
@@ -416,7 +417,47 @@ def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[s
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True) -> dict[str, Any] | None:
+FIGURE_KEYS = ".figure-keys.json"
+
+
+class FigureCache:
+    """Redraw a figure only when what it shows changed: its key hashes the plotted inputs, the drawing code and
+    the matplotlib version. Regenerating a leaderboard from unchanged records then costs no matplotlib time, and
+    after new runs only their tables' figures are redrawn. PNGs of tables that no longer exist are removed."""
+
+    def __init__(self, fig_dir: Path) -> None:
+        import matplotlib
+
+        from mtlbench import stats
+
+        self.dir = fig_dir
+        code = "".join(Path(f).read_text(encoding="utf-8") for f in (stats.__file__, __file__))
+        self.salt = hashlib.sha256((code + matplotlib.__version__).encode()).hexdigest()
+        try:
+            self.old = json.loads((fig_dir / FIGURE_KEYS).read_text())
+        except (OSError, ValueError):
+            self.old = {}
+        self.new: dict[str, dict[str, Any]] = {}
+
+    def figure(self, path: Path, inputs: str, draw: Any) -> Path | None:
+        key = hashlib.sha256((self.salt + inputs).encode()).hexdigest()
+        old = self.old.get(path.name)
+        if isinstance(old, dict) and old.get("key") == key and (not old.get("drawn") or path.exists()):
+            self.new[path.name] = old
+            return path if old.get("drawn") else None
+        drawn = draw()
+        self.new[path.name] = {"key": key, "drawn": drawn is not None}
+        return drawn
+
+    def finish(self) -> None:
+        for png in self.dir.glob("*.png"):
+            if png.name not in self.new or not self.new[png.name]["drawn"]:
+                png.unlink()
+        (self.dir / FIGURE_KEYS).write_text(json.dumps(self.new, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True,
+                    cache: FigureCache | None = None) -> dict[str, Any] | None:
     """Friedman / Iman-Davenport, pairwise Wilcoxon + Holm and the Nemenyi CD diagram over the tables whose
     methods all share: each table is one 'dataset', scored by the mean primary metric's rank."""
     from mtlbench import stats
@@ -430,9 +471,15 @@ def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True) -> d
     fr = stats.friedman(matrix)
     cd = stats.nemenyi_cd(len(common), len(tables))
     ranks = dict(zip(common, [float(r) for r in fr.avg_ranks]))
-    fig = stats.critical_difference_diagram(ranks, cd.cd, fig_dir / "critical_difference.png",
-                                            title=f"average rank over {len(tables)} tables (Nemenyi CD)") \
-        if plots else None
+    title = f"average rank over {len(tables)} tables (Nemenyi CD)"
+    fig_path = fig_dir / "critical_difference.png"
+
+    def draw() -> Any:
+        return stats.critical_difference_diagram(ranks, cd.cd, fig_path, title=title)
+
+    fig = None
+    if plots:
+        fig = cache.figure(fig_path, repr((ranks, cd.cd, title)), draw) if cache else draw()
     pw = stats.pairwise_wilcoxon_holm(matrix, common)
     text = (f"{len(common)} methods on {len(tables)} tables (each scored by its mean rank over metrics): "
             f"Friedman chi2 = {_num(fr.chi2, 3)}, p = {_num(fr.pvalue, 4)}; Iman-Davenport F = "
@@ -467,12 +514,21 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     frame = long_frame(store.records)
     tables = build_tables(frame, flat_delta_m)
     figures: dict[str, list[Path]] = {}
+    cache = FigureCache(out / "figures") if plots else None
+    method_of = dict(zip(frame["run_id"], frame["method"])) if plots else {}
     for t in tables if plots else []:
-        s = slug(t)
-        figs = [plot_bars(t, out / "figures" / f"{s}-bars.png"), plot_tradeoff(t, out / "figures" / f"{s}-tradeoff.png"),
-                plot_curves(t, store.records, frame, out / "figures" / f"{s}-curves.png")]
+        s, d = slug(t), out / "figures"
+        shown = repr(t)
+        curves = repr([(r["run_id"], method_of.get(r["run_id"]), r.get("curves"))
+                       for r in table_records(t, store.records)])
+        figs = [cache.figure(d / f"{s}-bars.png", shown, lambda: plot_bars(t, d / f"{s}-bars.png")),
+                cache.figure(d / f"{s}-tradeoff.png", shown, lambda: plot_tradeoff(t, d / f"{s}-tradeoff.png")),
+                cache.figure(d / f"{s}-curves.png", shown + curves,
+                             lambda: plot_curves(t, store.records, frame, d / f"{s}-curves.png"))]
         figures[s] = [f for f in figs if f is not None]
-    cross = across_datasets(tables, out / "figures", plots)
+    cross = across_datasets(tables, out / "figures", plots, cache)
+    if cache:
+        cache.finish()
     written = {}
     texts = {"md": lambda: markdown(tables, store, cross), "tex": lambda: latex(tables),
              "json": lambda: as_json(tables, store, cross), "html": lambda: html_page(tables, figures, cross, store.records),

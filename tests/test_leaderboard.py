@@ -86,6 +86,34 @@ def test_all_formats_and_byte_for_byte(tmp_path):
     assert "\\begin{tabular}" in tex and "\\textbf{" in tex and "\\underline{" in tex
 
 
+def test_figures_redrawn_only_when_what_they_show_changes(tmp_path, monkeypatch):
+    from mtlbench import report
+
+    store = _store(tmp_path, noise=0.005)
+    write_fake_store(store, [fake_record("census", a, "ew", s, AUC[a], noise=0.005, rng=random.Random(f"c{a}{s}"))
+                             for a in AUC for s in range(5)])
+    out = tmp_path / "lb"
+    write_leaderboard(store, out)
+    before = {p.name: p.read_bytes() for p in (out / "figures").glob("*.png")}
+    drawn: list[str] = []
+    for name in ("plot_bars", "plot_tradeoff", "plot_curves"):
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, _real=real, _n=name: drawn.append(_n) or _real(*a))
+    write_leaderboard(store, out)  # unchanged records: nothing is drawn, every byte is the same
+    assert drawn == []
+    assert {p.name: p.read_bytes() for p in (out / "figures").glob("*.png")} == before
+    one = next(store.glob("*.json"))  # change one record: only its table's three figures are redrawn
+    rec = json.loads(one.read_text())
+    rec["metrics"]["test"]["ctr"]["auc"] -= 0.01
+    one.write_text(json.dumps(rec))
+    write_leaderboard(store, out)
+    assert sorted(drawn) == ["plot_bars", "plot_curves", "plot_tradeoff"]
+    stale = out / "figures" / "gone-bars.png"  # a figure of a table that no longer exists is removed
+    stale.write_bytes(b"x")
+    write_leaderboard(store, out)
+    assert not stale.exists()
+
+
 def test_bad_and_failed_records_are_reported_not_fatal(tmp_path, recwarn):
     store = _store(tmp_path)
     (store / "broken.json").write_text('{"schema": "mtlbench.run/1", "spec": {')

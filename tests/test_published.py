@@ -32,10 +32,11 @@ def test_leaderboard_regenerates_byte_for_byte(tmp_path, monkeypatch):
     monkeypatch.chdir(PUBLISHED.parent.parent)  # the same relative paths as the documented command
     write_leaderboard("results/published/runs", tmp_path)
     committed = sorted(p.relative_to(PUBLISHED) for p in PUBLISHED.rglob("*")
-                       if p.is_file() and p.parts[len(PUBLISHED.parts)] in ("leaderboard.md", "leaderboard.csv",
+                       if p.is_file() and not p.name.startswith(".") and p.parts[len(PUBLISHED.parts)] in ("leaderboard.md", "leaderboard.csv",
                                                                             "leaderboard.tex", "leaderboard.json",
                                                                             "leaderboard.html", "figures"))
-    regenerated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    regenerated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+                         if p.is_file() and not p.name.startswith("."))  # not the figure cache's keys
     assert committed == regenerated
     exact_figures = matplotlib.__version__ == FIGURES_MATPLOTLIB
     for rel in committed:
