@@ -36,14 +36,13 @@ Run (from the repository root; the data file is found via ``--data-dir`` or ``$M
     python benchmarks/reproduce_census.py --summary-only                          # table from stored records
     python benchmarks/reproduce_census.py --quick --data-dir /work/shared/data    # smoke: 2 seeds, 2,000 rows, 1 epoch
 
-Records go to ``results/reproductions/reproduce_census/runs`` (``--results-dir``). Rerunning the same command
-skips finished runs, so an interrupted sweep resumes. Expected time of the full run on 2 CPU cores: about 10-15
-minutes, less if early stopping ends runs before 10 epochs. That is an estimate from one measured epoch per arch on
-the full split, on one thread (the setting when two runs share two cores). Training took 1.4 s for
-``shared_bottom``, 2.4 s for ``ple``, 2.5 s for ``single``, 4.2 s for ``mmoe`` and 8.1 s for ``home``, plus about
-1-2 s of validation per epoch and a few seconds of final evaluation and loading. That is roughly 20-110 s per
-10-epoch run, about 270 s per seed for all five archs, and 1,350 s of single-thread work shared by two workers.
-``--quick`` took about 20-25 s (10 tiny runs, most of it process start-up).
+Records go to ``results/published/runs`` (``--results-dir``): these 25 runs are exactly the ``ew`` runs of the
+published leaderboard's Census configs (same pinned settings, hence the same run ids), so the committed records
+serve both and ``--summary-only`` prints the table from them; other records there are ignored. Rerunning the same
+command skips finished runs, so an interrupted sweep resumes. Measured wall time per run (from the records, one
+thread each, two runs side by side on 2 cores): ``shared_bottom`` 7-11 s, ``single`` 11-18 s, ``ple`` 13-32 s,
+``mmoe`` 26-35 s, ``home`` 54 s when the two cores had nothing else to do and up to 190-290 s when other work
+shared them (early stopping ends most runs after 6-8 of 10 epochs): 10-20 minutes for the 25 runs. ``--quick`` took about 20-25 s (10 tiny runs, most of it process start-up).
 """
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ from mtlbench import cli, stats
 from mtlbench.leaderboard import load_store, long_frame
 
 NAME = "reproduce_census"
-DEFAULT_RESULTS_DIR = os.path.join("results", "reproductions", NAME, "runs")
+DEFAULT_RESULTS_DIR = os.path.join("results", "published", "runs")  # shared with the published leaderboard
 DATASET = "census"
 TASKS = ("income", "marital")  # the MMoE paper's group 1
 ARCHS = ("single", "shared_bottom", "mmoe", "ple", "home")
