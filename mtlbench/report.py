@@ -243,32 +243,43 @@ def _fig_save(fig, path: Path) -> Path:
     return path
 
 
+CURVE_METHODS = 8  # validation-curve panels show the table's top methods (and the single-task baseline)
+
+
 def plot_bars(table: Table, path: Path) -> Path:
+    """Per task, the primary metric's mean ± std over seeds: horizontal bars in table order, so that dozens of
+    methods stay readable (the figure grows with their number)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     prim = [(t, m) for t, m in table.columns if m == next(mm for tt, mm in table.columns if tt == t)]
-    fig, axes = plt.subplots(1, len(prim), figsize=(3.2 * len(prim) + 1, 3.4), squeeze=False)
+    n = len(table.methods)
+    fig, axes = plt.subplots(1, len(prim), figsize=(3.0 * len(prim) + 2.2, 0.9 + 0.22 * n), squeeze=False,
+                             sharey=True)
+    ys = np.arange(n)[::-1]  # first method on top
     for ax, col in zip(axes[0], prim):
         means = [table.stats[m].get(col, {}).get("mean", np.nan) for m in table.methods]
         stds = [table.stats[m].get(col, {}).get("std", np.nan) for m in table.methods]
         stds = [0.0 if not math.isfinite(s) else s for s in stds]
-        ax.bar(range(len(means)), means, yerr=stds, capsize=3, color="#4c72b0")
-        ax.set_xticks(range(len(means)), [m.replace(" × ", "\n") for m in table.methods], fontsize=7,
-                      rotation=60, ha="right")
+        ax.barh(ys, means, xerr=stds, capsize=2, color="#4c72b0", height=0.7, error_kw={"linewidth": 0.8})
         ax.set_title(f"{col[0]} {col[1]} {ARROW[table.directions[col[1]]]}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
         finite = [v for v in means if math.isfinite(v)]
         if finite:
             lo, hi = min(finite), max(finite)
-            pad = (hi - lo) * 0.5 + max(stds) + 1e-3
-            ax.set_ylim(lo - pad, hi + pad)
+            pad = (hi - lo) * 0.15 + max(stds) + 1e-4
+            ax.set_xlim(lo - pad, hi + pad)
+        ax.grid(axis="x", linewidth=0.3)
+    axes[0][0].set_yticks(ys, table.methods, fontsize=7)
     fig.suptitle(f"{table.title}: test, mean ± std over seeds", fontsize=9)
     return _fig_save(fig, path)
 
 
 def plot_tradeoff(table: Table, path: Path) -> Path | None:
+    """The first two tasks' primary metrics, one point per method; the Pareto front is drawn and labelled (other
+    points are labelled only while there are few of them)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,19 +300,24 @@ def plot_tradeoff(table: Table, path: Path) -> Path | None:
     front = [p for p in pts if not any(sx * q[0] >= sx * p[0] and sy * q[1] >= sy * p[1] and q[:2] != p[:2]
                                        for q in pts)]
     front.sort(key=lambda p: p[0])
-    fig, ax = plt.subplots(figsize=(5.2, 4))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#999999", zorder=2)
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#999999", s=14, zorder=2)
     ax.plot([p[0] for p in front], [p[1] for p in front], "-o", color="#c44e52", zorder=3, label="Pareto front")
+    label_all = len(pts) <= 12
     for x, y, m in pts:
-        ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if label_all or (x, y, m) in front or m.startswith("single"):
+            ax.annotate(m, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"{cx[0]} {cx[1]} {ARROW[table.directions[cx[1]]]}")
     ax.set_ylabel(f"{cy[0]} {cy[1]} {ARROW[table.directions[cy[1]]]}")
-    ax.set_title(f"{table.title}: two-task trade-off (test means)", fontsize=8)
+    ax.set_title(f"{table.title}: two-task trade-off (test means)"
+                 + ("" if label_all else "\nlabelled: the Pareto front and the single-task baseline"), fontsize=8)
     ax.legend(fontsize=7)
     return _fig_save(fig, path)
 
 
 def plot_curves(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame, path: Path) -> Path:
+    """Mean validation curve over seeds per method, for the table's top ``CURVE_METHODS`` methods and the
+    single-task baseline (all of them would be unreadable), legend beside the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,9 +328,10 @@ def plot_curves(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame
     tasks = list(dict.fromkeys(t for t, _ in table.columns))
     prim = {t: next(m for tt, m in table.columns if tt == t) for t in tasks}
     runs = [r for r in table_records(table, records) if r["run_id"] in method_of]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks) + 1, 3.2), squeeze=False)
+    shown = table.methods[:CURVE_METHODS] + [m for m in table.methods[CURVE_METHODS:] if m.startswith("single")]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks) + 2.4, 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
-        for m in table.methods:
+        for m in shown:
             curves = [[c["val"][t].get(prim[t]) for c in r["curves"]] for r in runs if method_of[r["run_id"]] == m]
             if not curves:
                 continue
@@ -327,9 +344,13 @@ def plot_curves(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame
             ax.plot(range(1, L + 1), mean, marker=".", label=m, linewidth=1)
         ax.set_title(f"validation {t} {prim[t]} {ARROW[table.directions[prim[t]]]}", fontsize=9)
         ax.set_xlabel("epoch")
+        ax.tick_params(labelsize=7)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[0][-1].legend(fontsize=6, loc="best")
-    fig.suptitle(f"{table.title}: validation curves (mean over seeds)", fontsize=9)
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    more = len(table.methods) - len(shown)
+    fig.suptitle(f"{table.title}: validation curves (mean over seeds)"
+                 + (f"; the top {CURVE_METHODS} methods of the table and the baseline ({more} more in the table)"
+                    if more > 0 else ""), fontsize=9)
     return _fig_save(fig, path)
 
 
