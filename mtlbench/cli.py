@@ -369,7 +369,7 @@ def _dry_run(specs: list, results_dir: str, force: bool) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from mtlbench.report import write_leaderboard
+    from mtlbench.report import summary_lines, write_leaderboard
 
     formats = tuple(_csv(args.format) or [])
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
@@ -377,7 +377,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise unknown("format", (bad or [""])[0], ("md", "csv", "tex", "json", "html"))
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
-    written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats)
+    tables: list = []
+    written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
+                                tables_out=tables)
+    for line in summary_lines(tables):
+        print(line)
     for fmt, path in written.items():
         print(f"{fmt}: {path}")
     return 0

@@ -520,10 +520,24 @@ def _records_of(obj: Any) -> Any:
     return obj
 
 
+def summary_lines(tables: list[Table]) -> list[str]:
+    """One line per table for the terminal: its size and its top method by Δm% (or mean rank without a baseline)."""
+    lines = []
+    for t in tables:
+        runs = sum(max((v["n"] for v in t.stats[m].values()), default=0) for m in t.methods)
+        top = t.methods[0] if t.methods else None
+        dm = t.delta_m.get(top) if top else None
+        best = ("" if top is None else f"; top: {top} (Δm% {dm:+.2f})" if dm is not None
+                else f"; top: {top} (mean rank {t.mean_rank.get(top, float('nan')):.2f}; no single-task baseline)")
+        lines.append(f"{t.title}: {len(t.methods)} methods, {runs} runs{best}")
+    return lines
+
+
 def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m: bool = False,
                       formats: tuple[str, ...] = ("md", "csv", "tex", "json", "html"),
-                      plots: bool = True) -> dict[str, Path]:
-    """Build every table from the records in ``results_dir`` and write all formats and figures to ``out_dir``."""
+                      plots: bool = True, tables_out: list[Table] | None = None) -> dict[str, Path]:
+    """Build every table from the records in ``results_dir`` and write all formats and figures to ``out_dir``
+    (the built tables are appended to ``tables_out`` when given, e.g. for a summary on the terminal)."""
     from mtlbench.errors import MtlbenchError
 
     out = Path(out_dir)
@@ -534,6 +548,8 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     store = load_store(results_dir)
     frame = long_frame(store.records)
     tables = build_tables(frame, flat_delta_m)
+    if tables_out is not None:
+        tables_out.extend(tables)
     figures: dict[str, list[Path]] = {}
     cache = FigureCache(out / "figures") if plots else None
     method_of = dict(zip(frame["run_id"], frame["method"])) if plots else {}

@@ -140,7 +140,8 @@ def test_cli_leaderboard_and_compare(tmp_path, capsys):
     store = _store(tmp_path, noise=0.01)
     assert main(["leaderboard", "--results-dir", str(store), "--out", str(tmp_path / "lb")]) == 0
     assert (tmp_path / "lb" / "leaderboard.html").exists()
-    capsys.readouterr()
+    summary = capsys.readouterr().out.splitlines()[0]  # one line per table: size and top method
+    assert summary.startswith("ecommerce (v1") and "3 methods, 15 runs; top: " in summary and "Δm% +" in summary
     assert main(["compare", "home:ew", "mmoe", "--results-dir", str(store)]) == 0
     out = capsys.readouterr().out
     assert "home × ew  vs  mmoe × ew" in out and "cvr" in out and "Holm" in out
