@@ -100,6 +100,8 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
     lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
     lb.add_argument("--flat-delta-m", action="store_true", help="Δm%% over every task metric, not just primary")
+    lb.add_argument("--baseline", help="ARCH or ARCH:OPTIMIZER every method is also tested against (default: the "
+                    "single-task baseline of the Δm%% column)")
     lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html")
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
     cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew)")
@@ -379,7 +381,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
-                                tables_out=tables)
+                                tables_out=tables, baseline=args.baseline)
     for line in summary_lines(tables):
         print(line)
     for fmt, path in written.items():

@@ -138,6 +138,8 @@ class Table:
     seeds: dict[str, list[int]]
     significance: dict[str, dict[str, Any]]        # method -> task -> test results vs the best method
     notes: list[str] = field(default_factory=list)
+    baseline: str | None = None                    # the chosen baseline method (default: the Δm% reference)
+    significance_baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... vs that baseline
 
     @property
     def title(self) -> str:
@@ -145,15 +147,24 @@ class Table:
         return f"{p['dataset']} (v{p['dataset_version']}) — tasks {', '.join(p['tasks'])}"
 
 
-def build_tables(frame: pd.DataFrame, flat_delta_m: bool = False) -> list[Table]:
+def build_tables(frame: pd.DataFrame, flat_delta_m: bool = False, baseline: str | None = None) -> list[Table]:
+    """One table per protocol. ``baseline`` (``ARCH`` or ``ARCH:OPTIMIZER``, as `mtlbench compare` takes them)
+    is the method every other is also tested against; default: the Δm% reference (``single``)."""
     test = frame[frame["split"] == "test"]
     tables = []
     for protocol_json, part in test.groupby("protocol", sort=True):
-        tables.append(_table(json.loads(protocol_json), part, flat_delta_m))
+        tables.append(_table(json.loads(protocol_json), part, flat_delta_m, baseline))
     return tables
 
 
-def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool) -> Table:
+def resolve_method(spec: str, methods: list[str]) -> str | None:
+    """The method label meant by ``ARCH`` or ``ARCH:OPTIMIZER`` (an arch alone prefers its ``ew`` runs)."""
+    arch, _, opt = spec.partition(":")
+    found = [m for m in methods if m.split(" × ")[0] == arch and (not opt or m.split(" × ")[1] == opt)]
+    return sorted(found, key=lambda m: (not m.endswith("× ew"), m))[0] if found else None
+
+
+def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: str | None = None) -> Table:
     from mtlbench import stats
 
     tasks = list(protocol["tasks"])
@@ -203,14 +214,19 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool) -> Table:
     order = sorted(methods, key=lambda m: (-(delta[m] if delta.get(m) is not None else -math.inf),
                                            mean_rank.get(m, math.inf), m))
     signif = _significance(part, order, tasks, metrics_by_task, directions)
+    chosen = base if baseline is None else resolve_method(baseline, methods)
+    if baseline is not None and chosen is None:
+        notes.append(f"baseline '{baseline}' has no runs under this protocol: no tests against it")
+    signif_base = _significance(part, [chosen] + [m for m in order if m != chosen], tasks, metrics_by_task,
+                                directions) if chosen else {}
     return Table(protocol, columns, directions, order, table_stats, delta, note,
-                 {m: float(v) for m, v in mean_rank.items()}, seeds, signif, notes)
+                 {m: float(v) for m, v in mean_rank.items()}, seeds, signif, notes, chosen, signif_base)
 
 
 def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metrics_by_task: dict[str, list[str]],
                   directions: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Each method vs the table's best (by the ordering), per task on the primary metric: paired t-test and
-    Wilcoxon over the shared seeds, Holm-corrected across the table's comparisons."""
+    """Each method vs ``order[0]`` (the table's best, or a chosen baseline), per task on the primary metric: paired
+    t-test and Wilcoxon over the shared seeds, Holm-corrected across these comparisons."""
     from mtlbench import stats
 
     if len(order) < 2:

@@ -157,11 +157,19 @@ def markdown(tables: list[Table], store: Store, cross: dict[str, Any] | None) ->
 def _significance_md(table: Table) -> str:
     if not table.significance:
         return "_Significance: a single method, nothing to compare._"
-    lines = [f"<details><summary>Significance vs the top row ({table.methods[0]})</summary>", "",
+    parts = [_significance_section(table, table.significance, f"the top row ({table.methods[0]})")]
+    if table.baseline and table.significance_baseline:
+        parts.append(_significance_section(table, table.significance_baseline, f"the baseline ({table.baseline})"))
+    return "\n\n".join(parts)
+
+
+def _significance_section(table: Table, results: dict[str, dict[str, Any]], against: str) -> str:
+    lines = [f"<details><summary>Significance vs {against}; mean diff = method minus it, signed so that "
+             "positive = better</summary>", "",
              "| method | task | n | mean diff | 95% CI | t-test p (Holm) | Wilcoxon p (Holm) | note |",
              "|---|---|--:|--:|---|--:|--:|---|"]
-    for m in table.methods[1:]:
-        for t, s in table.significance.get(m, {}).items():
+    for m in table.methods:
+        for t, s in results.get(m, {}).items():
             ci = f"[{_num(s['ci'][0])}, {_num(s['ci'][1])}]"
             lines.append(f"| {m} | {t} | {s['n']} | {_num(s['mean_diff'])} | {ci} | {_num(s['t_p'], 3)} "
                          f"({_num(s.get('t_p_holm'), 3)}) | {_num(s['wilcoxon_p'], 3)} "
@@ -226,7 +234,9 @@ def as_json(tables: list[Table], store: Store, cross: dict[str, Any] | None) -> 
         "title": t.title, "protocol": t.protocol, "delta_m_note": t.delta_m_note, "methods": [{
             "method": m, "seeds": t.seeds[m], "delta_m": t.delta_m.get(m), "mean_rank": t.mean_rank.get(m),
             "metrics": {f"{task}/{metric}": t.stats[m].get((task, metric)) for task, metric in t.columns},
-            "significance_vs_best": t.significance.get(m, {})} for m in t.methods], "notes": t.notes}
+            "significance_vs_best": t.significance.get(m, {}),
+            "significance_vs_baseline": t.significance_baseline.get(m, {})} for m in t.methods],
+        "baseline": t.baseline, "notes": t.notes}
         for t in tables],
         "across_datasets": cross and {k: v for k, v in cross.items() if k not in ("text", "figure_path")},
         "skipped_files": store.skipped, "failed_runs": sorted(r["run_id"] for r in store.failed)}
@@ -535,7 +545,8 @@ def summary_lines(tables: list[Table]) -> list[str]:
 
 def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m: bool = False,
                       formats: tuple[str, ...] = ("md", "csv", "tex", "json", "html"),
-                      plots: bool = True, tables_out: list[Table] | None = None) -> dict[str, Path]:
+                      plots: bool = True, tables_out: list[Table] | None = None,
+                      baseline: str | None = None) -> dict[str, Path]:
     """Build every table from the records in ``results_dir`` and write all formats and figures to ``out_dir``
     (the built tables are appended to ``tables_out`` when given, e.g. for a summary on the terminal)."""
     from mtlbench.errors import MtlbenchError
@@ -547,7 +558,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
         raise MtlbenchError(f"output directory '{out}' cannot be written: {exc.strerror or exc}") from exc
     store = load_store(results_dir)
     frame = long_frame(store.records)
-    tables = build_tables(frame, flat_delta_m)
+    tables = build_tables(frame, flat_delta_m, baseline)
     if tables_out is not None:
         tables_out.extend(tables)
     figures: dict[str, list[Path]] = {}

@@ -136,6 +136,24 @@ def test_option_variants_are_separate_methods(tmp_path):
     assert sorted(t.methods) == ["home(feature_gate=false) × ew", "home(feature_gate=true) × ew"]
 
 
+def test_every_method_also_tested_against_a_chosen_baseline(tmp_path):
+    store = _store(tmp_path, noise=0.01)
+    frame = long_frame(load_store(store).records)
+    (default,) = build_tables(frame)  # default baseline: the Δm% reference
+    assert default.baseline == "single × ew"
+    assert set(default.significance_baseline) == {"mmoe × ew", "home × ew"}
+    (t,) = build_tables(frame, baseline="home")
+    assert t.baseline == "home × ew" and set(t.significance_baseline) == {"mmoe × ew", "single × ew"}
+    s = t.significance_baseline["single × ew"]["cvr"]  # single's cvr 0.60 vs home's 0.63: worse, negative diff
+    assert s["mean_diff"] < 0 and s["n"] == 5 and "wilcoxon_p_holm" in s
+    (t,) = build_tables(frame, baseline="ple:ew")
+    assert t.baseline is None and any("baseline 'ple:ew' has no runs" in n for n in t.notes)
+    out = tmp_path / "lb"
+    write_leaderboard(store, out, baseline="home:ew")
+    md = (out / "leaderboard.md").read_text()
+    assert "Significance vs the top row" in md and "Significance vs the baseline (home × ew)" in md
+
+
 def test_cli_leaderboard_and_compare(tmp_path, capsys):
     store = _store(tmp_path, noise=0.01)
     assert main(["leaderboard", "--results-dir", str(store), "--out", str(tmp_path / "lb")]) == 0
