@@ -394,6 +394,9 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}
 table.lb{border-collapse:collapse;font-size:13px;margin:1em 0}
 table.lb th,table.lb td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
 table.lb th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}
+table.sig{border-collapse:collapse;font-size:12px;margin:.5em 0 1em}
+table.sig th,table.sig td{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
+table.sig th{background:#f8f8f8}
 table.lb th[data-order=asc]::after{content:' ▲'} table.lb th[data-order=desc]::after{content:' ▼'}
 table.lb td:first-child,table.lb th:first-child{text-align:left}
 .best{font-weight:bold}.second{text-decoration:underline}.note{color:#555;font-size:12px}
@@ -437,6 +440,7 @@ def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[s
             row.append(f'<td data-v="{repr(mr)}">{_num(mr, 2)}</td></tr>')
             parts.append("".join(row))
         parts.append("</tbody></table>")
+        parts += _significance_html(table)
         for fig in figures.get(slug(table), []):
             parts.append(_img(fig))
     if cross:
@@ -444,6 +448,28 @@ def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[s
                   _img(cross.get("figure_path"))]
     parts += [f"<script>{HTML_SCRIPT}</script>", "</body></html>", ""]
     return "\n".join(parts)
+
+
+def _significance_html(table: Table) -> list[str]:
+    """The same tests as the Markdown's significance sections, as collapsed HTML tables."""
+    e = html.escape
+    sections = [(table.significance, f"the top row ({table.methods[0]})")] if table.significance else []
+    if table.baseline and table.significance_baseline:
+        sections.append((table.significance_baseline, f"the baseline ({table.baseline})"))
+    out = []
+    for results, against in sections:
+        out += [f"<details><summary>Significance vs {e(against)}; mean diff = method minus it, positive = better"
+                "</summary>", '<table class="sig"><thead><tr><th>method</th><th>task</th><th>n</th>'
+                "<th>mean diff</th><th>95% CI</th><th>t-test p (Holm)</th><th>Wilcoxon p (Holm)</th><th>note</th>"
+                "</tr></thead><tbody>"]
+        for m in table.methods:
+            for t, r in results.get(m, {}).items():
+                out.append(f"<tr><td>{e(m)}</td><td>{e(t)}</td><td>{r['n']}</td><td>{_num(r['mean_diff'])}</td>"
+                           f"<td>[{_num(r['ci'][0])}, {_num(r['ci'][1])}]</td><td>{_num(r['t_p'], 3)} "
+                           f"({_num(r.get('t_p_holm'), 3)})</td><td>{_num(r['wilcoxon_p'], 3)} "
+                           f"({_num(r.get('wilcoxon_p_holm'), 3)})</td><td>{e(r['note'])}</td></tr>")
+        out.append("</tbody></table></details>")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- driver

@@ -200,6 +200,10 @@ def test_html_page_in_headless_chromium(tmp_path):
             assert names() == ["mmoe × ew", "home × ew", "single × ew"]  # descending
             assert page.locator("img").count() >= 3
             assert all(page.evaluate("Array.from(document.images).map(i => i.naturalWidth > 0)"))
+            summaries = page.locator("details summary").all_inner_texts()  # significance vs top row, vs baseline
+            assert len(summaries) == 2 and "(single × ew)" in summaries[1]
+            page.locator("details summary").nth(1).click()
+            assert page.locator("table.sig").nth(1).locator("tbody tr").count() == 4  # 2 methods x 2 tasks
         finally:
             browser.close()
     assert errors == []
