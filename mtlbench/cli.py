@@ -287,7 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     st = _settings(args)
     _load_plugins(st["plugins"])
-    ensure_writable(st["results_dir"])
+    if not st["dry_run"]:  # a dry run only reads the store
+        ensure_writable(st["results_dir"])
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
 
     switches = _check_ablation(st["ablate"], st["arch"])
