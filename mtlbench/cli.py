@@ -420,6 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mtlbench: interrupted; nothing was recorded for the unfinished run", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`mtlbench list | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

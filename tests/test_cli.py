@@ -281,3 +281,11 @@ def test_nan_gradient_recorded_as_failed(tmp_path, capsys):
     rec = json.loads(_records(results)[0].read_text())
     assert rec["status"] == "failed"
     assert "non-finite gradient in epoch 1, step 1 (optimizer 'nan_grad')" in rec["error"]["reason"]
+
+
+def test_closed_pipe_is_quiet():
+    """`mtlbench list | head -1`: the reader closes the pipe early; no traceback, the exit code a pipe gives."""
+    proc = subprocess.run(f"{sys.executable} -m mtlbench.cli list -v | head -1", shell=True, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == "Datasets"
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
