@@ -9,6 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI draws the same property-test examples on every run (a red CI must be reproducible); locally each run draws
+# fresh ones, which is how new counter-examples are found. `.ci/run` sets HYPOTHESIS_PROFILE=ci.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 from mtlbench.objectives import task_loss
 from mtlbench.optim import StepContext
