@@ -13,7 +13,7 @@ from mtlbench.objectives import task_loss
 from mtlbench.optim import StepContext
 from mtlbench.registry import get, names
 
-from conftest import build_arch
+from conftest import build_arch, check_contract
 
 VARIANTS = [{}, {"upper": "ple"}, {"trm": False}, {"tim": False},
             {"upper": "ple", "task_experts": 2, "n_layers": 2, "n_heads": 4, "pre_ln": False}]
@@ -88,26 +88,11 @@ def test_outputs_depend_on_shared_only_through_features(options, small_data):
     loss never reaches another task's head."""
     torch.manual_seed(1)
     model = _warm(build_arch("dtrn", small_data, **options))
-    model.train()
     batch = _batch(small_data, 48)
+    check_contract(model, batch)
     out = model(batch)
     losses = _losses(model, small_data, batch, out)
-    shared = model.shared_parameters()
-    for loss in losses:
-        direct = torch.autograd.grad(loss, shared, retain_graph=True, allow_unused=True)
-        fg = torch.autograd.grad(loss, out.features, retain_graph=True, allow_unused=True)
-        fg = [torch.zeros_like(f) if g is None else g for f, g in zip(out.features, fg)]
-        via = torch.autograd.grad(out.features, shared, fg, retain_graph=True, allow_unused=True)
-        for d, v in zip(direct, via):
-            d = torch.zeros(1) if d is None else d
-            v = torch.zeros(1) if v is None else v
-            torch.testing.assert_close(d, v, rtol=1e-4, atol=1e-6)
-    task_params = model.task_parameters()
     for i, loss in enumerate(losses):
-        for j, name in enumerate(model.task_names):
-            if i != j:
-                grads = torch.autograd.grad(loss, task_params[name], retain_graph=True, allow_unused=True)
-                assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
         if options.get("tim", True):  # the shared task-embedding table: task i's loss reaches row i only
             g = torch.autograd.grad(loss, model.shared["task_embedding"].weight, retain_graph=True)[0]
             others = [j for j in range(3) if j != i]
