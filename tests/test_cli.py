@@ -243,7 +243,10 @@ def test_ctrl_c_records_nothing(tmp_path):
            "-D", "n_rows=60000", "--results-dir", str(results)]
     if not exe.exists():
         cmd = [sys.executable, "-m", "mtlbench.cli", *cmd[2:]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a runner started in the background (`cmd &`) hands its children SIGINT ignored, and Python then never
+    # installs its Ctrl-C handler: give the child the default disposition, as a terminal would
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     line = ""
     while time.time() < deadline:
