@@ -50,13 +50,11 @@ import argparse
 import math
 import os
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from _reproduction import drive  # benchmarks/, the script's own directory
 from mtlbench import cli, stats
 from mtlbench.leaderboard import load_store, long_frame
 
@@ -212,36 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     from mtlbench.sweep import parse_seeds
 
     seeds = parse_seeds(seeds_text)
-    tmp = None
-    results_dir = args.results_dir
-    if results_dir is None:
-        if args.quick:
-            tmp = tempfile.TemporaryDirectory(prefix=f"{NAME}-quick-")
-            results_dir = tmp.name
-        else:
-            results_dir = DEFAULT_RESULTS_DIR
-    try:
-        failures: list[str] = []
-        t0 = time.perf_counter()
-        if not args.summary_only:
-            failures = sweep(results_dir, seeds_text, preset["epochs"], preset["max_rows"], args.jobs, args.device,
-                             args.data_dir)
-        elif not Path(results_dir).is_dir():
-            print(f"error: results directory '{results_dir}' does not exist", file=sys.stderr)
-            return 2
-        elapsed = time.perf_counter() - t0
-        summarise(results_dir, preset["epochs"], preset["max_rows"], seeds, args.quick)
-        if not args.summary_only:
-            print(f"\nsweep wall time {elapsed:.0f} s (finished runs that were skipped cost nothing)")
-        if tmp is not None:
-            print(f"(quick mode: records were in the temporary directory {results_dir}, now removed; pass "
-                  f"--results-dir to keep them)")
-        for f in failures:
-            print(f"warning: {f}", file=sys.stderr)
-        return 1 if failures else 0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    return drive(NAME, DEFAULT_RESULTS_DIR, args.results_dir, args.quick, args.summary_only,
+                 lambda d: sweep(d, seeds_text, preset["epochs"], preset["max_rows"], args.jobs, args.device,
+                                 args.data_dir),
+                 lambda d: summarise(d, preset["epochs"], preset["max_rows"], seeds, args.quick))
 
 
 if __name__ == "__main__":
