@@ -91,6 +91,15 @@ class MultiTaskArch(nn.Module):
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {t: [p for p in self.heads[t].parameters() if p.requires_grad] for t in self.heads}
 
+    def selection_groups(self) -> dict[str, str] | None:
+        """How model selection treats this arch. ``None`` (default): one epoch is selected for the whole model by
+        the run's criterion over all tasks. An arch whose tasks are independent networks (``single``) returns, per
+        task, the ``state_dict`` key prefix of that task's network (e.g. ``{"ctr": "heads.ctr."}``): the trainer
+        then selects each task's best epoch by that task's own validation metric, keeps training while any task
+        still improves (patience per task), and tests each task at its own best epoch, as T separate runs would.
+        Every ``state_dict`` key must fall under exactly one prefix."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Arch facts resolved at build time (e.g. HoME's task groups), stored in the run record."""
         return {}

@@ -2,7 +2,8 @@
 
 Model selection uses the validation split only: after each epoch the validation metrics are computed, the best
 epoch (by ``spec.selection``) is kept, training stops after ``spec.patience`` epochs without improvement, and the
-test split is evaluated once, on the selected weights. The seed fixes data generation, initialisation,
+test split is evaluated once, on the selected weights. An arch made of independent per-task networks
+(``selection_groups``, e.g. ``single``) is selected and stopped per task instead, as T separate runs would be. The seed fixes data generation, initialisation,
 shuffling and any randomness of the MTL optimizer; on CPU the same seed gives the same numbers.
 """
 from __future__ import annotations
@@ -94,16 +95,73 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
     return sum(finite) / len(finite) if finite else -math.inf
 
 
-def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
-    """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
+def task_selection_scores(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
+                          val_losses: dict[str, float] | None) -> dict[str, float]:
+    """Per task, higher is better: its primary metric (negated where lower is better) under ``mean_primary``,
+    minus its validation loss under ``val_loss``. Used by archs that select per task (``selection_groups``)."""
+    scores = {}
+    for t in data.tasks:
+        if spec.selection == "val_loss":
+            v = -val_losses[t.name] if val_losses is not None and t.name in val_losses else -math.inf
+        else:
+            v = val[t.name][t.primary_metric]
+            v = v if metric(t.primary_metric).direction == "max" else -v
+        scores[t.name] = v if math.isfinite(v) else -math.inf
+    return scores
+
+
+def _val_losses(model, data: MultiTaskData, split: Split, device: str) -> dict[str, float]:
+    """Each optimised task's loss (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, rows = 0.0, 0
+    names = tuple(model.loss_tasks())
+    total, rows = torch.zeros(len(names), dtype=torch.float64), 0
     with torch.no_grad():
         for batch in BatchLoader(split, EVAL_BATCH, device=device):
             n = batch["labels"].shape[0]
-            total += float(sum(model.task_losses(model(batch).outputs, batch))) * n
+            total += torch.stack([l.detach() for l in model.task_losses(model(batch).outputs, batch)]).double().cpu() * n
             rows += n
-    return total / max(rows, 1)
+    return {t: float(v) / max(rows, 1) for t, v in zip(names, total)}
+
+
+class _PerTaskSelection:
+    """Per-task model selection for archs whose tasks are independent networks (``selection_groups``): each
+    task keeps the weights of its own best validation epoch; training stops once every task has gone
+    ``patience`` epochs without improving."""
+
+    def __init__(self, model: torch.nn.Module, groups: dict[str, str], patience: int) -> None:
+        keys = list(model.state_dict())
+        owners = {k: [t for t, p in groups.items() if k.startswith(p)] for k in keys}
+        bad = [k for k, o in owners.items() if len(o) != 1]
+        if bad:
+            raise MtlbenchError(f"per-task selection: state key '{bad[0]}' belongs to {len(owners[bad[0]])} task "
+                                f"networks (each key must belong to exactly one of {', '.join(groups)})")
+        self.groups, self.patience = groups, patience
+        self.best = {t: -math.inf for t in groups}
+        self.epoch = {t: 0 for t in groups}
+        self.since = {t: 0 for t in groups}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def update(self, model: torch.nn.Module, epoch: int, scores: dict[str, float]) -> bool:
+        """Record this epoch; True when training should stop."""
+        full = None
+        for t, prefix in self.groups.items():
+            if scores[t] > self.best[t]:
+                full = model.state_dict() if full is None else full
+                self.best[t], self.epoch[t], self.since[t] = scores[t], epoch, 0
+                self.state[t] = {k: v.detach().clone() for k, v in full.items() if k.startswith(prefix)}
+            else:
+                self.since[t] += 1
+        return bool(self.patience) and all(s >= self.patience for s in self.since.values())
+
+    def assembled(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The model's state with each task's network taken from its own best epoch (None if a task never had a
+        finite score)."""
+        if len(self.state) != len(self.groups):
+            return None
+        state = dict(model.state_dict())
+        for part in self.state.values():
+            state.update(part)
+        return state
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -150,6 +208,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
 
     loss_names = tuple(model.loss_tasks())
+    groups = model.selection_groups() if hasattr(model, "selection_groups") else None
+    per_task = _PerTaskSelection(model, groups, spec.patience) if groups else None
 
     def losses_of(batch):
         out = model(batch)
@@ -190,10 +250,13 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         train_losses = {t: float(s) / max(n_steps, 1) for t, s in zip(loss_names, sums)}
         method.end_epoch(epoch, train_losses)
         val = evaluate(model, data, val_split, device)
-        val_loss = _val_loss(model, data, val_split, device) if spec.selection == "val_loss" else None
+        val_losses = _val_losses(model, data, val_split, device) if spec.selection == "val_loss" else None
+        val_loss = sum(val_losses.values()) if val_losses is not None else None
         score = selection_score(spec, data, val, val_loss)
         entry = {"epoch": epoch, "train_loss": train_losses, "val": val, "selection_score": score,
                  "seconds": epoch_seconds}
+        if per_task is not None:
+            entry["task_selection_scores"] = task_selection_scores(spec, data, val, val_losses)
         if weight_sums is not None:
             entry["task_weights"] = {t: float(w) / n_steps for t, w in zip(loss_names, weight_sums)}
         curves.append(entry)
@@ -202,6 +265,13 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         if log:
             summary = "  ".join(f"{t.name} {t.primary_metric} {val[t.name][t.primary_metric]:.4f}" for t in tasks)
             log(f"epoch {epoch}/{spec.epochs}  train loss {sum(train_losses.values()):.4f}  val {summary}")
+        if per_task is not None:
+            stop = per_task.update(model, epoch, entry["task_selection_scores"])
+            if any(per_task.epoch[t] == epoch for t in per_task.groups):
+                best_method_state = copy.deepcopy(method.state_dict())
+            if stop:
+                break
+            continue
         if score > best_score:
             best_score, best_epoch, since_best = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -210,11 +280,18 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             since_best += 1
             if spec.patience and since_best >= spec.patience:
                 break
+    extra: dict[str, Any] = {}
+    if per_task is not None:
+        best_state = per_task.assembled(model)
+        if best_state is not None:
+            best_epoch = max(per_task.epoch.values())
+            best_score = sum(per_task.best.values()) / len(per_task.best)
+            extra["selected_epochs"] = dict(per_task.epoch)
     if best_state is None:
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+    return {"metrics": metrics, "selected_epoch": best_epoch, **extra, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
             "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings)}

@@ -248,4 +248,4 @@ def test_bad_options_are_one_line_errors(opts, match):
 
 def test_defaults_resolve():
     assert get("optimizer", NAME).resolve_options({}) == {"max_norm": 1.0, "update_weights_every": 1,
-                                                          "optim_niter": 20, "solver": "sca", "tol": 1e-3}
+                                                          "optim_niter": 20, "solver": "sca+newton", "tol": 1e-3}

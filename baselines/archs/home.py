@@ -1,7 +1,9 @@
 """HoME: "HoME: Hierarchy of Multi-Gate Experts for Multi-Task Learning at Kuaishou", Wang, Cao, Fu, Gai, Zhou,
 arXiv 2408.05430 (2024).
 
-Four mechanisms, each switchable for ablation (``expert_norm``, ``hierarchy``, ``feature_gate``, ``self_gate``):
+Four mechanisms, each switchable for ablation (``expert_norm``, ``hierarchy``, ``feature_gate``, ``self_gate``);
+the task towers' BatchNorm has its own switch, ``tower_norm`` (default on), so ``expert_norm=false`` changes the
+experts only:
 
 1. **Expert normalisation & Swish** (against expert collapse): every expert layer is Linear -> BatchNorm -> Swish,
    so all experts' outputs have comparable scale before gates mix them. Off: Linear -> ReLU, no normalisation.
@@ -118,6 +120,7 @@ class HoME(MultiTaskArch):
         dropout: float = 0.0
         feature_gate_rank: int = 16
         expert_norm: bool = True
+        tower_norm: bool = True
         hierarchy: bool = True
         feature_gate: bool = True
         self_gate: bool = True
@@ -153,7 +156,7 @@ class HoME(MultiTaskArch):
             h["gate"] = nn.Linear(d1, nt + nc + ng)
             if o.self_gate:
                 h["self_gate"] = nn.Linear(d1, ng + nc)
-            h["tower"] = tower(d1, o.tower_units, t, o.dropout, o.expert_norm)
+            h["tower"] = tower(d1, o.tower_units, t, o.dropout, o.tower_norm)
 
     def _visible(self, g: int) -> list[int]:
         """Indices (in a level's shared layout) of the global experts and category ``g``'s experts."""
