@@ -11,8 +11,10 @@ from mtlbench.registry import names
 from conftest import build_arch
 
 BUILTIN_ARCHS = ["single", "shared_bottom", "mmoe", "home"]
-HOME_ABLATIONS = [{}, {"expert_norm": False}, {"hierarchy": False}, {"feature_gate": False}, {"self_gate": False},
-                  {"expert_norm": False, "hierarchy": False, "feature_gate": False, "self_gate": False}]
+HOME_ABLATIONS = [{}, {"expert_norm": False}, {"tower_norm": False}, {"hierarchy": False}, {"feature_gate": False},
+                  {"self_gate": False},
+                  {"expert_norm": False, "tower_norm": False, "hierarchy": False, "feature_gate": False,
+                   "self_gate": False}]
 
 
 def _batch(data, n=64):
@@ -98,7 +100,10 @@ def test_home_ablation_switches_change_the_model(options, small_data):
     names_ = {n for n, _ in abl.named_parameters()}
     assert any("self_gate" in n for n in names_) == options.get("self_gate", True)
     assert any(".gate.down" in n for n in names_) == options.get("feature_gate", True)
-    assert any("norm" in n for n in names_) == options.get("expert_norm", True)
+    # one switch per component (issue 14): expert_norm touches the experts only, tower_norm the towers only
+    bn = [n for n, m in abl.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert any(".tower." not in n for n in bn) == options.get("expert_norm", True)
+    assert any(".tower." in n for n in bn) == options.get("tower_norm", True)
 
 
 def test_home_groups(small_data):

@@ -259,10 +259,10 @@ def test_rep_mode_is_mgda_ub(small_data):
 
 def test_non_convergence_warns_once_and_keeps_last_iterate(small_data):
     J = _random_J(3, 5, 4)
-    method = _method(tuple("abcde"), max_iter=2)
+    method = _method(tuple("abcde"), max_iter=2, solver="fw")
     with pytest.warns(RuntimeWarning, match="mgda: the 'fw' min-norm solver did not reach"):
         update, w = method.aggregate(J, torch.ones(5), torch.Generator())
-    alpha, ok, it = find_min_norm_element(J @ J.T, max_iter=2)
+    alpha, ok, it = find_min_norm_element(J @ J.T, max_iter=2, solver="fw")
     assert not ok and it == 2
     torch.testing.assert_close(w, alpha)
     method.aggregate(J, torch.ones(5), torch.Generator())  # once per run
@@ -270,10 +270,10 @@ def test_non_convergence_warns_once_and_keeps_last_iterate(small_data):
     # inside a training step the message names the step
     torch.manual_seed(0)
     model = build_arch("shared_bottom", small_data)
-    m2 = _method(small_data.task_names, max_iter=1)
+    m2 = _method(small_data.task_names, max_iter=1, solver="fw")
     ctx = step_context(model, small_data)
     G = ctx.jacobian() @ ctx.jacobian().T
-    if not find_min_norm_element(G, max_iter=1)[1]:
+    if not find_min_norm_element(G, max_iter=1, solver="fw")[1]:
         with pytest.warns(RuntimeWarning, match=r"step 1 \(epoch 1\)"):
             m2.step(ctx)
 
@@ -300,6 +300,22 @@ def test_bad_options(options, bad):
 
 def test_defaults_are_the_official_ones():
     assert get("optimizer", "mgda").resolve_options({}) == {
-        "normalization": "none", "max_iter": 250, "stop_crit": 1e-5, "solver": "fw", "rep": False,
+        "normalization": "none", "max_iter": 250, "stop_crit": 1e-5, "solver": "pairwise", "rep": False,
         "weight_heads": False}
     assert get("optimizer", "mgda").description.startswith("MGDA (Sener & Koltun, NeurIPS 2018)")
+
+
+def test_default_solver_is_exact_where_frank_wolfe_stops_early():
+    """Issue 14: plain Frank-Wolfe stops at max_iter on random Jacobians with an excess norm (measured: up to
+    19 % on these, 171 of 200 not converged); the default (pairwise) converges on all of them, to the min-norm
+    point up to its stopping rule (measured excess below 5e-8; the bound is 1e-6 relative)."""
+    fw_missed = 0
+    for seed in range(30):
+        J = _random_J(seed, 3 + seed % 5, 8)
+        G = J @ J.T
+        ref, _, _ = find_min_norm_element(G, max_iter=100_000, stop_crit=1e-300)  # run to the optimality test
+        alpha, ok, _ = find_min_norm_element(G)  # the defaults
+        assert ok
+        assert float(alpha @ G @ alpha) <= float(ref @ G @ ref) * (1 + 1e-6)
+        fw_missed += not find_min_norm_element(G, solver="fw")[1]
+    assert fw_missed > 0  # the case is informative: the old default missed some
