@@ -29,7 +29,7 @@ from mtlbench.errors import MtlbenchError, RunFailed
 from mtlbench.loader import BatchLoader
 from mtlbench.metrics import evaluate_task, metric
 from mtlbench.objectives import predict
-from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
+from mtlbench.optim import MTLOptimizer, StepContext, check_compatible, present_tasks
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
 from mtlbench.store import RECORD_SCHEMA
@@ -218,6 +218,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     for epoch in range(1, spec.epochs + 1):
         model.train()
         sums = torch.zeros(len(loss_names), dtype=torch.float64)
+        counts = torch.zeros(len(loss_names), dtype=torch.float64)  # steps in which each task had labels
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
@@ -231,11 +232,23 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
                 raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
-            method.step(ctx)
-            _check_grads(params, epoch, step + 1, spec.optimizer)
-            optimizer.step()
-            method.after_step(ctx)
-            sums += stacked.cpu().double()
+            present = present_tasks(ctx)  # None: every task has labelled rows in this batch
+            if present is not None and not present:
+                continue  # no task has a label here: nothing to learn from this batch
+            view = ctx if present is None else ctx.restrict(present)
+            with method.only(present):
+                method.step(view)
+                _check_grads(params, epoch, step + 1, spec.optimizer)
+                optimizer.step()
+                method.after_step(view)
+            if present is None:
+                sums += stacked.cpu().double()
+                counts += 1
+            else:
+                mask = torch.zeros(len(loss_names), dtype=torch.float64)
+                mask[present] = 1.0
+                sums += stacked.cpu().double() * mask
+                counts += mask
             if method.last_weights is not None:
                 w = method.last_weights.detach().double().cpu()
                 weight_sums = w if weight_sums is None else weight_sums + w
@@ -247,13 +260,15 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         bar.close()
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
-        train_losses = {t: float(s) / max(n_steps, 1) for t, s in zip(loss_names, sums)}
+        # each task's mean over the steps where it had labels (NaN if none: methods treat it as unknown)
+        train_losses = {t: float(s) / float(c) if c > 0 else math.nan for t, s, c in zip(loss_names, sums, counts)}
         method.end_epoch(epoch, train_losses)
         val = evaluate(model, data, val_split, device)
         val_losses = _val_losses(model, data, val_split, device) if spec.selection == "val_loss" else None
         val_loss = sum(val_losses.values()) if val_losses is not None else None
         score = selection_score(spec, data, val, val_loss)
-        entry = {"epoch": epoch, "train_loss": train_losses, "val": val, "selection_score": score,
+        entry = {"epoch": epoch, "train_loss": {t: v if math.isfinite(v) else None for t, v in train_losses.items()},
+                 "val": val, "selection_score": score,
                  "seconds": epoch_seconds}
         if per_task is not None:
             entry["task_selection_scores"] = task_selection_scores(spec, data, val, val_losses)
@@ -264,7 +279,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             on_epoch(entry)
         if log:
             summary = "  ".join(f"{t.name} {t.primary_metric} {val[t.name][t.primary_metric]:.4f}" for t in tasks)
-            log(f"epoch {epoch}/{spec.epochs}  train loss {sum(train_losses.values()):.4f}  val {summary}")
+            log(f"epoch {epoch}/{spec.epochs}  train loss {sum(v for v in train_losses.values() if math.isfinite(v)):.4f}  "
+                f"val {summary}")
         if per_task is not None:
             stop = per_task.update(model, epoch, entry["task_selection_scores"])
             if any(per_task.epoch[t] == epoch for t in per_task.groups):

@@ -79,6 +79,8 @@ def famo_logit_grad(logits: torch.Tensor, before: torch.Tensor, after: torch.Ten
 class FAMO(MTLOptimizer):
     """FAMO (Liu et al., NeurIPS 2023): softmax task weights learned from the decrease of the log-losses."""
 
+    task_state = {"logits": 1, "_m": 1, "_v": 1, "_before": 1}
+
     @dataclass
     class Options:
         lr: float = 0.025

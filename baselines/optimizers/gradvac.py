@@ -85,6 +85,8 @@ def gradvac_weights(gramian: torch.Tensor, targets: torch.Tensor, beta: float = 
 class GradVac(JacobianMethod):
     """GradVac (Wang et al., ICLR 2021): raise pairwise gradient cosines to EMA targets (whole-model)."""
 
+    task_state = {"targets": 2}
+
     @dataclass
     class Options:
         beta: float = 0.5

@@ -163,6 +163,8 @@ def nash_mtl_weights(gramian: torch.Tensor, init: torch.Tensor | None = None, op
 class NashMTL(JacobianMethod):
     """Nash-MTL (Navon et al., ICML 2022): Nash bargaining weights solving G alpha = 1/alpha."""
 
+    task_state = {"alpha": 1}
+
     @dataclass
     class Options:
         max_norm: float = 1.0
