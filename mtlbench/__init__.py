@@ -2,7 +2,7 @@
 
 The public plugin API: built-in methods use exactly these names, and so does a user's plugin file.
 """
-from mtlbench.arch import ArchOutput, MultiTaskArch
+from mtlbench.arch import ArchOutput, FeatureLayout, MultiTaskArch
 from mtlbench.data import (CategoricalField, DatasetAdapter, FeatureSchema, MultiTaskData, SequenceField, Split,
                            TaskSpec)
 from mtlbench.errors import MtlbenchError, RunFailed
@@ -14,7 +14,7 @@ from mtlbench.registry import (option_field, register, register_arch, register_d
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchOutput", "MultiTaskArch", "CategoricalField", "DatasetAdapter", "FeatureSchema", "MultiTaskData",
+    "ArchOutput", "FeatureLayout", "MultiTaskArch", "CategoricalField", "DatasetAdapter", "FeatureSchema", "MultiTaskData",
     "SequenceField", "Split", "TaskSpec", "MtlbenchError", "RunFailed", "MLP", "ExpertBank", "InputLayer", "mix",
     "JacobianMethod", "MTLOptimizer", "StepContext", "option_field", "register", "register_arch", "register_dataset",
     "register_metric", "register_optimizer", "__version__",

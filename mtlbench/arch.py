@@ -25,6 +25,19 @@ from mtlbench.layers import MLP, InputLayer
 from mtlbench.objectives import task_loss
 
 
+@dataclass(frozen=True)
+class FeatureLayout:
+    """How one shared feature tensor is laid out, declared by the arch so methods never guess from sizes.
+
+    ``batch_axis``: the axis indexing the batch's rows (``[B, D]``: 0; an expert stack ``[n_experts, B, D]``: 1).
+    ``spatial_axes``: axes indexing positions of one row (an image map's H and W, a sequence's tokens); empty for
+    a tabular vector. Every other axis (experts, fields, channels) belongs to the row's content.
+    """
+
+    batch_axis: int = 0
+    spatial_axes: tuple[int, ...] = ()
+
+
 @dataclass
 class ArchOutput:
     """Per-task raw outputs (logits, values or class logits) and the shared features they came from."""
@@ -90,6 +103,12 @@ class MultiTaskArch(nn.Module):
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {t: [p for p in self.heads[t].parameters() if p.requires_grad] for t in self.heads}
+
+    def feature_layouts(self, features: tuple[torch.Tensor, ...]) -> tuple[FeatureLayout, ...]:
+        """One :class:`FeatureLayout` per tensor :meth:`encode` returns. Default: batch axis 0, no spatial axes
+        (tabular archs). An arch returning expert stacks ``[n, B, D]``, image maps or token sequences overrides it
+        (representation methods such as Rep-MTL read it; a contract test checks it against the batch size)."""
+        return tuple(FeatureLayout() for _ in features)
 
     def selection_groups(self) -> dict[str, str] | None:
         """How model selection treats this arch. ``None`` (default): one epoch is selected for the whole model by

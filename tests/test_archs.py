@@ -157,3 +157,52 @@ def test_expert_bank_matches_separate_mlps():
                                                bn.bias[e * u:(e + 1) * u], training=True)
             h = torch.relu(h)
         torch.testing.assert_close(out[e], h, rtol=1e-5, atol=1e-5)
+
+
+# -- contract tests over EVERY registered arch (a new arch is checked without editing this list) ---------------
+ALL_ARCHS = names("arch")
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_feature_layouts_declare_the_batch_axis(arch, small_data):
+    """Each shared feature's declared batch axis is the one axis that follows the batch size (5 vs 7 rows)."""
+    from conftest import first_rows
+
+    model = build_arch(arch, small_data).eval()
+    with torch.no_grad():
+        f5, f7 = model.encode(first_rows(small_data, 5)), model.encode(first_rows(small_data, 7))
+    layouts = model.feature_layouts(f5)
+    assert len(layouts) == len(f5)
+    for i, (a, b, lay) in enumerate(zip(f5, f7, layouts)):
+        changed = [ax for ax in range(a.dim()) if a.shape[ax] != b.shape[ax]]
+        assert changed == [lay.batch_axis % a.dim()], f"feature {i} of shape {tuple(a.shape)}: {lay}"
+        assert all(s % a.dim() != lay.batch_axis % a.dim() for s in lay.spatial_axes)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_parameter_partition_and_gradient_contract(arch, small_data):
+    """Every parameter is shared or belongs to one task; per-task gradients via the features equal autograd."""
+    from conftest import check_contract, check_partition, first_rows
+
+    torch.manual_seed(0)
+    model = build_arch(arch, small_data)
+    if model.shared_parameters():
+        check_partition(model, len(model.loss_tasks()))
+        check_contract(model, first_rows(small_data, 32))
+    else:  # nothing shared (single): the task networks hold every parameter, each exactly once
+        owned = [id(p) for ps in model.task_parameters().values() for p in ps]
+        assert len(owned) == len(set(owned)) and set(owned) == {id(p) for p in model.parameters()}
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
+def test_selection_groups_partition_the_state(arch, small_data):
+    """An arch that selects per task (selection_groups) names, per task, a state prefix; every state key falls
+    under exactly one prefix (the trainer refuses otherwise)."""
+    model = build_arch(arch, small_data)
+    groups = model.selection_groups()
+    if groups is None:
+        assert model.shared_parameters(), f"{arch} shares nothing, so it should select per task"
+        return
+    assert set(groups) == set(model.task_names)
+    for key in model.state_dict():
+        assert sum(key.startswith(p) for p in groups.values()) == 1, key

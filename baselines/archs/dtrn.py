@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, register_arch
+from mtlbench import ExpertBank, FeatureLayout, MtlbenchError, MultiTaskArch, register_arch
 from mtlbench.arch import tower
 from mtlbench.layers import ExpertBatchNorm
 
@@ -313,6 +313,11 @@ class DTRN(MultiTaskArch):
         scores = (h @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.embed_dim) + key_bias  # [T, S, B, L]
         att = torch.softmax(scores, dim=-1) * (lens > 0).to(h.dtype).unsqueeze(-1)  # empty history -> 0
         return (att.unsqueeze(-2) @ h).squeeze(-2).permute(2, 0, 1, 3)  # [B, T, S, d]
+
+    def feature_layouts(self, features):
+        # fields [B, F, d], expert projections [n, B, F + 1, u]; with sequences also interests [B, T, S, d] and
+        # their projections [n, B, T, S, u]: the (task, behaviour type) axes index content, not positions
+        return tuple(FeatureLayout(batch_axis=i % 2) for i in range(len(features)))
 
     def encode(self, batch):
         fields = self.shared["input"].fields(batch)  # [B, F, d]

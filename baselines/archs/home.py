@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, mix, register_arch
+from mtlbench import ExpertBank, FeatureLayout, MtlbenchError, MultiTaskArch, mix, register_arch
 from mtlbench.arch import tower
 
 
@@ -165,6 +165,9 @@ class HoME(MultiTaskArch):
 
     def describe(self) -> dict[str, Any]:
         return {"groups": self.groups}
+
+    def feature_layouts(self, features):
+        return tuple(FeatureLayout(batch_axis=1) for _ in features)  # expert stacks [n_experts, B, D]
 
     def encode(self, batch):
         x = self.shared["input"](batch)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtlbench import ExpertBank, MultiTaskArch, mix, register_arch
+from mtlbench import ExpertBank, FeatureLayout, MultiTaskArch, mix, register_arch
 from mtlbench.arch import tower
 
 
@@ -42,6 +42,10 @@ class MMoE(MultiTaskArch):
         for t in self.tasks:
             self.heads[t.name]["gate"] = torch.nn.Linear(inp.output_dim, o.n_experts)
             self.heads[t.name]["tower"] = tower(d, o.tower_units, t, o.dropout, o.batch_norm)
+
+    def feature_layouts(self, features):
+        # the input vector [B, D], then expert stacks [n_experts, B, D]
+        return (FeatureLayout(),) + tuple(FeatureLayout(batch_axis=1) for _ in features[1:])
 
     def encode(self, batch):
         x = self.shared["input"](batch)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlbench import ExpertBank, MultiTaskArch, mix, register_arch
+from mtlbench import ExpertBank, FeatureLayout, MultiTaskArch, mix, register_arch
 from mtlbench.arch import tower
 
 
@@ -122,6 +122,10 @@ class PLE(MultiTaskArch):
         ``[task 0 experts | task 1 experts | ... | shared experts]``."""
         nt, T = self.o.task_experts, len(self.tasks)
         return list(range(k * nt, (k + 1) * nt)) + list(range(T * nt, T * nt + self.o.shared_experts))
+
+    def feature_layouts(self, features):
+        # the input vector [B, D], then expert stacks [n_experts, B, D]
+        return (FeatureLayout(),) + tuple(FeatureLayout(batch_axis=1) for _ in features[1:])
 
     def encode(self, batch):
         x = self.shared["input"](batch)

@@ -26,10 +26,11 @@ ablation); with both off, or both lambdas 0, the step is exactly equal weighting
 
 Assumptions where the paper (written for B x C x H' x W' CNN maps) leaves room:
 - Layout. mtlbench archs expose the shared representation as a tuple of tensors (``ctx.features``) such as
-  ``[B, D]`` (Shared-Bottom) or ``[n_experts, B, D]`` (MMoE's experts). In each tensor the batch axis is the first
-  axis whose size is the batch size, the channel axis is ``channel_axis`` (default the last one) and every other
-  axis is a position (the paper's H' x W'): a ``[B, D]`` vector has one position, MMoE's experts are 8 positions
-  of D channels. Use ``channel_axis = 1`` for ``[B, C, H, W]`` image maps.
+  ``[B, D]`` (Shared-Bottom) or ``[n_experts, B, D]`` (MMoE's experts), and declare each tensor's batch axis
+  (``MultiTaskArch.feature_layouts``; until 2026-12 it was guessed as the first axis of the batch's size, which
+  with a batch of 8 and 8 experts regularised across experts). The channel axis is ``channel_axis`` (default the
+  last one) and every other axis is a position (the paper's H' x W'): a ``[B, D]`` vector has one position,
+  MMoE's experts are 8 positions of D channels. Use ``channel_axis = 1`` for ``[B, C, H, W]`` image maps.
 - Several feature tensors: both regularisers are computed per tensor and averaged over the tensors (equal
   weight each); ``feature_indices`` selects tensors (empty: all).
 - Eq. 9's positive term has a free task index t: it is averaged over the T tasks (B x T positive pairs, as in
@@ -57,22 +58,19 @@ EPS = 1e-12  # floors for normalisers, applied after the RMS rescaling (salienci
 
 # ------------------------------------------------------------------------------------------- pure functions
 
-def canonical_saliency(grad: torch.Tensor, batch_size: int, channel_axis: int = -1) -> torch.Tensor:
-    """``grad`` (any layout holding a batch axis) -> ``[B, positions, channels]``.
-
-    The batch axis is the first axis of size ``batch_size``; ``channel_axis`` the channels; the rest positions."""
+def canonical_saliency(grad: torch.Tensor, batch_axis: int = 0, channel_axis: int = -1) -> torch.Tensor:
+    """``grad`` -> ``[B, positions, channels]``: ``batch_axis`` (declared by the arch's feature layout) indexes
+    the rows, ``channel_axis`` the channels, every other axis is a position."""
     if grad.dim() == 0:
         raise ValueError("a shared feature must have a batch axis, got a scalar")
+    b = batch_axis % grad.dim()
+    if grad.dim() == 1:  # [B]: one position, one channel
+        return grad.reshape(grad.shape[0], 1, 1)
     ch = channel_axis % grad.dim()
-    batch_axes = [a for a in range(grad.dim()) if grad.shape[a] == batch_size and a != ch]
-    if not batch_axes:
-        if grad.dim() == 1 and grad.shape[0] == batch_size:  # [B]: one position, one channel
-            return grad.reshape(batch_size, 1, 1)
-        raise ValueError(f"no axis of size {batch_size} (the batch) in a feature of shape {tuple(grad.shape)} "
-                         f"besides channel axis {channel_axis}")
-    b = batch_axes[0]
+    if ch == b:
+        raise ValueError(f"channel axis {channel_axis} is the batch axis of a feature of shape {tuple(grad.shape)}")
     x = grad.movedim((b, ch), (0, grad.dim() - 1))
-    return x.reshape(batch_size, -1, x.shape[-1])
+    return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _rescale(X: torch.Tensor) -> torch.Tensor:
@@ -128,13 +126,15 @@ def task_saliencies(losses: Sequence[torch.Tensor], features: Sequence[torch.Ten
     return out
 
 
-def rep_mtl_regularisers(losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor], batch_size: int,
-                         tsr: bool = True, csa: bool = True, tau: float = 0.1, channel_axis: int = -1,
-                         positive_in_denominator: bool = False, create_graph: bool = True,
-                         ) -> dict[str, torch.Tensor]:
-    """``{"tsr": L_tsr, "csa": L_csa}`` (those switched on), each averaged over the feature tensors."""
+def rep_mtl_regularisers(losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor],
+                         batch_axes: Sequence[int] | None = None, tsr: bool = True, csa: bool = True,
+                         tau: float = 0.1, channel_axis: int = -1, positive_in_denominator: bool = False,
+                         create_graph: bool = True) -> dict[str, torch.Tensor]:
+    """``{"tsr": L_tsr, "csa": L_csa}`` (those switched on), each averaged over the feature tensors;
+    ``batch_axes``: each feature's batch axis (None: 0 for all)."""
     sal = task_saliencies(losses, features, create_graph)
-    per_feature = [torch.stack([canonical_saliency(s[i], batch_size, channel_axis) for s in sal])
+    axes = [0] * len(features) if batch_axes is None else list(batch_axes)
+    per_feature = [torch.stack([canonical_saliency(s[i], axes[i], channel_axis) for s in sal])
                    for i in range(len(features))]  # each [T, B, P, C]
     out: dict[str, torch.Tensor] = {}
     if tsr:
@@ -179,25 +179,22 @@ class RepMTL(MTLOptimizer):
         super().__init__(task_names, options if options is not None else self.Options())
         self.last_regularisers: dict[str, float] = {}
 
-    def _features(self, ctx: StepContext) -> tuple[torch.Tensor, ...]:
+    def _features(self, ctx: StepContext) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+        """The regularised feature tensors and their batch axes, as the arch declares them (``feature_layouts``;
+        a model without the declaration is taken to put the batch first)."""
         feats = tuple(ctx.features)
         if not feats:
             raise MtlbenchError("optimizer 'rep_mtl' needs a shared representation, but the architecture exposes "
                                 "no shared features (use a multi-task arch, or optimizer 'ew')")
+        declare = getattr(ctx.model, "feature_layouts", None)
+        axes = [lay.batch_axis for lay in declare(feats)] if declare else [0] * len(feats)
         idx = self.options.feature_indices
         if idx:
             if max(idx) >= len(feats):
                 raise MtlbenchError(f"optimizer 'rep_mtl' option feature_indices names feature {max(idx)}, but "
                                     f"the architecture exposes {len(feats)} shared feature tensor(s)")
-            feats = tuple(feats[i] for i in idx)
-        return feats
-
-    @staticmethod
-    def _batch_size(ctx: StepContext) -> int:
-        outputs = getattr(ctx.output, "outputs", None)
-        if outputs:
-            return int(outputs[0].shape[0])
-        return int(next(iter(ctx.batch.values())).shape[0])
+            feats, axes = tuple(feats[i] for i in idx), [axes[i] for i in idx]
+        return feats, axes
 
     def step(self, ctx: StepContext) -> None:
         o = self.options
@@ -216,15 +213,15 @@ class RepMTL(MTLOptimizer):
                 ctx.backward()
             self.last_regularisers = {}
             return
-        feats = self._features(ctx)
-        B = self._batch_size(ctx)
+        feats, axes = self._features(ctx)
+        B = int(feats[0].shape[axes[0]])
         csa = use_csa
         if use_csa and B < 2:
             self.warn_once("csa_batch", f"rep_mtl: step {ctx.step} has a batch of one sample, so the cross-task "
                                         f"alignment has no negatives; it is skipped for such batches")
             csa = False
         try:
-            regs = rep_mtl_regularisers(task_losses, feats, B, use_tsr, csa, o.tau, o.channel_axis,
+            regs = rep_mtl_regularisers(task_losses, feats, axes, use_tsr, csa, o.tau, o.channel_axis,
                                         o.csa_positive_in_denominator)
         except ValueError as exc:
             raise MtlbenchError(f"optimizer 'rep_mtl': {exc}") from exc
