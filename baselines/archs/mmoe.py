@@ -3,8 +3,8 @@ KDD 2018.
 
 Eqs. 6-8 of the paper: ``f_k(x) = sum_i g_k(x)_i f_i(x)``, ``g_k(x) = softmax(W_gk x)``, ``y_k = h_k(f_k(x))``:
 n identical ReLU-MLP experts shared by all tasks, one linear-softmax gate per task on the raw input (here the
-concatenated embeddings), one tower per task. Defaults (8 experts of 128-64, towers of 64, dropout 0.1, BatchNorm
-in the MLPs) follow the MTReclib/FuxiCTR style scaled to CPU budgets; the paper tunes sizes per dataset.
+concatenated embeddings), one tower per task. Defaults (8 experts of 128-64, towers of 64, no dropout (``dropout=0.0``),
+BatchNorm in the MLPs) follow the MTReclib/FuxiCTR style scaled to CPU budgets; the paper tunes sizes per dataset.
 Shared parameters: input layer and experts. Task-specific: gate and tower.
 """
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Algorithm 1 of the paper: for each task i, start from its gradient g_i and, for every other task j in a random
 order, if the current g_i conflicts with g_j (negative inner product) project it onto the normal plane of g_j:
 ``g_i <- g_i - (g_i . g_j) / |g_j|^2 g_j``. The update of the shared parameters is the sum of the projected
-gradients (``reduction="sum"``, as in Algorithm 1; the authors' PyTorch code averages instead: ``"mean"``).
+gradients (``reduction="sum"``, as in Algorithm 1 and in the authors' released code, which is TensorFlow
+(tianheyu927/PCGrad) and sums the projected gradients; ``"mean"`` averages them, as the widely used third-party
+PyTorch port does by default).
 Task-specific parameters follow their own task's gradient, untouched.
 
 Implementation: the projections act on a linear combination of the task gradients, so they are carried out on
