@@ -234,11 +234,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in ("dataset", "arch", "optimizer", "metric"):
         print(titles[kind])
         entries = registry.entries(kind)
+        if kind == "arch":  # an image variant of a tabular arch (same name) is listed after it
+            entries = [v for e in entries for v in sorted(registry.variants(e.name).values(),
+                                                          key=lambda v: v.modality != e.modality)]
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             extra = ""
             if kind == "dataset" and e.obj.task_names():
                 extra = f"  [tasks: {', '.join(e.obj.task_names())}]"
+            if kind == "dataset" and getattr(e.obj, "modality", "tabular") != "tabular":
+                extra += f"  [{e.obj.modality}s]"
+            if kind == "arch" and e.modality != "tabular":
+                extra = f"  [{e.modality}s]"
             if kind == "metric":
                 extra = f"  [{'higher' if e.obj.direction == 'max' else 'lower'} is better]"
             origin = "" if e.builtin else f"  (plugin: {e.module})"
