@@ -289,7 +289,7 @@ def print_summary(record: dict[str, Any], path: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mtlbench.spec import build_spec
-    from mtlbench.store import ensure_writable, finished_record
+    from mtlbench.results.store import ensure_writable, finished_record
     from mtlbench.train import run
 
     st = _settings(args)
@@ -364,7 +364,7 @@ def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, b
 
 def _dry_run(specs: list, results_dir: str, force: bool) -> int:
     """One line per expanded run (done / to run, run id, label) and a count: what the sweep would do."""
-    from mtlbench.store import finished_record
+    from mtlbench.results.store import finished_record
 
     todo = 0
     for spec in specs:
@@ -379,7 +379,7 @@ def _dry_run(specs: list, results_dir: str, force: bool) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from mtlbench.report import summary_lines, write_leaderboard
+    from mtlbench.results.report import summary_lines, write_leaderboard
 
     formats = tuple(_csv(args.format) or [])
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
@@ -398,7 +398,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mtlbench.compare import compare
+    from mtlbench.results.compare import compare
 
     print(compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
                   split=args.split))

@@ -31,8 +31,8 @@ from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
+from mtlbench.results.store import RECORD_SCHEMA
 from mtlbench.vision.dense import DenseAccumulator
-from mtlbench.store import RECORD_SCHEMA
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
@@ -305,7 +305,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
         log: Callable[[str], None] | None = None, track: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Run one spec and store its record atomically; a failed run is stored, then raised as RunFailed."""
-    from mtlbench.store import ensure_writable, finished_record, store_run
+    from mtlbench.results.store import ensure_writable, finished_record, store_run
 
     ensure_writable(results_dir)
     trackers = None
