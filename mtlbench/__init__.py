@@ -1,21 +1,41 @@
 """mtlbench: a multi-task learning benchmarking suite.
 
-The public plugin API: built-in methods use exactly these names, and so does a user's plugin file.
+The public plugin API: built-in methods use exactly these names, and so does a user's plugin file. They are
+imported on first use (PEP 562), so `import mtlbench.cli` stays light: the command line answers `--help` and
+bad flags without importing torch.
 """
-from mtlbench.arch import ArchOutput, MultiTaskArch
-from mtlbench.data import (CategoricalField, DatasetAdapter, FeatureSchema, MultiTaskData, SequenceField, Split,
-                           TaskSpec)
-from mtlbench.errors import MtlbenchError, RunFailed
-from mtlbench.layers import MLP, ExpertBank, InputLayer, mix
-from mtlbench.optim import JacobianMethod, MTLOptimizer, StepContext
-from mtlbench.registry import (option_field, register, register_arch, register_dataset, register_metric,
-                               register_optimizer)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ArchOutput", "MultiTaskArch", "CategoricalField", "DatasetAdapter", "FeatureSchema", "MultiTaskData",
-    "SequenceField", "Split", "TaskSpec", "MtlbenchError", "RunFailed", "MLP", "ExpertBank", "InputLayer", "mix",
-    "JacobianMethod", "MTLOptimizer", "StepContext", "option_field", "register", "register_arch", "register_dataset",
-    "register_metric", "register_optimizer", "__version__",
-]
+_WHERE = {
+    "ArchOutput": "mtlbench.arch", "MultiTaskArch": "mtlbench.arch",
+    "CategoricalField": "mtlbench.data", "DatasetAdapter": "mtlbench.data", "FeatureSchema": "mtlbench.data",
+    "MultiTaskData": "mtlbench.data", "SequenceField": "mtlbench.data", "Split": "mtlbench.data",
+    "TaskSpec": "mtlbench.data",
+    "MtlbenchError": "mtlbench.errors", "RunFailed": "mtlbench.errors",
+    "MLP": "mtlbench.layers", "ExpertBank": "mtlbench.layers", "InputLayer": "mtlbench.layers",
+    "mix": "mtlbench.layers",
+    "JacobianMethod": "mtlbench.optim", "MTLOptimizer": "mtlbench.optim", "StepContext": "mtlbench.optim",
+    "option_field": "mtlbench.registry", "register": "mtlbench.registry", "register_arch": "mtlbench.registry",
+    "register_dataset": "mtlbench.registry", "register_metric": "mtlbench.registry",
+    "register_optimizer": "mtlbench.registry",
+}
+
+__all__ = [*_WHERE, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mtlbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
