@@ -377,7 +377,14 @@ class _Worker:
     def __init__(self, ctx: Any) -> None:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, args=(child, os.getpid()), daemon=True, name="mtlbench-worker")
-        self.proc.start()
+        # started with Ctrl-C ignored (kept across exec), so a Ctrl-C while it boots cannot print a traceback
+        main_thread = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            self.proc.start()
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, old)
         child.close()
         self.spec: Any = None
 
