@@ -138,11 +138,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in ("dataset", "arch", "optimizer", "metric"):
         print(titles[kind])
         entries = registry.entries(kind)
+        if kind == "arch":  # an image variant of a tabular arch (same name) is listed after it
+            entries = [v for e in entries for v in sorted(registry.variants(e.name).values(),
+                                                          key=lambda v: v.modality != e.modality)]
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             extra = ""
             if kind == "dataset" and e.obj.task_names():
                 extra = f"  [tasks: {', '.join(e.obj.task_names())}]"
+            if kind == "dataset" and getattr(e.obj, "modality", "tabular") != "tabular":
+                extra += f"  [{e.obj.modality}s]"
+            if kind == "arch" and e.modality != "tabular":
+                extra = f"  [{e.modality}s]"
             if kind == "metric":
                 extra = f"  [{'higher' if e.obj.direction == 'max' else 'lower'} is better]"
             origin = "" if e.builtin else f"  (plugin: {e.module})"
@@ -212,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             f"than the {settings.MAX_RUNS:,} a sweep takes")
     from mtlbench import sweep
     from mtlbench.spec import available_cores, build_spec, incompatibility
-    from mtlbench.store import ensure_writable
+    from mtlbench.results.store import ensure_writable
 
     _load_plugins(st["plugins"])
     if not st["dry_run"]:  # a dry run only reads the store
@@ -264,7 +271,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _single_run(spec, st: dict[str, Any], data_dir: str | None) -> int:
     from mtlbench import sweep
-    from mtlbench.store import finished_record
+    from mtlbench.results.store import finished_record
     from mtlbench.train import run
 
     quiet = st["quiet"]
@@ -309,7 +316,7 @@ def _dry_run(plan, results_dir: str, force: bool, total: int) -> int:
     """One line per expanded run (done / to run / skipped as incompatible, run id, label) and a count: what the
     sweep would do. Lines are printed as the grid expands, so a large grid shows its first runs at once."""
     from mtlbench import registry
-    from mtlbench.store import finished_record
+    from mtlbench.results.store import finished_record
 
     todo = n = incompatible = 0
     for spec, reason in plan:
@@ -332,7 +339,7 @@ def _dry_run(plan, results_dir: str, force: bool, total: int) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from mtlbench.report import summary_lines, write_leaderboard
+    from mtlbench.results.report import summary_lines, write_leaderboard
 
     formats = tuple(_csv(args.format) or [])
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
@@ -351,7 +358,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mtlbench.compare import compare
+    from mtlbench.results.compare import compare
 
     print(compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
                   split=args.split))

@@ -157,7 +157,7 @@ def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | Non
     driver to write). ``threads`` is unused (the spec carries its thread count) and kept for callers."""
     from mtlbench import registry
     from mtlbench.spec import RunSpec
-    from mtlbench.store import store_run
+    from mtlbench.results.store import store_run
     from mtlbench.train import run_to_record
 
     spec = RunSpec.from_dict(spec_dict)
@@ -211,7 +211,7 @@ def crash_record(spec: Any, reason: str, kind: str = "WorkerDied") -> dict[str, 
     infrastructure failure: rerunning the sweep retries it."""
     from datetime import datetime, timezone
 
-    from mtlbench.store import RECORD_SCHEMA
+    from mtlbench.results.store import RECORD_SCHEMA
 
     return {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(), "status": "failed",
             "error": {"reason": reason, "type": kind, "traceback": None, "infrastructure": True},
@@ -269,7 +269,7 @@ def run_sweep(specs: list[Any], results_dir: str, *, data_dir: str | None = None
               track: list[str] | None = None) -> SweepResult:
     """Run every spec not already finished; failures are recorded and the sweep goes on. Ctrl-C stops it and
     returns what happened (``interrupted`` lists the runs not finished)."""
-    from mtlbench.store import finished_record
+    from mtlbench.results.store import finished_record
 
     result = SweepResult(results_dir=str(results_dir))
     todo = []
@@ -413,7 +413,7 @@ def _run_pool(queue: deque, results_dir, data_dir, plugins, jobs: int, admit, co
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
-    from mtlbench.store import store_run
+    from mtlbench.results.store import store_run
 
     ctx = mp.get_context("spawn")
     workers = [_Worker(ctx) for _ in range(min(jobs, len(queue)))]
@@ -476,7 +476,7 @@ def _run_ray(queue: deque, results_dir, data_dir, plugins, address: str | None, 
         import ray
     except ImportError as exc:
         raise MtlbenchError("--executor ray needs Ray: pip install 'mtlbench[ray]'") from exc
-    from mtlbench.store import store_run
+    from mtlbench.results.store import store_run
 
     if address and address != "auto":
         _probe(address)
