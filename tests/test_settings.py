@@ -228,7 +228,7 @@ def test_incompatible_grid_points_are_skipped_up_front(tmp_path, capsys):
 
 def test_diverging_run_is_warned_in_the_record(tmp_path, capsys):
     args = ["run", "--arch", "shared_bottom", "--tasks", "ctr", "-D", "n_rows=3000", "-D", "n_users=200",
-            "-D", "n_items=100", "--epochs", "2", "--batch-size", "256", "--lr", "1e6", "-A", "batch_norm=false",
+            "-D", "n_items=100", "--epochs", "2", "--batch-size", "256", "--lr", "1e6",
             "--results-dir", str(tmp_path), "--quiet"]
     code = main(args)
     (path,) = tmp_path.glob("*.json")
@@ -246,3 +246,14 @@ def test_short_labels_with_many_tasks():
     spec = RunSpec.from_dict({**_spec().to_dict(), "tasks": [f"t{i}" for i in range(139)]})
     short = spec.label(max_tasks=4)
     assert "t0, t1, t2, t3, ... 139 tasks" in short and len(short) < 100
+
+
+def test_divergence_warning_rule():
+    from mtlbench.train import divergence_warnings
+
+    curve = lambda *losses: [{"epoch": i + 1, "train_loss": {"a": v}} for i, v in enumerate(losses)]  # noqa: E731
+    assert divergence_warnings(0.7, curve(0.6, 0.5, 0.55)) == []          # ordinary training
+    assert divergence_warnings(0.7, curve(0.6, 69.0)) == []               # under the factor of 100
+    (w,) = divergence_warnings(0.7, curve(0.6, 4e12))
+    assert "epoch 2" in w and "diverged" in w
+    assert divergence_warnings(None, curve(4e12)) == []                   # nothing to compare against
