@@ -233,14 +233,15 @@ def test_ray_address_that_does_not_answer(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------- faults
 
 def _children(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (Linux /proc)."""
+    """Live sweep workers among the child processes of ``pid`` (Linux /proc; not multiprocessing's tracker)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
             out.append(int(stat.parent.name))
     return out
 
