@@ -177,7 +177,9 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
                         err = MtlbenchError(f"{err}; task sets: {', '.join(sorted(aliases))}")
                     raise err
     elif offered:
-        tasks = list(offered)
+        default = getattr(ds.obj, "default_tasks", None)  # options-dependent defaults (multimnist's dense variant)
+        tasks = list(default(registry.build_options(ds.options_class, ds.resolve_options(dataset_options)))
+                     if callable(default) else offered)
     else:
         raise MtlbenchError(f"dataset '{dataset}' does not list its tasks; pass --tasks")
     suggested = getattr(ds.obj, "default_training", {}) or {}
