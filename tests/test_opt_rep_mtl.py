@@ -129,43 +129,15 @@ def test_regularisers_are_differentiable():
 def test_canonical_layouts():
     B = 5
     x = _rand(0, B, 7)  # [B, D]: one position of D channels
-    assert canonical_saliency(x, 0).shape == (B, 1, 7)
-    e = _rand(1, 8, B, 4)  # MMoE experts [n, B, d], batch axis 1 as the arch declares: n positions
-    ce = canonical_saliency(e, 1)
+    assert canonical_saliency(x, B).shape == (B, 1, 7)
+    e = _rand(1, 8, B, 4)  # MMoE experts [n, B, d]: n positions
+    ce = canonical_saliency(e, B)
     assert ce.shape == (B, 8, 4) and torch.equal(ce[2, 3], e[3, 2])
     img = _rand(2, B, 3, 4, 6)  # [B, C, H, W] with channel_axis = 1: H*W positions of C channels
-    ci = canonical_saliency(img, 0, channel_axis=1)
+    ci = canonical_saliency(img, B, channel_axis=1)
     assert ci.shape == (B, 24, 3) and torch.equal(ci[1, 4 * 0 + 6 * 1 + 2], img[1, :, 1, 2])
     with pytest.raises(ValueError, match="batch"):
-        canonical_saliency(_rand(3, 4, 6), 1, channel_axis=1)
-
-
-def test_the_declared_batch_axis_is_used_even_when_another_axis_has_the_batch_size(small_data):
-    """Issue 14: with a batch of 8 rows and 8 experts, guessing the batch axis by size picked the expert axis.
-    MMoE declares [n_experts, B, D] (batch axis 1): the regularisers then equal those computed with the batch
-    axis moved first by hand."""
-    from conftest import build_arch
-    from mtlbench.objectives import task_loss
-
-    torch.manual_seed(0)
-    model = build_arch("mmoe", small_data, n_experts=8)
-    batch = {k: v[:8] for k, v in small_data.splits["train"].tensors.items()}
-    out = model(batch)
-    assert out.features[1].shape[:2] == (8, 8)
-    assert [lay.batch_axis for lay in model.feature_layouts(out.features)] == [0, 1]
-    losses = [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
-              for i, (t, o) in enumerate(zip(small_data.tasks, out.outputs))]
-    got = rep_mtl_regularisers(losses, out.features, [0, 1], create_graph=False)
-    feats = (out.features[0], out.features[1])
-    sal = [torch.autograd.grad(l, feats, retain_graph=True) for l in losses]
-    X = torch.stack([s[1].transpose(0, 1) for s in sal])  # [T, B, n, D] by hand
-    X0 = torch.stack([s[0][:, None, :] for s in sal])
-    torch.testing.assert_close(got["tsr"], (saliency_entropy(X0) + saliency_entropy(X)) / 2, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got["csa"], (saliency_alignment(X0) + saliency_alignment(X)) / 2, rtol=1e-5,
-                               atol=1e-6)
-    # the old guess (the first axis of the batch's size) contrasts experts instead of samples
-    wrong = rep_mtl_regularisers(losses, out.features, [0, 0], create_graph=False)
-    assert not torch.allclose(wrong["csa"], got["csa"], rtol=1e-3)
+        canonical_saliency(_rand(3, 4, 6), B)
 
 
 # ----------------------------------------------------------------------------- the step on a tiny model
@@ -222,7 +194,7 @@ def test_step_gradient_matches_finite_differences_of_the_objective():
     def objective():
         out = model()
         losses = model.losses(out)
-        regs = rep_mtl_regularisers(losses, out.features, tau=0.5, create_graph=False)
+        regs = rep_mtl_regularisers(losses, out.features, 6, tau=0.5, create_graph=False)
         return float((torch.stack(losses).sum() + 0.7 * regs["tsr"] + 1.3 * regs["csa"]).detach())
 
     flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -352,3 +324,31 @@ def test_short_training_run(tmp_path):
     rec = short_run(tmp_path, "rep_mtl")
     for entry in rec["curves"]:
         assert entry["task_weights"] == {"ctr": 1.0, "cvr": 1.0, "ctcvr": 1.0}
+
+
+def test_the_declared_batch_axis_is_used_even_when_another_axis_has_the_batch_size(small_data):
+    """Issue 14: with a batch of 8 rows and 8 experts, guessing the batch axis by size picked the expert axis.
+    MMoE declares [n_experts, B, D] (batch axis 1): the regularisers then equal those computed with the batch
+    axis moved first by hand, and differ from the old guess."""
+    from conftest import build_arch
+    from mtlbench.objectives import task_loss
+
+    torch.manual_seed(0)
+    model = build_arch("mmoe", small_data, n_experts=8)
+    batch = {k: v[:8] for k, v in small_data.splits["train"].tensors.items()}
+    out = model(batch)
+    assert out.features[1].shape[:2] == (8, 8)
+    layouts = model.feature_layouts()
+    assert [lay.batch_axis for lay in layouts] == [0, 1]
+    losses = [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
+              for i, (t, o) in enumerate(zip(small_data.tasks, out.outputs))]
+    got = rep_mtl_regularisers(losses, out.features, 8, create_graph=False, layouts=layouts)
+    sal = [torch.autograd.grad(l, tuple(out.features), retain_graph=True) for l in losses]
+    X0 = torch.stack([s[0][:, None, :] for s in sal])  # [T, B, 1, D]
+    X1 = torch.stack([s[1].transpose(0, 1) for s in sal])  # [T, B, n, D], the batch moved first by hand
+    torch.testing.assert_close(got["tsr"], (saliency_entropy(X0) + saliency_entropy(X1)) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["csa"], (saliency_alignment(X0) + saliency_alignment(X1)) / 2, rtol=1e-5,
+                               atol=1e-6)
+    guessed = torch.stack([s[1] for s in sal])  # the old guess: the first axis of size 8 is the expert axis
+    wrong = (saliency_alignment(X0) + saliency_alignment(guessed)) / 2
+    assert not torch.allclose(wrong, got["csa"], rtol=1e-3)

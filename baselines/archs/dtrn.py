@@ -86,8 +86,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlbench import ExpertBank, FeatureLayout, MtlbenchError, MultiTaskArch, register_arch
-from mtlbench.arch import tower
+from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, option_field, register_arch
+from mtlbench.arch import FeatureLayout, tower
 from mtlbench.layers import ExpertBatchNorm
 
 SEQUENCE_DATASETS = ("ecommerce",)  # built-in datasets whose schema lists behaviour sequences (for the error)
@@ -189,11 +189,11 @@ class DTRN(MultiTaskArch):
     @dataclass
     class Options:
         upper: Literal["mmoe", "ple"] = "mmoe"
-        shared_experts: int = 4
-        task_experts: int = 1
-        expert_units: int = 64
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        shared_experts: int = option_field(4, "number of shared experts", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=0)
+        expert_units: int = option_field(64, "expert width", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
         n_layers: int = 1
         pre_ln: bool = True
@@ -314,10 +314,15 @@ class DTRN(MultiTaskArch):
         att = torch.softmax(scores, dim=-1) * (lens > 0).to(h.dtype).unsqueeze(-1)  # empty history -> 0
         return (att.unsqueeze(-2) @ h).squeeze(-2).permute(2, 0, 1, 3)  # [B, T, S, d]
 
-    def feature_layouts(self, features):
+    def feature_layouts(self):
         # fields [B, F, d], expert projections [n, B, F + 1, u]; with sequences also interests [B, T, S, d] and
-        # their projections [n, B, T, S, u]: the (task, behaviour type) axes index content, not positions
-        return tuple(FeatureLayout(batch_axis=i % 2) for i in range(len(features)))
+        # their projections [n, B, T, S, u]
+        fields = FeatureLayout(batch_axis=0, channel_axis=-1, position_axes=(1,))
+        proj = FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0, 2))
+        if not self.sequences:
+            return (fields, proj)
+        return (fields, proj, FeatureLayout(batch_axis=0, channel_axis=-1, position_axes=(1, 2)),
+                FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0, 2, 3)))
 
     def encode(self, batch):
         fields = self.shared["input"].fields(batch)  # [B, F, d]

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlbench import ExpertBank, FeatureLayout, MtlbenchError, MultiTaskArch, mix, register_arch
-from mtlbench.arch import tower
+from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, mix, option_field, register_arch
+from mtlbench.arch import FeatureLayout, tower
 
 
 class FeatureGate(nn.Module):
@@ -112,13 +112,13 @@ class HoME(MultiTaskArch):
     @dataclass
     class Options:
         groups: Any = None
-        global_experts: int = 2
-        group_experts: int = 2
-        task_experts: int = 1
-        expert_units: tuple[int, ...] = (128, 64)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
-        feature_gate_rank: int = 16
+        global_experts: int = option_field(2, "number of global (all-task) experts", minimum=1)
+        group_experts: int = option_field(2, "experts per task group", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=1)
+        expert_units: tuple[int, ...] = option_field((128, 64), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
+        feature_gate_rank: int = option_field(16, "rank of the feature-gate projection", minimum=1)
         expert_norm: bool = True
         tower_norm: bool = True
         hierarchy: bool = True
@@ -166,8 +166,8 @@ class HoME(MultiTaskArch):
     def describe(self) -> dict[str, Any]:
         return {"groups": self.groups}
 
-    def feature_layouts(self, features):
-        return tuple(FeatureLayout(batch_axis=1) for _ in features)  # expert stacks [n_experts, B, D]
+    def feature_layouts(self):
+        return (FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)),) * 3  # z_all, level-1 and level-2 expert stacks [n, B, D]
 
     def encode(self, batch):
         x = self.shared["input"](batch)

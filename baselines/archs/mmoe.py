@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mtlbench import ExpertBank, FeatureLayout, MultiTaskArch, mix, register_arch
-from mtlbench.arch import tower
+from mtlbench import ExpertBank, MultiTaskArch, mix, option_field, register_arch
+from mtlbench.arch import FeatureLayout, tower
 
 
 @register_arch("mmoe")
@@ -23,10 +23,10 @@ class MMoE(MultiTaskArch):
 
     @dataclass
     class Options:
-        n_experts: int = 8
-        expert_units: tuple[int, ...] = (128, 64)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        n_experts: int = option_field(8, "number of experts", minimum=1)
+        expert_units: tuple[int, ...] = option_field((128, 64), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:
@@ -43,9 +43,9 @@ class MMoE(MultiTaskArch):
             self.heads[t.name]["gate"] = torch.nn.Linear(inp.output_dim, o.n_experts)
             self.heads[t.name]["tower"] = tower(d, o.tower_units, t, o.dropout, o.batch_norm)
 
-    def feature_layouts(self, features):
-        # the input vector [B, D], then expert stacks [n_experts, B, D]
-        return (FeatureLayout(),) + tuple(FeatureLayout(batch_axis=1) for _ in features[1:])
+    def feature_layouts(self):
+        # the input vector [B, D] and the expert stack [n_experts, B, D] (experts are positions, as Rep-MTL reads)
+        return (FeatureLayout(batch_axis=0, channel_axis=-1), FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)))
 
     def encode(self, batch):
         x = self.shared["input"](batch)

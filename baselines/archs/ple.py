@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlbench import ExpertBank, FeatureLayout, MultiTaskArch, mix, register_arch
-from mtlbench.arch import tower
+from mtlbench import ExpertBank, MultiTaskArch, mix, option_field, register_arch
+from mtlbench.arch import FeatureLayout, tower
 
 
 def _check(o: Any) -> None:
@@ -68,12 +68,12 @@ class PLE(MultiTaskArch):
 
     @dataclass
     class Options:
-        levels: int = 2
-        shared_experts: int = 2
-        task_experts: int = 1
-        expert_units: tuple[int, ...] = (64,)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        levels: int = option_field(2, "extraction levels (1 is CGC)", minimum=1)
+        shared_experts: int = option_field(2, "number of shared experts", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=1)
+        expert_units: tuple[int, ...] = option_field((64,), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:
@@ -123,9 +123,13 @@ class PLE(MultiTaskArch):
         nt, T = self.o.task_experts, len(self.tasks)
         return list(range(k * nt, (k + 1) * nt)) + list(range(T * nt, T * nt + self.o.shared_experts))
 
-    def feature_layouts(self, features):
-        # the input vector [B, D], then expert stacks [n_experts, B, D]
-        return (FeatureLayout(),) + tuple(FeatureLayout(batch_axis=1) for _ in features[1:])
+    def feature_layouts(self):
+        # as encode returns them: CGC (x [B, D], last shared experts [n, B, D]); PLE (selectors: x [B, D] with two
+        # levels, else per-task inputs [T, B, D]; level experts [n, B, D]; last shared experts [n, B, D])
+        vec, stack = FeatureLayout(batch_axis=0, channel_axis=-1), FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,))
+        if self.levels == 1:
+            return (vec, stack)
+        return (vec if self.levels == 2 else stack, stack, stack)
 
     def encode(self, batch):
         x = self.shared["input"](batch)
@@ -173,11 +177,11 @@ class CGC(PLE):
 
     @dataclass
     class Options:
-        shared_experts: int = 2
-        task_experts: int = 1
-        expert_units: tuple[int, ...] = (64,)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        shared_experts: int = option_field(2, "number of shared experts", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=1)
+        expert_units: tuple[int, ...] = option_field((64,), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:

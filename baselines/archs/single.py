@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from mtlbench import MLP, MultiTaskArch, register_arch
+from mtlbench import MLP, MultiTaskArch, option_field, register_arch
 from mtlbench.arch import tower
 
 
@@ -26,11 +26,13 @@ class SingleTask(MultiTaskArch):
     others have peaked and so biases Δm% in favour of MTL methods.
     """
 
+    shares_parameters = False  # a sweep skips single x (gradient / representation methods) up front
+
     @dataclass
     class Options:
-        bottom_units: tuple[int, ...] = (256, 128)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        bottom_units: tuple[int, ...] = option_field((256, 128), "bottom MLP hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
         selection: Literal["per_task", "joint"] = "per_task"
 

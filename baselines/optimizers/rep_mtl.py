@@ -26,11 +26,12 @@ ablation); with both off, or both lambdas 0, the step is exactly equal weighting
 
 Assumptions where the paper (written for B x C x H' x W' CNN maps) leaves room:
 - Layout. mtlbench archs expose the shared representation as a tuple of tensors (``ctx.features``) such as
-  ``[B, D]`` (Shared-Bottom) or ``[n_experts, B, D]`` (MMoE's experts), and declare each tensor's batch axis
-  (``MultiTaskArch.feature_layouts``; until 2026-12 it was guessed as the first axis of the batch's size, which
-  with a batch of 8 and 8 experts regularised across experts). The channel axis is ``channel_axis`` (default the
-  last one) and every other axis is a position (the paper's H' x W'): a ``[B, D]`` vector has one position,
-  MMoE's experts are 8 positions of D channels. Use ``channel_axis = 1`` for ``[B, C, H, W]`` image maps.
+  ``[B, D]`` (Shared-Bottom) or ``[n_experts, B, D]`` (MMoE's experts). The arch declares each tensor's batch and
+  channel axes (``MultiTaskArch.feature_layouts()``: every image arch and every tabular arch that returns expert
+  stacks); a tensor an arch does not declare has its batch on axis 0 and channels on ``channel_axis`` (default the
+  last). Until 2026-12 an undeclared batch axis was guessed as the first axis of the batch's size, which with a
+  batch of 8 rows and 8 experts regularised across experts. Every other axis is a position (the paper's
+  H' x W'): a ``[B, D]`` vector has one position, MMoE's experts are 8 positions of D channels.
 - Several feature tensors: both regularisers are computed per tensor and averaged over the tensors (equal
   weight each); ``feature_indices`` selects tensors (empty: all).
 - Eq. 9's positive term has a free task index t: it is averaged over the T tasks (B x T positive pairs, as in
@@ -58,19 +59,27 @@ EPS = 1e-12  # floors for normalisers, applied after the RMS rescaling (salienci
 
 # ------------------------------------------------------------------------------------------- pure functions
 
-def canonical_saliency(grad: torch.Tensor, batch_axis: int = 0, channel_axis: int = -1) -> torch.Tensor:
-    """``grad`` -> ``[B, positions, channels]``: ``batch_axis`` (declared by the arch's feature layout) indexes
-    the rows, ``channel_axis`` the channels, every other axis is a position."""
+def canonical_saliency(grad: torch.Tensor, batch_size: int, channel_axis: int = -1,
+                       batch_axis: int | None = None) -> torch.Tensor:
+    """``grad`` (any layout holding a batch axis) -> ``[B, positions, channels]``.
+
+    The batch axis is ``batch_axis`` when the arch declares it (``MultiTaskArch.feature_layouts``), else the first
+    axis of size ``batch_size``; ``channel_axis`` the channels; the rest positions."""
     if grad.dim() == 0:
         raise ValueError("a shared feature must have a batch axis, got a scalar")
-    b = batch_axis % grad.dim()
-    if grad.dim() == 1:  # [B]: one position, one channel
-        return grad.reshape(grad.shape[0], 1, 1)
+    if batch_axis is not None:
+        x = grad.movedim((batch_axis % grad.dim(), channel_axis % grad.dim()), (0, grad.dim() - 1))
+        return x.reshape(x.shape[0], -1, x.shape[-1])
     ch = channel_axis % grad.dim()
-    if ch == b:
-        raise ValueError(f"channel axis {channel_axis} is the batch axis of a feature of shape {tuple(grad.shape)}")
+    batch_axes = [a for a in range(grad.dim()) if grad.shape[a] == batch_size and a != ch]
+    if not batch_axes:
+        if grad.dim() == 1 and grad.shape[0] == batch_size:  # [B]: one position, one channel
+            return grad.reshape(batch_size, 1, 1)
+        raise ValueError(f"no axis of size {batch_size} (the batch) in a feature of shape {tuple(grad.shape)} "
+                         f"besides channel axis {channel_axis}")
+    b = batch_axes[0]
     x = grad.movedim((b, ch), (0, grad.dim() - 1))
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.reshape(batch_size, -1, x.shape[-1])
 
 
 def _rescale(X: torch.Tensor) -> torch.Tensor:
@@ -100,7 +109,10 @@ def saliency_alignment(X: torch.Tensor, tau: float = 0.1, positive_in_denominato
     A = X.mean(2).transpose(0, 1)  # [B, T, C]: column t of the anchor of sample b
     aa = torch.einsum("btc,kuc->bktu", A, A).pow(2).sum((-1, -2))  # [B, B] <A^_b, A^_k>
     am = torch.einsum("buc,tbpc->btup", A, X).pow(2).sum((-1, -2))  # [B, T] <A^_b, M_t[b]>
-    mm = torch.einsum("tbpc,tbqc->tbpq", X, X).pow(2).sum((-1, -2))  # [T, B] |M_t[b]|^2
+    if X.shape[2] <= X.shape[3]:  # |X^T X|_F = |X X^T|_F: take the smaller Gram (image maps: P = H W >> C)
+        mm = torch.einsum("tbpc,tbqc->tbpq", X, X).pow(2).sum((-1, -2))  # [T, B] |M_t[b]|^2
+    else:
+        mm = torch.einsum("tbpc,tbpd->tbcd", X, X).pow(2).sum((-1, -2))
     norm_a = aa.diagonal().clamp_min(EPS).sqrt()  # [B]
     norm_m = mm.clamp_min(EPS).sqrt().T  # [B, T]
     pos = am / (norm_a[:, None] * norm_m)  # [B, T]
@@ -126,15 +138,18 @@ def task_saliencies(losses: Sequence[torch.Tensor], features: Sequence[torch.Ten
     return out
 
 
-def rep_mtl_regularisers(losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor],
-                         batch_axes: Sequence[int] | None = None, tsr: bool = True, csa: bool = True,
-                         tau: float = 0.1, channel_axis: int = -1, positive_in_denominator: bool = False,
-                         create_graph: bool = True) -> dict[str, torch.Tensor]:
-    """``{"tsr": L_tsr, "csa": L_csa}`` (those switched on), each averaged over the feature tensors;
-    ``batch_axes``: each feature's batch axis (None: 0 for all)."""
+def rep_mtl_regularisers(losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor], batch_size: int,
+                         tsr: bool = True, csa: bool = True, tau: float = 0.1, channel_axis: int = -1,
+                         positive_in_denominator: bool = False, create_graph: bool = True,
+                         layouts: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+    """``{"tsr": L_tsr, "csa": L_csa}`` (those switched on), each averaged over the feature tensors.
+    ``layouts``: the arch's declared :class:`~mtlbench.arch.FeatureLayout` per tensor (batch and channel axes),
+    which take precedence over ``channel_axis``; a tensor without one has its batch on axis 0."""
     sal = task_saliencies(losses, features, create_graph)
-    axes = [0] * len(features) if batch_axes is None else list(batch_axes)
-    per_feature = [torch.stack([canonical_saliency(s[i], axes[i], channel_axis) for s in sal])
+    # an undeclared tensor has its batch first (the arch contract's default for tabular vectors), never guessed
+    axes = [(channel_axis, 0) if layouts is None or layouts[i] is None else
+            (layouts[i].channel_axis, layouts[i].batch_axis) for i in range(len(features))]
+    per_feature = [torch.stack([canonical_saliency(s[i], batch_size, *axes[i]) for s in sal])
                    for i in range(len(features))]  # each [T, B, P, C]
     out: dict[str, torch.Tensor] = {}
     if tsr:
@@ -179,22 +194,25 @@ class RepMTL(MTLOptimizer):
         super().__init__(task_names, options if options is not None else self.Options())
         self.last_regularisers: dict[str, float] = {}
 
-    def _features(self, ctx: StepContext) -> tuple[tuple[torch.Tensor, ...], list[int]]:
-        """The regularised feature tensors and their batch axes, as the arch declares them (``feature_layouts``;
-        a model without the declaration is taken to put the batch first)."""
+    def _features(self, ctx: StepContext) -> tuple[torch.Tensor, ...]:
         feats = tuple(ctx.features)
         if not feats:
             raise MtlbenchError("optimizer 'rep_mtl' needs a shared representation, but the architecture exposes "
                                 "no shared features (use a multi-task arch, or optimizer 'ew')")
-        declare = getattr(ctx.model, "feature_layouts", None)
-        axes = [lay.batch_axis for lay in declare(feats)] if declare else [0] * len(feats)
         idx = self.options.feature_indices
         if idx:
             if max(idx) >= len(feats):
                 raise MtlbenchError(f"optimizer 'rep_mtl' option feature_indices names feature {max(idx)}, but "
                                     f"the architecture exposes {len(feats)} shared feature tensor(s)")
-            feats, axes = tuple(feats[i] for i in idx), [axes[i] for i in idx]
-        return feats, axes
+            feats = tuple(feats[i] for i in idx)
+        return feats
+
+    @staticmethod
+    def _batch_size(ctx: StepContext) -> int:
+        outputs = getattr(ctx.output, "outputs", None)
+        if outputs:
+            return int(outputs[0].shape[0])
+        return int(next(iter(ctx.batch.values())).shape[0])
 
     def step(self, ctx: StepContext) -> None:
         o = self.options
@@ -213,16 +231,20 @@ class RepMTL(MTLOptimizer):
                 ctx.backward()
             self.last_regularisers = {}
             return
-        feats, axes = self._features(ctx)
-        B = int(feats[0].shape[axes[0]])
+        feats = self._features(ctx)
+        B = self._batch_size(ctx)
+        declared = getattr(ctx.model, "feature_layouts", None)
+        layouts = declared() if callable(declared) else None
+        if layouts is not None and self.options.feature_indices:
+            layouts = [layouts[i] for i in self.options.feature_indices]
         csa = use_csa
         if use_csa and B < 2:
             self.warn_once("csa_batch", f"rep_mtl: step {ctx.step} has a batch of one sample, so the cross-task "
                                         f"alignment has no negatives; it is skipped for such batches")
             csa = False
         try:
-            regs = rep_mtl_regularisers(task_losses, feats, axes, use_tsr, csa, o.tau, o.channel_axis,
-                                        o.csa_positive_in_denominator)
+            regs = rep_mtl_regularisers(task_losses, feats, B, use_tsr, csa, o.tau, o.channel_axis,
+                                        o.csa_positive_in_denominator, layouts=layouts)
         except ValueError as exc:
             raise MtlbenchError(f"optimizer 'rep_mtl': {exc}") from exc
         total = torch.stack(task_losses).sum()
