@@ -88,8 +88,8 @@ class StepContext:
         sub.task_params = [self.task_params[i] for i in index]
         pick = (lambda xs: None if xs is None else [xs[i] for i in index])  # noqa: E731
         sub._feature_grads, sub._head_grads = pick(self._feature_grads), pick(self._head_grads)
-        sub._jacobian = None if self._jacobian is None else self._jacobian[torch.as_tensor(index,
-                                                                                            device=self._jacobian.device)]
+        J = self._jacobian
+        sub._jacobian = None if J is None else J[torch.as_tensor(index, device=J.device)]
         parent_forward = self._forward
 
         def forward() -> tuple[Any, list[torch.Tensor]]:
@@ -232,8 +232,9 @@ class MTLOptimizer:
     requires: ClassVar[frozenset[Requirement]] = frozenset()
     # Per-task state: attribute name ("attr", or "attr.key" for an entry of a dict attribute) -> how many leading
     # axes index tasks (1: [T, ...], 2: [T, T, ...]); plain tensors only (a learnable nn.Parameter, stepped by the
-    # torch optimizer, keeps its shape: index it with ``self.active`` instead). In a step where some tasks are absent, :meth:`only` narrows
-    # these to the present tasks and writes them back after, so absent tasks' state neither moves nor leaks in.
+    # torch optimizer, keeps its shape: index it with ``self.active`` instead). In a step where some tasks are
+    # absent, :meth:`only` narrows these to the present tasks and writes them back after, so absent tasks' state
+    # neither moves nor leaks in.
     task_state: ClassVar[dict[str, int]] = {}
 
     def __init__(self, task_names: tuple[str, ...], options: Any = None) -> None:

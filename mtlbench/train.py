@@ -312,8 +312,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             on_epoch(entry)
         if log:
             summary = "  ".join(f"{t.name} {t.primary_metric} {val[t.name][t.primary_metric]:.4f}" for t in tasks)
-            log(f"epoch {epoch}/{spec.epochs}  train loss {sum(v for v in train_losses.values() if math.isfinite(v)):.4f}  "
-                f"val {summary}")
+            total = sum(v for v in train_losses.values() if math.isfinite(v))
+            log(f"epoch {epoch}/{spec.epochs}  train loss {total:.4f}  val {summary}")
         if per_task is not None:
             stop = per_task.update(model, epoch, entry["task_selection_scores"])
             if any(per_task.epoch[t] == epoch for t in per_task.groups):

@@ -16,18 +16,15 @@ import torch
 from mtlbench.optim import StepContext, present_tasks
 from mtlbench.registry import get, names
 
-from conftest import build_arch, make_method, short_run
+from conftest import assert_close_fp, build_arch, make_method, short_run
 
 OPTIMIZERS = names("optimizer")
-EPS32 = torch.finfo(torch.float32).eps
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Equal up to float32 round-off: the two computations run the same operations in the same order except
-    for the absent task, so a few hundred ulps of the largest magnitude involved is generous and still catches
-    any real difference (a task's share of an update is orders of magnitude larger)."""
-    scale = float(want.abs().max()) if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=256 * EPS32, atol=256 * EPS32 * max(scale, 1e-30), msg=what)
+    """Equal up to float32 round-off (the two computations run the same operations except for the absent
+    task): the shared dtype- and magnitude-derived tolerance."""
+    assert_close_fp(got, want, msg=what)
 
 
 def _ctx(model, batch, gen, step):

@@ -17,7 +17,7 @@ from mtlbench.errors import MtlbenchError
 from mtlbench.optim import StepContext
 from mtlbench.registry import get
 
-from conftest import build_arch, make_method, short_run, step_context
+from conftest import assert_close_fp, build_arch, make_method, short_run, step_context
 
 
 def _method(tasks, name="rep_mtl", **options):
@@ -283,7 +283,7 @@ def test_single_task_entropy_has_no_gradient(small_data):
     method = _method(data.task_names, csa=False)
     got = _flat(_grads(model, method, data))
     assert method.last_regularisers["tsr"] == 0.0
-    torch.testing.assert_close(got, ew, rtol=1e-5, atol=1e-7)
+    assert_close_fp(got, ew)
 
 
 def test_needs_shared_features(small_data):

@@ -167,7 +167,8 @@ class HoME(MultiTaskArch):
         return {"groups": self.groups}
 
     def feature_layouts(self):
-        return (FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)),) * 3  # z_all, level-1 and level-2 expert stacks [n, B, D]
+        # z_all, level-1 and level-2 expert stacks [n, B, D]
+        return (FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)),) * 3
 
     def encode(self, batch):
         x = self.shared["input"](batch)

@@ -45,7 +45,8 @@ class MMoE(MultiTaskArch):
 
     def feature_layouts(self):
         # the input vector [B, D] and the expert stack [n_experts, B, D] (experts are positions, as Rep-MTL reads)
-        return (FeatureLayout(batch_axis=0, channel_axis=-1), FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)))
+        return (FeatureLayout(batch_axis=0, channel_axis=-1),
+                FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)))
 
     def encode(self, batch):
         x = self.shared["input"](batch)
