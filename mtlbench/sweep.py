@@ -10,7 +10,6 @@ import itertools
 import os
 import re
 import sys
-import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -194,10 +193,10 @@ def _run_pool(todo: list[RunSpec], results_dir, data_dir, plugins, jobs: int, co
 
 
 def _crash_record(spec: RunSpec, reason: str) -> dict[str, Any]:
-    from mtlbench.results.store import RECORD_SCHEMA
+    from mtlbench.results.record import make_record
 
-    return {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(), "status": "failed",
-            "error": {"reason": reason, "type": "WorkerCrash", "traceback": None}, "created": time.time()}
+    return make_record(spec.to_dict(), spec.run_id, "failed",
+                       error={"reason": reason, "type": "WorkerCrash", "traceback": None}).to_dict()
 
 
 def _run_ray(todo: list[RunSpec], results_dir, data_dir, plugins, address: str | None, collect,

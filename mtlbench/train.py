@@ -31,7 +31,7 @@ from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
-from mtlbench.results.store import RECORD_SCHEMA
+from mtlbench.results.record import make_record
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
@@ -248,11 +248,11 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     """Build, train and evaluate one run and return its record, status ``ok`` or ``failed`` (with the reason).
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
-    record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
-                              "status": "running",
-                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    created = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"status": "running", "option_defaults": _option_defaults(spec)}
     try:
         built = build(spec, data_dir)
+        record["directions"] = {m: metric(m).direction for t in built.data.tasks for m in t.metrics}
         record["dataset"] = built.data.describe()
         record["parameters"] = built.model.parameter_counts()
         record["arch_info"] = built.model.describe()
@@ -268,6 +268,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
             raise  # bad input: one line, nothing stored
         record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
@@ -275,13 +276,34 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    record = _made(spec, created, record)
     if trackers:
         trackers.finish(record)
     return record
+
+
+def _made(spec: RunSpec, created: datetime, body: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of the record, made and validated by the one record constructor."""
+    fields = {k: v for k, v in body.items() if k not in ("status", "error")}
+    return make_record(spec.to_dict(), spec.run_id, body["status"], created=created, error=body.get("error"),
+                       **fields).to_dict()
+
+
+def _option_defaults(spec: RunSpec) -> dict[str, Any]:
+    """The arch's and optimizer's default option values, so the leaderboard can tell the full method from an
+    ablation variant (None for a side whose options have no defaults)."""
+    out: dict[str, Any] = {}
+    for kind, name in (("arch", spec.arch), ("optimizer", spec.optimizer)):
+        try:
+            out[kind] = registry.resolve_options(registry.get(kind, name).options_class, {}, f"{kind} '{name}'")
+        except MtlbenchError:
+            out[kind] = None
+    return out
 
 
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
