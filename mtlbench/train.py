@@ -38,6 +38,8 @@ from mtlbench.vision.dense import DenseAccumulator
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
 # 1024 / 2048 / 8192 rows), so a moderate size serves both.
 EVAL_BATCH = 2048
+PROGRESS_EVERY_S = 30.0   # without a terminal, a progress line at most this often within an epoch
+DIVERGENCE_FACTOR = 100.0  # an epoch's mean training loss this many times the first step's: warned in the record
 
 
 @dataclass
@@ -165,6 +167,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
 
     loss_names = tuple(model.loss_tasks())
+    first_loss: torch.Tensor | None = None
 
     def losses_of(batch):
         out = model(batch)
@@ -178,9 +181,17 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         t0 = time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{spec.epochs}", disable=not progress, leave=False,
                    unit="batch", dynamic_ncols=True)
+        next_note = t0 + PROGRESS_EVERY_S
         for batch in bar:
             out, losses = losses_of(batch)
             stacked = torch.stack([l.detach() for l in losses])
+            if first_loss is None:
+                first_loss = stacked.sum()
+            if log and not progress and n_steps % 16 == 0 and time.perf_counter() >= next_note:
+                # a redirected log is not silent through a long epoch (a line at most every PROGRESS_EVERY_S)
+                next_note = time.perf_counter() + PROGRESS_EVERY_S
+                log(f"epoch {epoch}/{spec.epochs}: {n_steps}/{len(train_loader)} batches, "
+                    f"{time.perf_counter() - t0:.0f} s")
             if not bool(torch.isfinite(stacked).all()):
                 bad = [t for t, v in zip(loss_names, stacked.tolist()) if not math.isfinite(v)]
                 raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
@@ -232,7 +243,21 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
-            "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings)}
+            "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
+            "warnings": divergence_warnings(None if first_loss is None else float(first_loss), curves)}
+
+
+def divergence_warnings(first_loss: float | None, curves: list[dict[str, Any]]) -> list[str]:
+    """A warning when an epoch's mean training loss grew to DIVERGENCE_FACTOR times the first step's or more
+    (e.g. ``--lr 1e6``: from 1.4 to 4e12): a run that diverged is stored, but should not pass unremarked."""
+    if not first_loss or not math.isfinite(first_loss) or first_loss <= 0:
+        return []
+    for c in curves:
+        total = sum(c["train_loss"].values())
+        if math.isfinite(total) and total >= DIVERGENCE_FACTOR * first_loss:
+            return [f"training loss grew from {first_loss:.4g} (first step) to {total:.4g} (epoch {c['epoch']} "
+                    f"mean), {total / first_loss:.0e} times: the run diverged; is the learning rate too high?"]
+    return []
 
 
 def _check_grads(params: list[torch.Tensor], epoch: int, step: int, method: str) -> None:
@@ -263,6 +288,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     """Build, train and evaluate one run and return its record, status ``ok`` or ``failed`` (with the reason).
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
+    torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
     record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
                               "status": "running",
                               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
