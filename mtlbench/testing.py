@@ -26,12 +26,12 @@ def fake_record(dataset: str, arch: str, optimizer: str, seed: int, auc: dict[st
 
     rng = rng or random.Random(seed)
     names = [t["name"] for t in tasks]
-    spec = RunSpec(dataset=dataset, dataset_version="1", tasks=tuple(names), arch=arch, optimizer=optimizer,
-                   seed=seed, epochs=epochs, batch_size=1024, lr=0.001, weight_decay=1e-6, patience=3, embed_dim=16,
-                   device="cpu", arch_options=dict(arch_options or {}),
-                   optimizer_options=dict(optimizer_options or {}))
-    if spec_changes:
-        spec = RunSpec.from_dict({**spec.to_dict(), **spec_changes})
+    spec = RunSpec.from_dict({
+        "dataset": dataset, "dataset_version": "1", "tasks": names, "arch": arch, "optimizer": optimizer,
+        "seed": seed, "epochs": epochs, "batch_size": 1024, "lr": 0.001, "weight_decay": 1e-6, "patience": 3,
+        "embed_dim": 16, "device": "cpu", "selection": "mean_primary", "dataset_options": {},
+        "arch_options": dict(arch_options or {}), "optimizer_options": dict(optimizer_options or {}),
+        "plugin_sources": {}, "spec_version": 1, **(spec_changes or {})})
 
     def split(shift: float) -> dict[str, dict[str, float]]:
         out = {}

@@ -37,15 +37,15 @@ def _tables(tmp_path, recs, **kw):
 
 def test_one_constructor_created_is_iso_and_run_id_hashed_like_runspec():
     from mtlbench.spec import RunSpec
-    from mtlbench.sweep import _crash_record
+    from mtlbench.sweep import crash_record
 
     rec = fake_record("ecommerce", "mmoe", "ew", 3, AUC["mmoe"], arch_options={"n_experts": 4})
     assert rec["run_id"] == RunSpec.from_dict(rec["spec"]).run_id
-    crash = _crash_record(RunSpec.from_dict(rec["spec"]), "worker died")
+    crash = crash_record(RunSpec.from_dict(rec["spec"]), "worker died")
     for r in (rec, crash):
         assert r["schema"] == RECORD_SCHEMA and isinstance(r["created"], str)
         datetime.fromisoformat(r["created"])
-    assert crash["error"]["type"] == "WorkerCrash" and RunRecord.from_dict(crash).status == "failed"
+    assert crash["error"]["type"] == "WorkerDied" and crash["error"]["infrastructure"] and RunRecord.from_dict(crash).status == "failed"
 
 
 def test_schema_1_records_are_upgraded_float_created_and_directions():

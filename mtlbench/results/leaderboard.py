@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mtlbench import settings
 from mtlbench.errors import MtlbenchError
 from mtlbench.results import methods as mid
 from mtlbench.results.record import NewerSchema, RecordError, RunRecord
 from mtlbench.results.store import load_record
 
-PROTOCOL_KEYS = ("dataset", "dataset_version", "dataset_options", "tasks", "epochs", "batch_size", "lr",
-                 "weight_decay", "patience", "embed_dim", "selection")
+# what a table's runs must share: declared with the run settings (mtlbench/settings.py, torch-free)
+PROTOCOL_KEYS = settings.protocol_keys()
 BASELINE_ARCH = "single"
 #: The reference of the relative training cost column: the first of these with runs in the table.
 COST_REFERENCES = (("single", "ew"), ("shared_bottom", "ew"))
@@ -90,7 +91,9 @@ def _canon(obj: Any) -> str:
 
 
 def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: spec.get(k) for k in PROTOCOL_KEYS}
+    """A run's protocol; a setting added after spec version 1 (``threads``) appears only where it differs from
+    the value every version-1 run had, so one table never mixes thread counts and old tables keep their text."""
+    return settings.protocol_of(spec)
 
 
 FRAME_COLUMNS = ["run_id", "dataset", "dataset_version", "tasks", "protocol", "arch", "optimizer", "method", "seed",

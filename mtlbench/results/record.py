@@ -163,7 +163,7 @@ def make_record(spec: Mapping[str, Any], run_id: str, status: str = "running", *
     when = (created or datetime.now(timezone.utc)).astimezone(timezone.utc)
     err = None
     if error is not None:
-        err = {"reason": str(error.get("reason", "")), "type": str(error.get("type") or "Error"),
+        err = {**error, "reason": str(error.get("reason", "")), "type": str(error.get("type") or "Error"),
                "traceback": relative_traceback(error.get("traceback"))}
     d = {"schema": RECORD_SCHEMA, "run_id": run_id, "spec": dict(spec), "status": status,
          "created": when.isoformat(timespec="seconds"), "directions": dict(directions or {}), "error": err,
