@@ -284,3 +284,16 @@ def test_list_is_cached_by_source_and_answers_without_torch(tmp_path):
     plugin.write_text(plugin.read_text().replace("listed_a", "listed_b"))
     third, imported = listing()
     assert imported == "True" and "listed_b" in third and "listed_a" not in third
+
+
+def test_a_redirected_run_logs_progress_within_epochs(tmp_path, monkeypatch, capsys):
+    """Issue 15: a run whose output goes to a file is not silent through a long epoch."""
+    from mtlbench import train
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)  # every 16 steps, instead of at most every 30 s
+    assert main(["run", "--arch", "shared_bottom", "--tasks", "ctr", "-D", "n_rows=3000", "-D", "n_users=200",
+                 "-D", "n_items=100", "--epochs", "1", "--batch-size", "64",
+                 "--results-dir", str(tmp_path)]) == 0  # capsys: stderr is not a terminal
+    err = capsys.readouterr().err
+    assert "epoch 1/1: 16/" in err and "batches" in err
+    assert "epoch 1/1  train loss" in err  # and the per-epoch line
