@@ -51,11 +51,14 @@ class Built:
     method: MTLOptimizer
 
 
-def build(spec: RunSpec, data_dir: str | None = None) -> Built:
-    """Load the data and build the model and method; every incompatibility is one clear line."""
+def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None = None) -> Built:
+    """Load the data (unless ``data``, the spec's data already loaded, is given) and build the model and method;
+    every incompatibility is one clear line."""
     ds_entry = registry.get("dataset", spec.dataset)
-    adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
-    data = adapter.load(spec.seed).select_tasks(spec.tasks)
+    if data is None:
+        adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
+        data = adapter.load(spec.seed)
+    data = data.select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -69,7 +72,10 @@ def build(spec: RunSpec, data_dir: str | None = None) -> Built:
 
 
 def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: str) -> dict[str, dict[str, float]]:
-    """Every task's metrics on ``split`` (masked rows excluded), at full precision."""
+    """Every task's metrics on ``split`` (masked rows excluded), at full precision.
+
+    Predictions stay on the model's device while batches run (no sync per batch), then predictions, labels and
+    masks are gathered on the CPU once, so the metrics are computed the same way whatever the device."""
     model.eval()
     outs: list[list[torch.Tensor]] = [[] for _ in data.tasks]
     # dense tasks: split-level statistics accumulated on the device (one confusion matrix for mIoU, ...)
@@ -80,14 +86,14 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
                 if i in dense:
                     dense[i].update(o, batch, i)
                 else:
-                    outs[i].append(predict(task, o).float().cpu())
+                    outs[i].append(predict(task, o).float())
+    labels, masks = split["labels"].cpu(), split["masks"].cpu()
     result = {}
     for i, task in enumerate(data.tasks):
         if i in dense:
             result[task.name] = dense[i].compute()
             continue
-        result[task.name] = evaluate_task(task.metrics, split["labels"][:, i], torch.cat(outs[i]),
-                                          split["masks"][:, i])
+        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i])
     return result
 
 
@@ -114,13 +120,13 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
 def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
     """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, rows = 0.0, 0
+    total, rows = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
-            total += float(sum(model.task_losses(model(batch).outputs, batch))) * n
+            total += sum(model.task_losses(model(batch).outputs, batch)).double() * n  # no sync per batch
             rows += n
-    return total / max(rows, 1)
+    return float(total) / max(rows, 1)
 
 
 def environment(device: str) -> dict[str, Any]:
