@@ -53,6 +53,7 @@ RUN_SETTINGS: dict[str, tuple[type, Any]] = {
     "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
     "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False), "log": (list, []),
     "dry_run": (bool, False), "ablate": (list, []),
+    "merger": (list, []), "merger_options": (dict, {}), "zoo_dir": (str, None),
 }
 
 
@@ -94,6 +95,11 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--ablate", metavar="SWITCHES",
                    help="comma-separated on/off arch options (e.g. feature_gate,self_gate): the full model plus one "
                    "run per switch flipped, crossed with the rest of the grid")
+    r.add_argument("--merger", help="model merger(s), comma-separated (see `mtlbench list`): merge a zoo of "
+                   "fine-tuned experts (trained and cached on first use) instead of training jointly")
+    r.add_argument("-M", "--merger-option", action="append", metavar="KEY=VALUE", help="merger option")
+    r.add_argument("--zoo-dir", help="where fine-tuned experts are cached (default: $MTLBENCH_ZOO_DIR, else "
+                   "~/.cache/mtlbench/zoo)")
     r.add_argument("--dry-run", action="store_true", default=None,
                    help="list the expanded runs and which are already done; train nothing")
     lb = sub.add_parser("leaderboard", help="regenerate tables, statistics and plots from stored records")
@@ -181,7 +187,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         settings.update(_read_config(args.config))
     flags: dict[str, Any] = {}
-    for name in ("dataset", "arch", "optimizer", "ablate"):
+    for name in ("dataset", "arch", "optimizer", "ablate", "merger"):
         if getattr(args, name) is not None:
             flags[name] = _csv(getattr(args, name)) or [""]
     if args.tasks is not None:
@@ -193,11 +199,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.seeds is not None:
         flags["seeds"] = sweep.parse_seeds(args.seeds)
     for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "embed_dim", "selection", "device",
-                 "results_dir", "data_dir", "jobs", "threads", "executor", "ray_address", "force", "quiet", "dry_run"):
+                 "results_dir", "data_dir", "jobs", "threads", "executor", "ray_address", "force", "quiet", "dry_run",
+                 "zoo_dir"):
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     for flag, key in (("arch_option", "arch_options"), ("optimizer_option", "optimizer_options"),
-                      ("dataset_option", "dataset_options")):
+                      ("dataset_option", "dataset_options"), ("merger_option", "merger_options")):
         given = _key_values(getattr(args, flag), "--" + flag.replace("_", "-"))
         if given:
             flags[key] = {**settings[key], **given}
@@ -217,7 +224,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def _options_for(options: dict[str, Any], name: str, all_names: list[str]) -> dict[str, Any]:
     """Options given per name ({home: {...}, mmoe: {...}}) or for all (a flat mapping)."""
     if options and all(isinstance(v, dict) for v in options.values()) and set(options) <= set(all_names) | set(
-            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")):
+            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")) | set(
+            registry.names("merger")):
         return dict(options.get(name, {}))
     return dict(options)
 
@@ -230,8 +238,9 @@ def _load_plugins(targets: list[str] | None) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     _load_plugins(args.plugin)
-    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics"}
-    for kind in ("dataset", "arch", "optimizer", "metric"):
+    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics",
+              "merger": "Mergers"}
+    for kind in ("dataset", "arch", "optimizer", "merger", "metric"):
         print(titles[kind])
         entries = registry.entries(kind)
         width = max((len(e.name) for e in entries), default=0)
@@ -291,6 +300,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         ensure_writable(st["results_dir"])
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
 
+    if st["merger"]:
+        return _run_merges(st, data_dir)
     switches = _check_ablation(st["ablate"], st["arch"])
 
     def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
@@ -337,6 +348,43 @@ def cmd_run(args: argparse.Namespace) -> int:
                              progress=not quiet and sys.stderr.isatty())
     print(result.summary())
     return 1 if result.failed else 0
+
+
+def _run_merges(st: dict[str, Any], data_dir: str | None) -> int:
+    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
+    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings."""
+    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
+    from mtlbench.spec import build_spec
+
+    archs = ["minilm"] if st["arch"] == RUN_SETTINGS["arch"][1] else st["arch"]
+    recipes = [build_spec(dataset=d, tasks=t, arch=a, optimizer="ew", seed=seed, epochs=st["epochs"],
+                          batch_size=st["batch_size"], lr=st["lr"], weight_decay=st["weight_decay"],
+                          patience=st["patience"], embed_dim=st["embed_dim"], device=st["device"],
+                          selection=st["selection"],
+                          dataset_options=_options_for(st["dataset_options"], d, st["dataset"]),
+                          arch_options=_options_for(st["arch_options"], a, archs))
+               for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
+    mergers = [(m, _options_for(st["merger_options"], m, st["merger"])) for m in st["merger"]]
+    if st["dry_run"]:
+        from mtlbench.store import finished_record
+
+        specs = [build_merge_spec(r, m, o) for r in recipes for m, o in mergers]
+        todo = 0
+        for spec in specs:
+            done = not st["force"] and finished_record(st["results_dir"], merge_run_id(spec)) is not None
+            todo += not done
+            print(f"{'done  ' if done else 'to run'}  {merge_run_id(spec)}  {label(spec)}")
+        print(f"dry run: {len(specs)} merges, {len(specs) - todo} already done, {todo} to run")
+        return 0
+    if st["threads"]:
+        import torch
+
+        torch.set_num_threads(st["threads"])
+    log = None if st["quiet"] else (lambda msg: print(msg, file=sys.stderr))
+    done, skipped, failed = run_merges(recipes, mergers, st["results_dir"], data_dir=data_dir, force=st["force"],
+                                       zoo=st["zoo_dir"], log=log)
+    print(f"merges: {done} done, {skipped} already done, {failed} failed; records in {st['results_dir']}")
+    return 1 if failed else 0
 
 
 def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, bool]]:
