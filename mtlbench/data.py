@@ -8,6 +8,12 @@ Every split holds the same named tensors, one row per example:
 - ``masks``: bool ``[N, T]``, False where a task's label is undefined or missing for that row;
 - optional extras named by the schema (behaviour sequences as padded int64 ``[N, L]`` + lengths, images...).
 
+Images (``FeatureSchema.image``): ``images`` holds ``[N, C, H, W]`` stored compactly (uint8 for 8-bit sources);
+the arch's input stage normalises them on the device, per batch (``mtlbench.vision.nets.ImageInput``). Dense tasks
+(``mtlbench.vision.dense``: segmentation, depth, normals, binary maps) keep their per-pixel labels in the split
+under ``TaskSpec.target`` (and validity maps under ``TaskSpec.valid``); their ``labels`` column is unused (0) and
+their ``masks`` column says whether the row is labelled.
+
 Label masks are how a funnel is expressed: CVR is defined only on clicked impressions, so its mask is the click.
 """
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 
 from mtlbench.errors import MtlbenchError, unknown
 
-TaskKind = Literal["binary", "regression", "multiclass"]
+TaskKind = Literal["binary", "regression", "multiclass", "segmentation", "depth", "normals", "binary_map"]
+DENSE_KINDS = ("segmentation", "depth", "normals", "binary_map")
 SPLITS = ("train", "val", "test")
 
 
@@ -39,11 +46,33 @@ class SequenceField:
 
 
 @dataclass(frozen=True)
+class ImageSpec:
+    """The ``images`` tensor of every split: ``[N, channels, height, width]`` of ``dtype`` (``uint8``: 0..255);
+    the input stage computes ``(x / scale - mean) / std`` per channel on the device."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    dtype: str = "uint8"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"channels": self.channels, "height": self.height, "width": self.width, "mean": list(self.mean),
+                "std": list(self.std), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
 class FeatureSchema:
     categorical: tuple[CategoricalField, ...] = ()
     dense: tuple[str, ...] = ()
     sequences: tuple[SequenceField, ...] = ()
     extras: tuple[str, ...] = ()  # other per-row tensors (e.g. images) a specialised arch may read
+    image: ImageSpec | None = None  # set for image datasets: the split holds ``images``
 
     @property
     def n_categorical(self) -> int:
@@ -56,7 +85,7 @@ class FeatureSchema:
     def to_dict(self) -> dict[str, Any]:
         return {"categorical": {f.name: f.vocab_size for f in self.categorical}, "dense": list(self.dense),
                 "sequences": {s.name: {"of_field": s.of_field, "max_len": s.max_len} for s in self.sequences},
-                "extras": list(self.extras)}
+                "extras": list(self.extras), **({"image": self.image.to_dict()} if self.image else {})}
 
 
 @dataclass(frozen=True)
@@ -73,22 +102,40 @@ class TaskSpec:
     n_classes: int = 1
     group: str | None = None
     description: str = ""
+    # dense tasks only (see mtlbench.vision.dense): the split keys of the per-pixel labels and validity map, the
+    # ignore value of a class map, and the positive weight of a binary map's BCE (None: HED class balancing)
+    target: str = ""
+    valid: str = ""
+    ignore_index: int = 255
+    pos_weight: float | None = None
 
     @property
     def primary_metric(self) -> str:
         return self.metrics[0]
 
     @property
+    def dense(self) -> bool:
+        return self.kind in DENSE_KINDS
+
+    @property
     def output_dim(self) -> int:
-        return self.n_classes if self.kind == "multiclass" else 1
+        if self.kind in ("multiclass", "segmentation"):
+            return self.n_classes
+        return 3 if self.kind == "normals" else 1
 
     @property
     def loss(self) -> str:
-        return {"binary": "bce", "regression": "mse", "multiclass": "cross_entropy"}[self.kind]
+        return {"binary": "bce", "regression": "mse", "multiclass": "cross_entropy",
+                "segmentation": "cross_entropy_ignore", "depth": "l1_valid", "normals": "cosine_valid",
+                "binary_map": "bce_balanced" if self.pos_weight is None else "bce_weighted"}[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "loss": self.loss, "metrics": list(self.metrics),
-                "n_classes": self.n_classes, "group": self.group}
+        d = {"name": self.name, "kind": self.kind, "loss": self.loss, "metrics": list(self.metrics),
+             "n_classes": self.n_classes, "group": self.group}
+        if self.dense:
+            d.update(target=self.target, valid=self.valid, ignore_index=self.ignore_index,
+                     pos_weight=self.pos_weight)
+        return d
 
 
 @dataclass
@@ -178,6 +225,7 @@ class DatasetAdapter:
     implement :meth:`load`. ``default_training`` may suggest epochs, batch size and lr for this data."""
 
     version: str = "1"
+    modality: str = "tabular"  # "image": the splits hold images and archs are looked up in their image variant
     default_training: dict[str, Any] = {}
     task_aliases: dict[str, tuple[str, ...]] = {}  # named task sets, e.g. a paper's groups: --tasks group1
 
@@ -189,6 +237,16 @@ class DatasetAdapter:
     def provided_features(cls, options: Any) -> tuple[str, ...]:
         """Optional features (``"sequences"``, ...) the schema will have with these options: what an arch's
         ``required_features`` is checked against without loading the data."""
+        return ()
+
+    @classmethod
+    def image_shape(cls, options: Any) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of the images with these options, known before loading (image datasets)."""
+        return None
+
+    @classmethod
+    def dense_tasks(cls, options: Any) -> tuple[str, ...]:
+        """The tasks with per-pixel labels with these options (checked against an arch's dense decoders)."""
         return ()
 
     def load(self, seed: int) -> MultiTaskData:  # pragma: no cover - interface

@@ -119,6 +119,9 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     ds = registry.get("dataset", dataset)
     ar = registry.get("arch", arch)
     op = registry.get("optimizer", optimizer)
+    modality = getattr(ds.obj, "modality", "tabular")
+    if ar.modality != modality or modality != "tabular":
+        ar = registry.get("arch", arch, modality=modality)  # one line if the arch has no variant for this data
     offered = ds.obj.task_names()
     aliases = getattr(ds.obj, "task_aliases", {}) or {}
     if tasks is not None and len(tasks) == 1 and tasks[0] in aliases:
@@ -156,6 +159,11 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     dataset_options = ds.resolve_options(dataset_options)
     arch_options = ar.resolve_options(arch_options)
     _check_features(dataset, ds, dataset_options, arch, ar, arch_options)
+    check_input = getattr(ar.obj, "check_input", None)
+    if modality != "tabular" and check_input is not None:  # resolution, dense decoders: before any data loads
+        ds_opts = registry.build_options(ds.options_class, dataset_options)
+        check_input(arch, dataset, registry.build_options(ar.options_class, arch_options),
+                    ds.obj.image_shape(ds_opts), [t for t in ds.obj.dense_tasks(ds_opts) if t in tasks])
     sources = {f"{e.kind}:{e.name}": h for e in (ds, ar, op) if (h := e.source_hash())}
     return RunSpec(
         dataset=dataset, dataset_version=str(getattr(ds.obj, "version", "1")), tasks=tuple(tasks), arch=arch,
