@@ -53,7 +53,7 @@ RUN_SETTINGS: dict[str, tuple[type, Any]] = {
     "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
     "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False), "log": (list, []),
     "dry_run": (bool, False), "ablate": (list, []),
-    "merger": (list, []), "merger_options": (dict, {}), "zoo_dir": (str, None),
+    "merger": (list, []), "merger_options": (dict, {}), "zoo_dir": (str, None), "no_task_id": (bool, False),
 }
 
 
@@ -98,6 +98,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--merger", help="model merger(s), comma-separated (see `mtlbench list`): merge a zoo of "
                    "fine-tuned experts (trained and cached on first use) instead of training jointly")
     r.add_argument("-M", "--merger-option", action="append", metavar="KEY=VALUE", help="merger option")
+    r.add_argument("--no-task-id", action="store_true", default=None,
+                   help="the deployment has no task id at inference: refuse mergers that need one (TALL-masks)")
     r.add_argument("--zoo-dir", help="where fine-tuned experts are cached (default: $MTLBENCH_ZOO_DIR, else "
                    "~/.cache/mtlbench/zoo)")
     r.add_argument("--dry-run", action="store_true", default=None,
@@ -200,7 +202,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         flags["seeds"] = sweep.parse_seeds(args.seeds)
     for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "embed_dim", "selection", "device",
                  "results_dir", "data_dir", "jobs", "threads", "executor", "ray_address", "force", "quiet", "dry_run",
-                 "zoo_dir"):
+                 "zoo_dir", "no_task_id"):
         if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     for flag, key in (("arch_option", "arch_options"), ("optimizer_option", "optimizer_options"),
@@ -372,8 +374,18 @@ def _run_merges(st: dict[str, Any], data_dir: str | None) -> int:
                           arch_options=_options_for(st["arch_options"], a, archs))
                for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
     mergers = [(m, _options_for(st["merger_options"], m, st["merger"])) for m in st["merger"]]
+    if st["no_task_id"]:
+        from mtlbench.merging import merger_declaration
+
+        need = [m for m, o in mergers if merger_declaration(m, registry.get("merger", m).resolve_options(o))[
+            "needs_task_id"]]
+        if need:
+            ok = [m for m, o in mergers if m not in need]
+            raise MtlbenchError(f"merger(s) {', '.join(need)} need the task id at inference (one set of weights per "
+                                f"task), which --no-task-id rules out (of those given, usable: "
+                                f"{', '.join(ok) or 'none'})")
     if st["dry_run"]:
-        from mtlbench.store import finished_record
+        from mtlbench.results.store import finished_record
 
         specs = [build_merge_spec(r, m, o) for r in recipes for m, o in mergers]
         todo = 0
@@ -381,7 +393,8 @@ def _run_merges(st: dict[str, Any], data_dir: str | None) -> int:
             done = not st["force"] and finished_record(st["results_dir"], merge_run_id(spec)) is not None
             todo += not done
             print(f"{'done  ' if done else 'to run'}  {merge_run_id(spec)}  {label(spec)}")
-        print(f"dry run: {len(specs)} merges, {len(specs) - todo} already done, {todo} to run")
+        print(f"dry run: {len(specs)} merges, {len(specs) - todo} already done, {todo} to run; records in "
+              f"{st['results_dir']}")
         return 0
     if st["threads"]:
         import torch

@@ -184,7 +184,7 @@ def prepare(recipe: RunSpec, data_dir: str | None = None, zoo: str | None = None
 
 def run_merge(spec: dict[str, Any], bench: Bench, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Merge with ``spec['merger']`` on a prepared bench and return the record (ok, or failed with the reason)."""
-    from mtlbench.store import RECORD_SCHEMA
+    from mtlbench.results.store import RECORD_SCHEMA
     from mtlbench.train import environment
 
     started = time.time()
@@ -266,7 +266,7 @@ def run_merges(recipes: list[RunSpec], mergers: list[tuple[str, dict[str, Any]]]
                log: Callable[[str], None] | None = None) -> tuple[int, int, int]:
     """Every merger on every recipe (one zoo per recipe, shared by its mergers); records stored atomically, a
     failed merge is stored as failed and the sweep goes on. Returns (done, skipped, failed)."""
-    from mtlbench.store import finished_record, store_run
+    from mtlbench.results.store import finished_record, store_run
 
     specs = [[build_merge_spec(r, m, o) for m, o in mergers] for r in recipes]  # every bad input before any work
     done = skipped = failed = 0

@@ -115,7 +115,7 @@ def load_task_vector(path: Path, *, task: str, backbone_sha256: str,
 def train_expert(spec: RunSpec, base: dict[str, torch.Tensor], keys: list[str], data_dir: str | None,
                  log: Callable[[str], None] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fine-tune one expert with the suite's training loop; its task vector and its (ok) run record."""
-    from mtlbench.store import RECORD_SCHEMA
+    from mtlbench.results.store import RECORD_SCHEMA
     from mtlbench.train import build, environment, train
 
     started = time.time()
@@ -135,7 +135,7 @@ def ensure_experts(recipe: RunSpec, tasks: tuple[str, ...], base: dict[str, torc
                    dtype: str = "float16", train_missing: bool = True,
                    log: Callable[[str], None] | None = None) -> list[Expert]:
     """Every task's expert for ``recipe.seed``, from the cache or trained now (and cached)."""
-    from mtlbench.store import write_record
+    from mtlbench.results.store import write_record
 
     if dtype not in DTYPES:
         raise MtlbenchError(f"unknown task-vector dtype '{dtype}' (valid: {', '.join(DTYPES)})")

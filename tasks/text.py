@@ -183,6 +183,7 @@ class Text(DatasetAdapter):
     Tokenised for a pretrained encoder (the `text` extra), with an unlabelled adaptation split."""
 
     version = "1.0"
+    modality = "text"  # only text archs (minilm) read it
     tasks = tuple(TASKS)
     splits_extra = ("adapt",)
     # one expert: AdamW-free Adam at 5e-5 over a few epochs of the capped training rows (see `minilm`)

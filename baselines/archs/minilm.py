@@ -34,6 +34,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class MiniLM(MultiTaskArch):
     """Pretrained all-MiniLM-L6-v2 encoder (text extra) + frozen prompt-embedding heads per task."""
 
+    modality = "text"
     mergeable = True  # a merger may combine fine-tuned copies of `shared.encoder`
 
     @dataclass

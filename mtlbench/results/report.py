@@ -66,7 +66,12 @@ def protocol_text(table: Table) -> str:
             f"splits; metrics on **test** at the epoch selected on **validation** ({p['selection']}); up to "
             f"{p['epochs']} epochs, early-stopping patience {p['patience']}, batch {p['batch_size']}, lr {p['lr']}, "
             f"weight decay {p['weight_decay']}, embedding {p['embed_dim']}; seeds {_seed_text(seeds)}; "
-            f"mean ± std over seeds (n = runs).")
+            f"mean ± std over seeds (n = runs)." + (MERGE_NOTE if any("merge:" in m for m in table.methods) else ""))
+
+
+MERGE_NOTE = (" Merge rows (`merge:NAME`) combine one expert per task fine-tuned with the settings above (same total "
+              "fine-tuning budget as joint training); in brackets the data each merger touched (none, labelled_val, "
+              "unlabelled adaptation inputs, test_inputs) and whether it needs the task id at inference.")
 
 
 
