@@ -56,7 +56,11 @@ def build_merge_spec(recipe: RunSpec, merger: str, merger_options: dict[str, Any
 
 
 def merge_run_id(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+    """The hash of the recipe's canonical form (the run-id conventions of :class:`RunSpec`) plus the merger."""
+    names = {f.name for f in fields(RunSpec)}
+    canon = json.loads(recipe_of(spec).canonical_json())
+    canon.update({k: v for k, v in spec.items() if k not in names})
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
 
 
 def recipe_of(spec: dict[str, Any]) -> RunSpec:

@@ -119,6 +119,7 @@ def train_expert(spec: RunSpec, base: dict[str, torch.Tensor], keys: list[str], 
     from mtlbench.train import build, environment, train
 
     started = time.time()
+    torch.set_num_threads(spec.threads)  # the expert's identity includes its thread count, as every run's
     built = build(spec, data_dir)
     body = train(spec, built, log=log)
     enc = built.model.shared["encoder"].state_dict()
