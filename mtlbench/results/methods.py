@@ -41,15 +41,22 @@ def fmt_option(v: Any) -> str:
 
 @dataclass(frozen=True)
 class MethodId:
-    """What identifies a method in a table: names and full option values (as canonical JSON, hashable)."""
+    """What identifies a method in a table: names and full option values (as canonical JSON, hashable). For a
+    merge record (``spec["merger"]``) the second half is ``merge:NAME`` with the merger's options, and ``tag``
+    shows the merger's declared data access and task-id need (``[labelled_val, task id]``)."""
 
     arch: str
     arch_options: str
     optimizer: str
     optimizer_options: str
+    tag: str = ""
 
     @classmethod
     def of_spec(cls, spec: Mapping[str, Any]) -> "MethodId":
+        if spec.get("merger"):
+            tag = f" [{spec.get('data_access')}" + (", task id" if spec.get("needs_task_id") else "") + "]"
+            return cls(spec["arch"], canon(spec.get("arch_options") or {}), f"merge:{spec['merger']}",
+                       canon(spec.get("merger_options") or {}), tag)
         return cls(spec["arch"], canon(spec.get("arch_options") or {}), spec["optimizer"],
                    canon(spec.get("optimizer_options") or {}))
 
@@ -68,7 +75,7 @@ def labels(methods: Iterable[MethodId]) -> dict[MethodId, str]:
     vary_arch = _varying({m.arch: [] for m in methods}, [(m.arch, m.arch_opts) for m in methods])
     vary_opt = _varying({m.optimizer: [] for m in methods}, [(m.optimizer, m.optimizer_opts) for m in methods])
     return {m: _part(m.arch, m.arch_opts, vary_arch[m.arch]) + SEP
-            + _part(m.optimizer, m.optimizer_opts, vary_opt[m.optimizer]) for m in methods}
+            + _part(m.optimizer, m.optimizer_opts, vary_opt[m.optimizer]) + m.tag for m in methods}
 
 
 def _varying(groups: dict[str, list], items: list[tuple[str, dict[str, Any]]]) -> dict[str, set[str]]:
@@ -88,7 +95,7 @@ def _part(name: str, options: dict[str, Any], varying: set[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------ naming
 
-_PART = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\((.*)\))?\s*$")
+_PART = re.compile(r"^\s*([A-Za-z0-9_.:\-]+)\s*(?:\((.*)\))?\s*(?:\[[^\]]*\])?\s*$")  # [tag] ignored
 
 
 def _parse_part(text: str, whole: str) -> tuple[str, dict[str, str]]:
@@ -166,7 +173,7 @@ def resolve(text: str, methods: Iterable[MethodId], defaults: Mapping[MethodId, 
 
 
 def _full_name(m: MethodId, label: str) -> str:
-    arch, opt = label.split(SEP)
+    arch, opt = label.removesuffix(m.tag).split(SEP)
     return f"{arch.replace(', ', ',')}:{opt.replace(', ', ',')}"
 
 

@@ -120,7 +120,7 @@ def plot_curves(table: Table, records: list[RunRecord], frame: pd.DataFrame, pat
     for ax, t in zip(axes[0], tasks):
         for m in shown:
             curves = [[((c.get("val") or {}).get(t) or {}).get(prim[t]) for c in r.curves]
-                      for r in runs if method_of[r.run_id] == m]
+                      for r in runs if method_of[r.run_id] == m and r.curves]  # merge records have no curves
             if not curves:
                 continue
             L = max(len(c) for c in curves)
