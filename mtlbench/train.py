@@ -229,7 +229,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+    extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
             "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings)}
@@ -296,6 +297,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if trackers:
             trackers.finish(record)
         return record
+    record["arch_info"] = {**record.get("arch_info", {}), **body.pop("arch_extras", {})}
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
     if trackers:
         trackers.finish(record)

@@ -38,6 +38,7 @@ class ImageArch(MultiTaskArch):
 
     modality = "image"
     supports_dense = True
+    encoders: tuple[str, ...] = nets.ENCODERS  # the encoders this arch can take (TaskExpert: ViT only)
     eval_batch_size = 256
     Options: Any = EncoderOptions
 
