@@ -56,6 +56,9 @@ class MultiTaskArch(nn.Module):
     :meth:`encode` and :meth:`decode`. Optional hyper-parameters go in a nested ``Options`` dataclass."""
 
     Options: Any = None
+    # False for an arch that shares no parameters between tasks (``single``): a sweep then skips, before anything
+    # loads, the optimizers that need per-task gradients of shared parameters or a shared representation.
+    shares_parameters: bool = True
     modality: str = "tabular"  # the data it reads; image archs ("image") subclass mtlbench.vision.ImageArch
 
     @classmethod

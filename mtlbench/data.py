@@ -188,6 +188,10 @@ class MultiTaskData:
                 raise MtlbenchError(f"dataset '{self.name}': the {s} split is empty")
             if split["labels"].shape[1] != len(self.tasks):
                 raise ValueError(f"{s} labels have {split['labels'].shape[1]} columns for {len(self.tasks)} tasks")
+        if any(t.dense for t in self.tasks):  # per-pixel labels: present, and class maps within 0..K-1 or ignore
+            from mtlbench.vision.dense import check_targets
+
+            check_targets(self.name, self.tasks, self.splits)
 
     @property
     def task_names(self) -> tuple[str, ...]:

@@ -38,6 +38,8 @@ from mtlbench.vision.dense import DenseAccumulator
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
 # 1024 / 2048 / 8192 rows), so a moderate size serves both.
 EVAL_BATCH = 2048
+PROGRESS_EVERY_S = 30.0   # without a terminal, a progress line at most this often within an epoch
+DIVERGENCE_FACTOR = 100.0  # an epoch's mean training loss this many times the first step's: warned in the record
 
 
 @dataclass
@@ -49,11 +51,14 @@ class Built:
     method: MTLOptimizer
 
 
-def build(spec: RunSpec, data_dir: str | None = None) -> Built:
-    """Load the data and build the model and method; every incompatibility is one clear line."""
+def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None = None) -> Built:
+    """Load the data (unless ``data``, the spec's data already loaded, is given) and build the model and method;
+    every incompatibility is one clear line."""
     ds_entry = registry.get("dataset", spec.dataset)
-    adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
-    data = adapter.load(spec.seed).select_tasks(spec.tasks)
+    if data is None:
+        adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
+        data = adapter.load(spec.seed)
+    data = data.select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -67,7 +72,10 @@ def build(spec: RunSpec, data_dir: str | None = None) -> Built:
 
 
 def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: str) -> dict[str, dict[str, float]]:
-    """Every task's metrics on ``split`` (masked rows excluded), at full precision."""
+    """Every task's metrics on ``split`` (masked rows excluded), at full precision.
+
+    Predictions stay on the model's device while batches run (no sync per batch), then predictions, labels and
+    masks are gathered on the CPU once, so the metrics are computed the same way whatever the device."""
     model.eval()
     outs: list[list[torch.Tensor]] = [[] for _ in data.tasks]
     # dense tasks: split-level statistics accumulated on the device (one confusion matrix for mIoU, ...)
@@ -78,14 +86,14 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
                 if i in dense:
                     dense[i].update(o, batch, i)
                 else:
-                    outs[i].append(predict(task, o).float().cpu())
+                    outs[i].append(predict(task, o).float())
+    labels, masks = split["labels"].cpu(), split["masks"].cpu()
     result = {}
     for i, task in enumerate(data.tasks):
         if i in dense:
             result[task.name] = dense[i].compute()
             continue
-        result[task.name] = evaluate_task(task.metrics, split["labels"][:, i], torch.cat(outs[i]),
-                                          split["masks"][:, i])
+        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i])
     return result
 
 
@@ -112,13 +120,13 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
 def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
     """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, rows = 0.0, 0
+    total, rows = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
-            total += float(sum(model.task_losses(model(batch).outputs, batch))) * n
+            total += sum(model.task_losses(model(batch).outputs, batch)).double() * n  # no sync per batch
             rows += n
-    return total / max(rows, 1)
+    return float(total) / max(rows, 1)
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -165,6 +173,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
 
     loss_names = tuple(model.loss_tasks())
+    first_loss: torch.Tensor | None = None
 
     def losses_of(batch):
         out = model(batch)
@@ -178,9 +187,17 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         t0 = time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{spec.epochs}", disable=not progress, leave=False,
                    unit="batch", dynamic_ncols=True)
+        next_note = t0 + PROGRESS_EVERY_S
         for batch in bar:
             out, losses = losses_of(batch)
             stacked = torch.stack([l.detach() for l in losses])
+            if first_loss is None:
+                first_loss = stacked.sum()
+            if log and not progress and n_steps % 16 == 0 and time.perf_counter() >= next_note:
+                # a redirected log is not silent through a long epoch (a line at most every PROGRESS_EVERY_S)
+                next_note = time.perf_counter() + PROGRESS_EVERY_S
+                log(f"epoch {epoch}/{spec.epochs}: {n_steps}/{len(train_loader)} batches, "
+                    f"{time.perf_counter() - t0:.0f} s")
             if not bool(torch.isfinite(stacked).all()):
                 bad = [t for t, v in zip(loss_names, stacked.tolist()) if not math.isfinite(v)]
                 raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
@@ -233,7 +250,21 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
-            "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings)}
+            "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
+            "warnings": divergence_warnings(None if first_loss is None else float(first_loss), curves)}
+
+
+def divergence_warnings(first_loss: float | None, curves: list[dict[str, Any]]) -> list[str]:
+    """A warning when an epoch's mean training loss grew to DIVERGENCE_FACTOR times the first step's or more
+    (e.g. ``--lr 1e6``: from 1.4 to 4e12): a run that diverged is stored, but should not pass unremarked."""
+    if not first_loss or not math.isfinite(first_loss) or first_loss <= 0:
+        return []
+    for c in curves:
+        total = sum(c["train_loss"].values())
+        if math.isfinite(total) and total >= DIVERGENCE_FACTOR * first_loss:
+            return [f"training loss grew from {first_loss:.4g} (first step) to {total:.4g} (epoch {c['epoch']} "
+                    f"mean), {total / first_loss:.0e} times: the run diverged; is the learning rate too high?"]
+    return []
 
 
 def _check_grads(params: list[torch.Tensor], epoch: int, step: int, method: str) -> None:
@@ -264,6 +295,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     """Build, train and evaluate one run and return its record, status ``ok`` or ``failed`` (with the reason).
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
+    torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
     record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
                               "status": "running",
                               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -87,13 +87,22 @@ def test_unknown_kind_is_rejected():
 PLUGIN = '''\
 from mtlbench import register_optimizer, MTLOptimizer
 
+SCALE = 1.0  # used by the registered class
+
+
+def helper():  # not used by it
+    return 0
+
 
 @register_optimizer("{name}")
 class MyWeighting(MTLOptimizer):
     """A test plugin: equal weights, {variant}."""
 
+    variant = "{variant}"
+
     def step(self, ctx):
-        ctx.backward()
+        ctx.backward()  # a comment
+        self.scale = SCALE
 '''
 
 
@@ -109,14 +118,35 @@ def test_plugin_file_registers_an_optimizer(tmp_path):
     assert e.description == "A test plugin: equal weights, first."
     assert issubclass(e.obj, mtlbench.MTLOptimizer)
     h1 = e.source_hash()
-    assert h1 is not None and h1 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert h1 is not None and len(h1) == 64
     # loading the same target again is a no-op, not a duplicate registration
     registry.load_plugin(str(path))
     assert registry.get("optimizer", name) is e
-    # an edited plugin file changes the hash, so runs using it get new ids
+    # an edit of what the registered class runs changes the hash, so runs using it get new ids
     path.write_text(PLUGIN.format(name=name, variant="second"))
     h2 = e.source_hash()
     assert h2 is not None and h2 != h1
+
+
+@pytest.mark.parametrize("edit,changes", [
+    (lambda t: t.replace("# a comment", "# another comment"), False),
+    (lambda t: t.replace("equal weights,", "equal weights (docstring edited),"), False),
+    (lambda t: t.replace("    return 0", "    return 1"), False),  # a function the class does not use
+    (lambda t: t + "\n\n# a trailing comment\n", False),
+    (lambda t: t.replace("SCALE = 1.0", "SCALE = 2.0"), True),  # a module constant the class uses
+    (lambda t: t.replace("ctx.backward()", "ctx.backward(); ctx.backward()"), True),
+    (lambda t: t.replace("from mtlbench import", "import math\nfrom mtlbench import"), True),  # the imports
+], ids=["comment", "docstring", "unused-function", "trailing-comment", "used-constant", "code", "imports"])
+def test_plugin_code_hash_follows_what_affects_results(tmp_path, edit, changes):
+    """Issue 16: editing only a comment in a plugin file must not change run ids; editing its code must."""
+    name = unique(tmp_path, "plughash")
+    path = tmp_path / "hash_plugin.py"
+    text = PLUGIN.format(name=name, variant="v")
+    path.write_text(text)
+    registry.load_plugin(str(path))
+    before = registry.get("optimizer", name).source_hash()
+    path.write_text(edit(text))
+    assert (registry.get("optimizer", name).source_hash() != before) is changes
 
 
 def test_plugin_source_hash_enters_the_run_spec(tmp_path):
@@ -128,7 +158,7 @@ def test_plugin_source_hash_enters_the_run_spec(tmp_path):
     registry.load_plugin(str(path))
     kw = dict(dataset="ecommerce", tasks=["ctr", "cvr"], arch="mmoe", optimizer=name, device="cpu")
     s1 = build_spec(**kw)
-    assert s1.plugin_sources == {f"optimizer:{name}": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert s1.plugin_sources == {f"optimizer:{name}": registry.code_hash(registry.get("optimizer", name).obj)}
     path.write_text(PLUGIN.format(name=name, variant="b"))
     assert build_spec(**kw).run_id != s1.run_id
 

@@ -46,7 +46,7 @@ def test_image_archs_registered():
 @pytest.mark.parametrize("arch", IMAGE_ARCHS)
 def test_contract(arch, enc, tiny_scenes):
     if enc["encoder"] not in registry.get("arch", arch, modality="image").obj.encoders:
-        pytest.skip(f"{arch} takes no {enc['encoder']} encoder")
+        pytest.skip(f"{arch} is not defined on {enc['encoder']}")
     torch.manual_seed(0)
     data = tiny_scenes
     model = build_image_arch(arch, data, **enc)

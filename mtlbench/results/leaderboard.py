@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mtlbench import settings
 from mtlbench.results.store import read_record
 
-PROTOCOL_KEYS = ("dataset", "dataset_version", "dataset_options", "tasks", "epochs", "batch_size", "lr",
-                 "weight_decay", "patience", "embed_dim", "selection")
+# what a table's runs must share: declared with the run settings (mtlbench/settings.py, torch-free)
+PROTOCOL_KEYS = settings.protocol_keys()
 BASELINE_ARCH = "single"
 ARROW = {"max": "↑", "min": "↓"}
 
@@ -58,7 +59,9 @@ def _canon(obj: Any) -> str:
 
 
 def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: spec.get(k) for k in PROTOCOL_KEYS}
+    """A run's protocol; a setting added after spec version 1 (``threads``) appears only where it differs from
+    the value every version-1 run had, so one table never mixes thread counts and old tables keep their text."""
+    return settings.protocol_of(spec)
 
 
 def _option_label(options: dict[str, Any], varying: set[str]) -> str:

@@ -66,7 +66,9 @@ def protocol_text(table: Table) -> str:
     return (f"Protocol: dataset `{p['dataset']}` version {p['dataset_version']} ({opts}); its fixed train/val/test "
             f"splits; metrics on **test** at the epoch selected on **validation** ({p['selection']}); up to "
             f"{p['epochs']} epochs, early-stopping patience {p['patience']}, batch {p['batch_size']}, lr {p['lr']}, "
-            f"weight decay {p['weight_decay']}, embedding {p['embed_dim']}; seeds {_seed_text(seeds)}; "
+            f"weight decay {p['weight_decay']}, embedding {p['embed_dim']}"
+            + (f", {p['threads']} threads per run" if "threads" in p else "")  # only where not the v1 value, 1
+            + f"; seeds {_seed_text(seeds)}; "
             f"mean ± std over seeds (n = runs).")
 
 

@@ -38,7 +38,10 @@ class ImageArch(MultiTaskArch):
 
     modality = "image"
     supports_dense = True
-    encoders: tuple[str, ...] = nets.ENCODERS  # the encoders this arch can take (TaskExpert: ViT only)
+<<<<<<< HEAD
+=======
+    encoders: tuple[str, ...] = nets.ENCODERS  # the encoders this arch is defined on
+>>>>>>> main
     eval_batch_size = 256
     Options: Any = EncoderOptions
 

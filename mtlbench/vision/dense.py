@@ -221,6 +221,29 @@ def _hist_median(hist: torch.Tensor, n: float) -> float:
     return (k + frac) / ANGLE_BINS_PER_DEGREE
 
 
+def check_targets(dataset: str, tasks: Any, splits: dict[str, Any]) -> None:
+    """One line for dense labels a loss or metric would misread: a missing tensor, or a class label outside
+    ``0..K-1`` that is not the ignore value (vectorised: one reduction per split and task)."""
+    from mtlbench.errors import MtlbenchError
+
+    for t in tasks:
+        if not is_dense(t):
+            continue
+        for name, sp in splits.items():
+            for key in (t.target, t.valid):
+                if key and key not in sp.tensors:
+                    raise MtlbenchError(f"dataset '{dataset}': task '{t.name}' reads '{key}', which the {name} "
+                                        f"split does not hold")
+            if t.kind == "segmentation":
+                y = sp.tensors[t.target]
+                bad = (y >= t.n_classes) & (y != t.ignore_index) | (y < 0)
+                if bool(bad.any()):
+                    v = int(y[bad][0])
+                    raise MtlbenchError(f"dataset '{dataset}': task '{t.name}' has class label {v} in the {name} "
+                                        f"split, outside 0..{t.n_classes - 1} and not the ignore value "
+                                        f"{t.ignore_index}")
+
+
 def _accumulated_only(y_true: torch.Tensor, y_pred: torch.Tensor) -> float:
     raise TypeError("dense metrics are computed from accumulated split statistics (DenseAccumulator)")
 
