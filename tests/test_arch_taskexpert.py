@@ -1,7 +1,7 @@
 """TaskExpert: the ablation switches change the structure they name, the memory is read as an expert, expert usage
-lands in the record, every MTL optimizer trains it, and its bad inputs are one line each. (The shared/task
-partition, per-task gradients through the declared features and FLOPs are checked for it by the parametrized
-image-arch contract tests in test_vision_archs.py.)"""
+lands in the record and the leaderboard's figure, and its bad inputs are one line each. (The shared/task partition,
+per-task gradients through the declared features and FLOPs are checked by the parametrized image-arch contract
+tests in test_vision_archs.py, every MTL optimizer by test_vision_optimizers.py.)"""
 from __future__ import annotations
 
 import math
@@ -106,7 +106,7 @@ def test_expert_usage_in_the_record_and_the_figure(tmp_path):
 
     specs = [build_spec(dataset="scenes", dataset_options=TINY, tasks=["seg", "depth"], arch="taskexpert",
                         arch_options=SMALL_VIT, optimizer="ew", device="cpu", seed=s, epochs=1, batch_size=4)
-             for s in (0, 1)]
+             for s in (0,)]
     (tmp_path / "runs").mkdir()
     for spec in specs:
         rec = run_to_record(spec)
@@ -117,15 +117,6 @@ def test_expert_usage_in_the_record_and_the_figure(tmp_path):
     write_leaderboard(tmp_path / "runs", tmp_path / "out", formats=("md",))
     figs = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*-experts.png"))
     assert len(figs) == 1
-
-
-@pytest.mark.parametrize("optimizer", registry.names("optimizer"))
-def test_every_optimizer_trains_it(optimizer):
-    spec = build_spec(dataset="scenes", dataset_options=TINY, tasks=["seg", "depth", "normal"], arch="taskexpert",
-                      arch_options={**SMALL_VIT, "depth": 2}, optimizer=optimizer, device="cpu", seed=0, epochs=1,
-                      batch_size=4)
-    rec = run_to_record(spec)
-    assert rec["status"] == "ok", rec.get("error")
 
 
 @pytest.mark.parametrize("kw,match", [

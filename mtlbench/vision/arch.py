@@ -38,10 +38,7 @@ class ImageArch(MultiTaskArch):
 
     modality = "image"
     supports_dense = True
-<<<<<<< HEAD
-=======
     encoders: tuple[str, ...] = nets.ENCODERS  # the encoders this arch is defined on
->>>>>>> main
     eval_batch_size = 256
     Options: Any = EncoderOptions
 
