@@ -24,6 +24,7 @@ Ratios printed: each model's FLOPs and time over ``shared_bottom``'s, and the me
 How to run (from the repository root)
     .venv/bin/python benchmarks/taskexpert_cost.py             # ~1-2 minutes on one thread
     .venv/bin/python benchmarks/taskexpert_cost.py --quick     # smoke run
+    .venv/bin/python benchmarks/taskexpert_cost.py --resolution 32   # the published grid's images
     .venv/bin/python benchmarks/taskexpert_cost.py --device cuda --batch 256
 """
 from __future__ import annotations
@@ -98,6 +99,7 @@ def sync(device: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=64, help="scenes image size (the published grid: 32)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
@@ -111,7 +113,7 @@ def main() -> None:
     from mtlbench.registry import build_options
 
     e = registry.get("dataset", "scenes")
-    data = e.obj(build_options(e.options_class, e.resolve_options({}))).load(0)
+    data = e.obj(build_options(e.options_class, e.resolve_options({"resolution": a.resolution}))).load(0)
     split = data.splits["train"]
     batch = {k: v[:a.batch].to(a.device) for k, v in split.tensors.items()}
     models = {n: build(n, data, a.device) for n in MODELS}
