@@ -130,10 +130,71 @@ def _load_plugins(targets: list[str] | None) -> None:
         registry.load_plugin(t)
 
 
+def _list_cache_key(plugins: list[str], verbose: bool) -> str | None:
+    """A key for `mtlbench list`'s output: the content of every source file of mtlbench (engine, tasks,
+    baselines; about 2 MB, hashed in milliseconds) and of each plugin file, the advertised entry-point plugins and their versions, the flags. None
+    (do not cache) when a plugin is a module name, whose files are not known without importing it."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    parts: list[str] = [sys.version, str(verbose)]
+    roots = []
+    for pkg in ("mtlbench", "mtlbench.tasks", "mtlbench.baselines"):
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            return None
+        roots.extend(found.submodule_search_locations)
+    for root in sorted(set(roots)):
+        for path in sorted(Path(root).rglob("*.py")):
+            parts.append(f"{path}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    for target in plugins:
+        path = Path(target)
+        if not path.is_file():
+            return None
+        parts.append(f"plugin {path.resolve()}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    for ep in importlib.metadata.entry_points(group="mtlbench.plugins"):
+        dist = getattr(ep, "dist", None)
+        parts.append(f"ep {ep.name}={ep.value} {getattr(dist, 'version', '')}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _list_cache_dir() -> Path:
+    return Path(os.environ.get("MTLBENCH_CACHE_DIR") or Path.home() / ".cache" / "mtlbench") / "list"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    """The registry's contents. The text is a pure function of the source files, so it is cached by their
+    content: a repeated `mtlbench list` answers without importing torch or any method."""
+    import io
+    from contextlib import redirect_stdout
+
+    plugins = (getattr(args, "global_plugins", None) or []) + (args.plugins or [])
+    key = _list_cache_key(plugins, args.verbose)
+    cached = _list_cache_dir() / f"{key}.txt" if key else None
+    if cached is not None and cached.is_file():
+        sys.stdout.write(cached.read_text())
+        return 0
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        _print_list(args.verbose, plugins)
+    text = buf.getvalue()
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only home: list still works, just without the cache
+    sys.stdout.write(text)
+    return 0
+
+
+def _print_list(verbose: bool, plugins: list[str]) -> None:
     from mtlbench import registry
 
-    _load_plugins((getattr(args, "global_plugins", None) or []) + (args.plugins or []))
+    _load_plugins(plugins)
     titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics"}
     for kind in ("dataset", "arch", "optimizer", "metric"):
         print(titles[kind])
@@ -154,7 +215,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 extra = f"  [{'higher' if e.obj.direction == 'max' else 'lower'} is better]"
             origin = "" if e.builtin else f"  (plugin: {e.module})"
             print(f"  {e.name:<{width}}  {e.description}{extra}{origin}")
-            if not args.verbose:
+            if not verbose:
                 continue
             pad = f"  {'':<{width}}    "
             if kind == "dataset":
@@ -175,7 +236,6 @@ def cmd_list(args: argparse.Namespace) -> int:
                 for left, help_text in rows:
                     print(f"{pad}{left:<{w}}  {help_text}".rstrip())
         print()
-    return 0
 
 
 def _fmt(v: Any) -> str:

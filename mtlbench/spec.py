@@ -1,8 +1,10 @@
 """RunSpec: every choice that changes a result, and its stable hash (the run id).
 
 Same spec, same id: a finished run is never trained twice and a sweep can resume. Everything in the spec is
-resolved before hashing (options with their defaults, the device type, the dataset version), so two commands
-that mean the same run get the same id, and changing a default produces a new one.
+resolved before hashing (options with their defaults, the dataset's training defaults, the device, the thread
+count ``auto``, the dataset version), so two commands that mean the same run get the same id, and changing a
+default produces a new one. The training fields are declared in :mod:`mtlbench.settings`; one added after spec
+version 1 enters the hash only when it differs from the value every version-1 run had, so stored ids hold.
 """
 from __future__ import annotations
 
