@@ -117,7 +117,8 @@ def _options_for(options: dict[str, Any], name: str, all_names: list[str]) -> di
     from mtlbench import registry
 
     if options and all(isinstance(v, dict) for v in options.values()) and set(options) <= set(all_names) | set(
-            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")):
+            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")) | set(
+            registry.names("merger")):
         return dict(options.get(name, {}))
     return dict(options)
 
@@ -195,8 +196,9 @@ def _print_list(verbose: bool, plugins: list[str]) -> None:
     from mtlbench import registry
 
     _load_plugins(plugins)
-    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics"}
-    for kind in ("dataset", "arch", "optimizer", "metric"):
+    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics",
+              "merger": "Mergers"}
+    for kind in ("dataset", "arch", "optimizer", "merger", "metric"):
         print(titles[kind])
         entries = registry.entries(kind)
         if kind == "arch":  # an image variant of a tabular arch (same name) is listed after it
@@ -285,9 +287,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not st["dry_run"]:  # a dry run only reads the store
         ensure_writable(st["results_dir"])
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
+    training = {s.name: st[s.name] for s in settings.spec_settings()}
+    if st["merger"]:
+        return _run_merges(st, data_dir, training)
     switches = _check_ablation(st["ablate"], st["arch"])
     jobs = st["jobs"] or max(1, min(total, available_cores()))
-    training = {s.name: st[s.name] for s in settings.spec_settings()}
 
     def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
         arch_options = _options_for(st["arch_options"], arch, st["arch"])
@@ -327,6 +331,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     return 1 if result.failed else 0
+
+
+def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
+    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
+    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
+    with the same settings is the same protocol at the same total fine-tuning budget."""
+    from mtlbench import registry
+    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
+    from mtlbench.merging import merger_declaration
+    from mtlbench.spec import build_spec
+
+    archs = ["minilm"] if st["arch"] == settings.BY_NAME["arch"].default else st["arch"]
+    mergers = [(m, registry.get("merger", m).resolve_options(_options_for(st["merger_options"], m, st["merger"])))
+               for m in st["merger"]]
+    if st["no_task_id"]:
+        need = [m for m, o in mergers if merger_declaration(m, o)["needs_task_id"]]
+        if need:
+            ok = [m for m, _ in mergers if m not in need]
+            raise MtlbenchError(f"merger(s) {', '.join(need)} need the task id at inference (one set of weights per "
+                                f"task), which --no-task-id rules out (of those given, usable: {', '.join(ok) or 'none'})")
+    recipes = [build_spec(dataset=d, tasks=t, arch=a, optimizer="ew", seed=seed,
+                          dataset_options=_options_for(st["dataset_options"], d, st["dataset"]),
+                          arch_options=_options_for(st["arch_options"], a, archs), jobs=1, **training)
+               for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
+    if st["dry_run"]:
+        from mtlbench.results.store import finished_record
+
+        specs = [build_merge_spec(r, m, o) for r in recipes for m, o in mergers]
+        todo = 0
+        for spec in specs:
+            done = not st["force"] and finished_record(st["results_dir"], merge_run_id(spec)) is not None
+            todo += not done
+            print(f"{'done  ' if done else 'to run'}  {merge_run_id(spec)}  {label(spec)}")
+        print(f"dry run: {len(specs)} merges, {len(specs) - todo} already done, {todo} to run; records in "
+              f"{st['results_dir']}")
+        return 0
+    if recipes:
+        import torch
+
+        torch.set_num_threads(int(recipes[0].threads))  # part of the recipe: results differ between thread counts
+    log = None if st["quiet"] else (lambda msg: print(msg, file=sys.stderr))
+    done, skipped, failed = run_merges(recipes, mergers, st["results_dir"], data_dir=data_dir, force=st["force"],
+                                       zoo=st["zoo_dir"], log=log)
+    print(f"merges: {done} done, {skipped} already done, {failed} failed; records in {st['results_dir']}")
+    return 1 if failed else 0
 
 
 def _single_run(spec, st: dict[str, Any], data_dir: str | None) -> int:

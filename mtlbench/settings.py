@@ -153,6 +153,14 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="KEY=VALUE"),
     Setting("dataset_options", "options", {}, "dataset option", flags=("-D", "--dataset-option"),
             metavar="KEY=VALUE"),
+    # model merging (`mtlbench list` shows the mergers): merge a cached zoo of fine-tuned experts
+    Setting("merger", "names", [], "model merger(s), comma-separated: merge one fine-tuned expert per task "
+            "(trained with the settings above and cached on first use) instead of training jointly"),
+    Setting("merger_options", "options", {}, "merger option", flags=("-M", "--merger-option"), metavar="KEY=VALUE"),
+    Setting("zoo_dir", "str", None, "where fine-tuned experts are cached (default: $MTLBENCH_ZOO_DIR, else "
+            "~/.cache/mtlbench/zoo)"),
+    Setting("no_task_id", "bool", False, "the deployment has no task id at inference: refuse mergers that need "
+            "one (TALL-masks)"),
     # how runs are executed and stored (not part of a result)
     Setting("results_dir", "str", os.path.join("results", "runs"), "where records go"),
     Setting("data_dir", "str", None, "data directory (default: $MTLBENCH_DATA_DIR)"),

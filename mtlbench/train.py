@@ -38,6 +38,8 @@ from mtlbench.vision.dense import DenseAccumulator
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
 # 1024 / 2048 / 8192 rows), so a moderate size serves both.
 EVAL_BATCH = 2048
+# Training steps between checks of the non-finite flags (each check is one host sync; see FiniteWatch).
+CHECK_EVERY = 64
 PROGRESS_EVERY_S = 30.0   # without a terminal, a progress line at most this often within an epoch
 DIVERGENCE_FACTOR = 100.0  # an epoch's mean training loss this many times the first step's: warned in the record
 
@@ -174,6 +176,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
 
     loss_names = tuple(model.loss_tasks())
     first_loss: torch.Tensor | None = None
+    watch = FiniteWatch(loss_names, spec.optimizer, device)
 
     def losses_of(batch):
         out = model(batch)
@@ -181,7 +184,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
 
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        sums = torch.zeros(len(loss_names), dtype=torch.float64)
+        sums = torch.zeros(len(loss_names), dtype=torch.float64, device=device)
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
@@ -198,25 +201,30 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
                 next_note = time.perf_counter() + PROGRESS_EVERY_S
                 log(f"epoch {epoch}/{spec.epochs}: {n_steps}/{len(train_loader)} batches, "
                     f"{time.perf_counter() - t0:.0f} s")
-            if not bool(torch.isfinite(stacked).all()):
-                bad = [t for t, v in zip(loss_names, stacked.tolist()) if not math.isfinite(v)]
-                raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
+            watch.losses(stacked)
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
-            method.step(ctx)
-            _check_grads(params, epoch, step + 1, spec.optimizer)
+            try:
+                method.step(ctx)
+            except Exception:
+                watch.check(epoch)  # a non-finite loss earlier is the cause (e.g. a host solver fed NaN)
+                raise
+            watch.grads(params)
             optimizer.step()
             method.after_step(ctx)
-            sums += stacked.cpu().double()
+            sums += stacked.double()
             if method.last_weights is not None:
-                w = method.last_weights.detach().double().cpu()
-                weight_sums = w if weight_sums is None else weight_sums + w
+                w = method.last_weights.detach().double()  # summed where the method keeps it: no copy
+                weight_sums = w if weight_sums is None else weight_sums + w.to(weight_sums.device)
+            if (step + 1) % CHECK_EVERY == 0:
+                watch.check(epoch)
             n_steps += 1
             step += 1
             train_rows += batch["labels"].shape[0]
             if progress and n_steps % 20 == 0:
                 bar.set_postfix(loss=f"{float(stacked.sum()):.4f}")
         bar.close()
+        watch.check(epoch)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         train_losses = {t: float(s) / max(n_steps, 1) for t, s in zip(loss_names, sums)}
@@ -266,11 +274,41 @@ def divergence_warnings(first_loss: float | None, curves: list[dict[str, Any]]) 
     return []
 
 
-def _check_grads(params: list[torch.Tensor], epoch: int, step: int, method: str) -> None:
-    """Fail the run on a NaN or infinite gradient (one host sync per step)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-        raise RunFailed(f"non-finite gradient in epoch {epoch}, step {step} (optimizer '{method}')")
+class FiniteWatch:
+    """Fails the run on a NaN or infinite loss or gradient without a host sync per step.
+
+    Each step only updates device tensors (the first step at which each task's loss, or any gradient, was not
+    finite; a step counter on the device); :meth:`check` reads them (one sync) every CHECK_EVERY steps, at the
+    end of each epoch, and when a method's step raises, and names the epoch, the first bad step and the tasks.
+    Up to CHECK_EVERY - 1 steps may run after the first bad one: the run is failed all the same, with the same
+    reason as an eager check would give. (A sync per step to read the loss costs more than the step itself on a
+    GPU at recommendation-model sizes.)"""
+
+    def __init__(self, loss_names: tuple[str, ...], method: str, device: str | torch.device) -> None:
+        self.loss_names, self.method = loss_names, method
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros(len(loss_names), dtype=torch.long, device=device)  # 0: none yet
+        self.bad_grad = torch.zeros((), dtype=torch.long, device=device)
+
+    def losses(self, stacked: torch.Tensor) -> None:
+        self.count += 1
+        new = ~torch.isfinite(stacked) & (self.bad_loss == 0)
+        self.bad_loss = torch.where(new, self.count, self.bad_loss)
+
+    def grads(self, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            self.bad_grad = torch.where(~ok & (self.bad_grad == 0), self.count, self.bad_grad)
+
+    def check(self, epoch: int) -> None:
+        bad_loss, bad_grad = self.bad_loss.tolist(), int(self.bad_grad)  # the one sync
+        first_loss = min((s for s in bad_loss if s), default=0)
+        if first_loss and (not bad_grad or first_loss <= bad_grad):
+            tasks = [t for t, s in zip(self.loss_names, bad_loss) if s == first_loss]
+            raise RunFailed(f"non-finite loss in epoch {epoch}, step {first_loss}, task(s) {', '.join(tasks)}")
+        if bad_grad:
+            raise RunFailed(f"non-finite gradient in epoch {epoch}, step {bad_grad} (optimizer '{self.method}')")
 
 
 STATE_TENSOR_LIMIT = 4096  # larger state tensors (e.g. per-task gradient EMAs) are summarised, not stored

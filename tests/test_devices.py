@@ -10,8 +10,10 @@ device was tried first: it holds no values (metrics and solvers cannot run) and,
 autograd fails on fake ``cuda`` tensors before reaching our code.
 
 The lists come from the registry, so a new arch or optimizer is covered without editing this file: every arch
-(each of its tabular / image variants, on small e-commerce / scenes data) with ``ew``, and every optimizer on ``mmoe`` (the arch every optimizer supports), each through the real training
-loop (``train``; optimizers for 2 epochs, so epoch-end hooks and selection run) and the final evaluation.
+(each of its tabular / image variants, on small e-commerce / scenes data) with ``ew``, and every optimizer on
+``mmoe`` (the arch every optimizer supports), each through the real training loop (``train``; optimizers for 2
+epochs, so epoch-end hooks and selection run) and the final evaluation. The same device counts device-to-host
+copies, which shows that the training step itself makes none.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import pytest
 import torch
 
 from mtlbench.registry import build_options, get, names, variants
-from mtlbench.simdevice import DeviceMismatch, SimTensor, simulated_device
+from mtlbench.simdevice import HOST_READS, DeviceMismatch, SimTensor, simulated_device
 from mtlbench.spec import build_spec
 from mtlbench.train import build, train
 
@@ -125,3 +127,43 @@ def test_the_simulated_run_matches_the_cpu_run():
         for task, values in tasks.items():
             for name, v in values.items():
                 assert sim["metrics"][split][task][name] == pytest.approx(v, rel=1e-4), (split, task, name)
+
+
+def _host_reads_of_training(batch_size: int) -> int:
+    spec = dataclasses.replace(_spec("mmoe", "ew", epochs=1), batch_size=batch_size)
+    with simulated_device():
+        built = build(spec, data=_data())
+        HOST_READS.clear()
+        train(spec, built)
+        return len(HOST_READS)
+
+
+def test_the_training_step_makes_no_host_sync():
+    """Halving the batch size doubles the steps (4 -> 8) and leaves everything else (evaluation, the epoch-end
+    checks) unchanged, so any device-to-host copy made per step shows up as a difference."""
+    assert _host_reads_of_training(300) == _host_reads_of_training(150)
+
+
+NAN_AT_STEP_3 = """
+class NanAtStep3(MMoE):
+    def task_losses(self, outputs, batch):
+        self.calls = getattr(self, "calls", 0) + self.training
+        losses = super().task_losses(outputs, batch)
+        return [l * float("nan") if self.training and self.calls >= 3 and i == 1 else l
+                for i, l in enumerate(losses)]
+"""
+
+
+def test_a_nan_loss_mid_epoch_fails_the_run_naming_its_first_step():
+    """The non-finite check is lazy (no sync per step) but still names the first bad step and task."""
+    from mtlbench.errors import RunFailed
+
+    namespace = {"MMoE": get("arch", "mmoe").obj}
+    exec(NAN_AT_STEP_3, namespace)
+    spec = dataclasses.replace(_spec("mmoe", "ew", epochs=1), batch_size=150, device="cpu")
+    built = build(spec, data=_data())
+    state = built.model.state_dict()
+    model = namespace["NanAtStep3"](_data().schema, built.data.tasks, spec.embed_dim, built.model.options)
+    model.load_state_dict(state)
+    with pytest.raises(RunFailed, match=r"non-finite loss in epoch 1, step 3, task\(s\) cvr$"):
+        train(spec, dataclasses.replace(built, model=model))

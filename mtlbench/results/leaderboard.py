@@ -86,6 +86,20 @@ def _varying(options: list[dict[str, Any]]) -> set[str]:
     return {k for k in keys if len({_canon(o.get(k)) for o in options}) > 1}
 
 
+def _second_half(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A method's second half: its MTL optimizer, or for a merge record (``spec["merger"]``) ``merge:NAME``."""
+    if spec.get("merger"):
+        return f"merge:{spec['merger']}", spec.get("merger_options", {})
+    return spec["optimizer"], spec["optimizer_options"]
+
+
+def _merge_tag(spec: dict[str, Any]) -> str:
+    """A merger's declared data access and task-id need, shown with its name: ``[labelled_val, task id]``."""
+    if not spec.get("merger"):
+        return ""
+    return f" [{spec.get('data_access')}" + (", task id" if spec.get("needs_task_id") else "") + "]"
+
+
 def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """The canonical long format: one row per run x split x task x metric, at full precision."""
     rows = []
@@ -93,7 +107,8 @@ def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     by_opt: dict[str, list[dict]] = {}
     for rec in records:
         by_arch.setdefault(rec["spec"]["arch"], []).append(rec["spec"]["arch_options"])
-        by_opt.setdefault(rec["spec"]["optimizer"], []).append(rec["spec"]["optimizer_options"])
+        name, options = _second_half(rec["spec"])
+        by_opt.setdefault(name, []).append(options)
     vary_arch = {a: _varying(o) for a, o in by_arch.items()}
     vary_opt = {a: _varying(o) for a, o in by_opt.items()}
     for rec in records:
@@ -101,7 +116,8 @@ def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         protocol = protocol_of(spec)
         tasks = {t["name"]: t for t in rec.get("dataset", {}).get("tasks", [])}
         arch = spec["arch"] + _option_label(spec["arch_options"], vary_arch[spec["arch"]])
-        opt = spec["optimizer"] + _option_label(spec["optimizer_options"], vary_opt[spec["optimizer"]])
+        name, options = _second_half(spec)
+        opt = name + _option_label(options, vary_opt[name]) + _merge_tag(spec)
         for split, per_task in rec["metrics"].items():
             for task, metrics in per_task.items():
                 primary = tasks.get(task, {}).get("metrics", [None])[0]

@@ -110,7 +110,8 @@ def plot_curves(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks) + 2.4, 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for m in shown:
-            curves = [[c["val"][t].get(prim[t]) for c in r["curves"]] for r in runs if method_of[r["run_id"]] == m]
+            curves = [[c["val"][t].get(prim[t]) for c in r["curves"]] for r in runs
+                      if method_of[r["run_id"]] == m and r.get("curves")]  # merge records have no training curves
             if not curves:
                 continue
             L = max(len(c) for c in curves)

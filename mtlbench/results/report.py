@@ -68,7 +68,12 @@ def protocol_text(table: Table) -> str:
             f"weight decay {p['weight_decay']}, embedding {p['embed_dim']}"
             + (f", {p['threads']} threads per run" if "threads" in p else "")  # only where not the v1 value, 1
             + f"; seeds {_seed_text(seeds)}; "
-            f"mean ± std over seeds (n = runs).")
+            f"mean ± std over seeds (n = runs)." + (MERGE_NOTE if any("merge:" in m for m in table.methods) else ""))
+
+
+MERGE_NOTE = (" Merge rows (`merge:NAME`) combine one expert per task fine-tuned with the settings above (same total "
+              "fine-tuning budget as joint training); in brackets the data each merger touched (none, labelled_val, "
+              "unlabelled adaptation inputs, test_inputs) and whether it needs the task id at inference.")
 
 
 
