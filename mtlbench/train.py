@@ -132,12 +132,31 @@ def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
 
 
 def environment(device: str) -> dict[str, Any]:
+    """Where the run ran. The device fields (``device``, ``device_name``, ``accelerator_runtime``) are the only
+    parts of a record, besides timings and the spec's device, that differ between a CPU and a GPU run."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "mtlbench": mtlbench.__version__,
            "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
            "git_sha": _git_sha()}
-    if device.startswith("cuda"):
+    kind = torch.device(device).type
+    if kind == "cuda":
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        env["accelerator_runtime"] = (f"cuda {torch.version.cuda}" if torch.version.cuda
+                                      else f"hip {getattr(torch.version, 'hip', None)}")
+    elif kind == "mps":
+        env["device_name"] = "Apple MPS"
+    elif kind == "cpu":
+        env["device_name"] = _cpu_name()
     return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_sha() -> str | None:
