@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mtlbench.results.record import RunRecord, make_record
+from mtlbench.results.record import SCHEMA1_DIRECTIONS, RunRecord, make_record
 from mtlbench.results.store import write_record
 
 TASKS = ({"name": "ctr", "kind": "binary", "metrics": ["auc", "logloss"]},
@@ -43,10 +43,10 @@ def fake_record(dataset: str, arch: str, optimizer: str, seed: int, auc: dict[st
     curves = [{"epoch": e, "train_loss": {t: 1.0 / e for t in names}, "val": split(-0.01 * (epochs - e)),
                "selection_score": 0.0, "seconds": seconds_per_epoch} for e in range(1, epochs + 1)]
     test = split(0.0)
-    directions = {"auc": "max", "logloss": "min"}
+    named = {"auc", "logloss"} | {m for t in tasks for m in t["metrics"]}  # the tasks' own, for callers that set them
     return make_record(spec.to_dict(), spec.run_id, "ok",
                        created=created or datetime(2026, 1, 1, tzinfo=timezone.utc),
-                       directions={m: directions[m] for t in tasks for m in t["metrics"]},
+                       directions={m: SCHEMA1_DIRECTIONS[m] for m in sorted(named) if m in SCHEMA1_DIRECTIONS},
                        dataset={"name": dataset, "version": "1", "tasks": list(tasks)},
                        metrics={"train": split(0.05), "val": curves[-1]["val"], "test": test}, selected_epoch=epochs,
                        epochs_run=epochs, curves=curves, parameters={"total": 10, "shared": 5, "task": {}},

@@ -10,6 +10,9 @@ test-split metric (the model having been selected on validation), and n. Δm% fo
 the mean over tasks of the signed relative change of each task's primary metric against the single-task baseline
 (the ``single`` arch's runs under the same protocol), positive = better. A missing baseline is said, never faked.
 A metric is ranked only with the direction its records store; without one it is shown but never ranked.
+Tables with dense (per-pixel) tasks follow the vision convention instead (Maninis et al. 2019; Vandenhende et al.,
+TPAMI 2021; as MTAN-line papers and LibMTL report NYUv2): the mean over *every* metric of every task, each signed
+by its direction; the table's Δm% note says which convention it uses.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from mtlbench.errors import MtlbenchError
 from mtlbench.results import methods as mid
 from mtlbench.results.record import NewerSchema, RecordError, RunRecord
 from mtlbench.results.store import load_record
+from mtlbench.vision.kinds import DENSE_METRIC_NAMES
 
 # what a table's runs must share: declared with the run settings (mtlbench/settings.py, torch-free)
 PROTOCOL_KEYS = settings.protocol_keys()
@@ -102,8 +106,10 @@ FRAME_COLUMNS = ["run_id", "dataset", "dataset_version", "tasks", "protocol", "a
 INTERNAL_COLUMNS = ["protocol", "seconds_per_epoch", "at_default", "method_id"]
 
 
-def long_frame(records: list[RunRecord]) -> pd.DataFrame:
-    """The canonical long format: one row per run x split x task x metric, at full precision."""
+def long_frame(records: list[RunRecord] | list[dict[str, Any]]) -> pd.DataFrame:
+    """The canonical long format: one row per run x split x task x metric, at full precision (records as loaded,
+    or as stored dicts, which are validated here)."""
+    records = [r if isinstance(r, RunRecord) else RunRecord.from_dict(r) for r in records]
     rows = []
     names = mid.labels(r.method for r in records)
     for rec in records:
@@ -240,13 +246,17 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     # Δm% against the single-task baseline
     base = _reference(methods, ids, at_default, BASELINE_ARCH)
     delta: dict[str, float | None] = {}
+    dense = any(c[1] in DENSE_METRIC_NAMES for c in columns)  # per-pixel tasks: every metric counts (vision papers)
+    flat = flat or dense
     prim = [(t, metrics_by_task[t][0]) for t in tasks if metrics_by_task.get(t)]
     cols_for_delta = [c for c in (columns if flat else prim) if directions.get(c[1])]
     if base is None:
         note = "Δm% n/a: no single-task (`single`) runs under this protocol"
         delta = {m: None for m in methods}
     else:
-        note = (f"Δm% (Maninis et al. 2019): mean over {'all task metrics' if flat else 'tasks of the primary metric'}"
+        what = ("all metrics of every task (the dense-prediction convention, Maninis et al. 2019 / Vandenhende et "
+                "al. 2021)" if dense else "all task metrics" if flat else "tasks of the primary metric")
+        note = (f"Δm% (Maninis et al. 2019): mean over {what}"
                 f" of the signed relative change vs `{base}`, in %, positive = better")
         if len(cols_for_delta) < len(columns if flat else prim):
             note += " (metrics without a direction left out)"

@@ -34,6 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from mtlbench.vision.kinds import DENSE_DIRECTIONS   # torch-free: names and directions of the dense metrics
+
 if TYPE_CHECKING:
     from mtlbench.results.methods import MethodId
 
@@ -43,7 +45,8 @@ RECORD_SCHEMA = f"{SCHEMA_NAME}/{SCHEMA_VERSION}"
 STATUSES = ("ok", "failed", "running")
 DIRECTIONS = ("max", "min")
 #: The directions of the metrics built in when records did not store them (schema 1). Later records carry theirs.
-SCHEMA1_DIRECTIONS = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min"}
+SCHEMA1_DIRECTIONS = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min",
+                      **DENSE_DIRECTIONS}
 #: What a record's spec must hold for the leaderboard to place it.
 SPEC_REQUIRED = {"dataset": str, "tasks": list, "arch": str, "optimizer": str, "seed": int, "arch_options": dict,
                  "optimizer_options": dict}

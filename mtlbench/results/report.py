@@ -21,7 +21,7 @@ import pandas as pd
 from mtlbench.results.leaderboard import (ALPHA, ARROW, INTERNAL_COLUMNS, Store, Table, build_tables, load_store,
                                           long_frame, table_records)
 from mtlbench.results.plots import (critical_difference_diagram, plot_bars, plot_cost, plot_curves,
-                                    plot_tradeoff)
+                                    plot_expert_usage, plot_tradeoff)
 from mtlbench.results.record import RunRecord
 
 #: A figure's file name stays well under every file system's 255-byte limit, whatever the task names.
@@ -584,7 +584,10 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
                 cache.figure(d / f"{s}-tradeoff.png", shown, lambda: plot_tradeoff(t, d / f"{s}-tradeoff.png")),
                 cache.figure(d / f"{s}-curves.png", shown + curves,
                              lambda: plot_curves(t, store.records, frame, d / f"{s}-curves.png")),
-                cache.figure(d / f"{s}-cost.png", shown, lambda: plot_cost(t, d / f"{s}-cost.png"))]
+                cache.figure(d / f"{s}-cost.png", shown, lambda: plot_cost(t, d / f"{s}-cost.png")),
+                cache.figure(d / f"{s}-experts.png", shown + repr([(r.run_id, r.arch_info.get("expert_usage"))
+                                                                    for r in table_records(t, store.records)]),
+                             lambda: plot_expert_usage(t, store.records, frame, d / f"{s}-experts.png"))]
         figures[s] = [f for f in figs if f is not None]
     cross = across_datasets(tables, out / "figures", plots, cache)
     if cache:
