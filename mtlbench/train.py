@@ -105,6 +105,11 @@ def eval_batch_size(model: torch.nn.Module) -> int:
     return int(getattr(model, "eval_batch_size", EVAL_BATCH))
 
 
+def accumulator_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 for sums kept on the device (losses over an epoch), float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
                     val_loss: float | None) -> float:
     """Higher is better. ``mean_primary``: mean over tasks of each primary metric, negated where lower is
@@ -122,11 +127,11 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
 def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
     """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, rows = torch.zeros((), dtype=torch.float64, device=device), 0
+    total, rows = torch.zeros((), dtype=accumulator_dtype(device), device=device), 0
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
-            total += sum(model.task_losses(model(batch).outputs, batch)).double() * n  # no sync per batch
+            total += sum(model.task_losses(model(batch).outputs, batch)).to(total.dtype) * n  # no sync per batch
             rows += n
     return float(total) / max(rows, 1)
 
@@ -203,7 +208,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
 
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        sums = torch.zeros(len(loss_names), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(loss_names), dtype=accumulator_dtype(device), device=device)
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
@@ -231,9 +236,10 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             watch.grads(params)
             optimizer.step()
             method.after_step(ctx)
-            sums += stacked.double()
+            sums += stacked.to(sums.dtype)
             if method.last_weights is not None:
-                w = method.last_weights.detach().double()  # summed where the method keeps it: no copy
+                w = method.last_weights.detach()  # summed where the method keeps it: no copy
+                w = w.to(accumulator_dtype(w.device))
                 weight_sums = w if weight_sums is None else weight_sums + w.to(weight_sums.device)
             if (step + 1) % CHECK_EVERY == 0:
                 watch.check(epoch)
