@@ -296,7 +296,7 @@ def _names(v: Any, where: str, allow_empty: bool) -> list[str]:
 
 
 def _check_names(s: Setting, v: Any, where: str) -> list[str]:
-    return _names(v, where, allow_empty=s.name in ("ablate", "log"))
+    return _names(v, where, allow_empty=s.default == [])  # a list that may be empty by default may be given empty
 
 
 def _check_tasksets(s: Setting, v: Any, where: str) -> list[list[str]]:
@@ -438,7 +438,7 @@ def from_flags(args: Any, base: dict[str, Any]) -> dict[str, Any]:
         elif s.kind == "paths":
             out[s.name] = base[s.name] + s.check(raw, s.flag)
         elif s.kind == "names" and isinstance(raw, str) and not raw.strip(",").strip():
-            out[s.name] = s.check([""], s.flag) if s.name not in ("ablate", "log") else []
+            out[s.name] = s.check([""], s.flag) if s.default != [] else []
         else:
             out[s.name] = s.parse_flag(raw)
     return out

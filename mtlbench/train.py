@@ -31,7 +31,7 @@ from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
-from mtlbench.results.store import RECORD_SCHEMA
+from mtlbench.results.record import make_record
 from mtlbench.vision.dense import DenseAccumulator
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
@@ -279,7 +279,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+    extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
             "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
@@ -358,11 +359,11 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
     torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
-    record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
-                              "status": "running",
-                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    created = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"status": "running", "option_defaults": _option_defaults(spec)}
     try:
         built = build(spec, data_dir)
+        record["directions"] = {m: metric(m).direction for t in built.data.tasks for m in t.metrics}
         record["dataset"] = built.data.describe()
         record["parameters"] = built.model.parameter_counts()
         record["arch_info"] = built.model.describe()
@@ -381,6 +382,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
             raise  # bad input: one line, nothing stored
         record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
@@ -388,13 +390,35 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
+    record["arch_info"] = {**record.get("arch_info", {}), **body.pop("arch_extras", {})}
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    record = _made(spec, created, record)
     if trackers:
         trackers.finish(record)
     return record
+
+
+def _made(spec: RunSpec, created: datetime, body: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of the record, made and validated by the one record constructor."""
+    fields = {k: v for k, v in body.items() if k not in ("status", "error")}
+    return make_record(spec.to_dict(), spec.run_id, body["status"], created=created, error=body.get("error"),
+                       **fields).to_dict()
+
+
+def _option_defaults(spec: RunSpec) -> dict[str, Any]:
+    """The arch's and optimizer's default option values, so the leaderboard can tell the full method from an
+    ablation variant (None for a side whose options have no defaults)."""
+    out: dict[str, Any] = {}
+    for kind, name in (("arch", spec.arch), ("optimizer", spec.optimizer)):
+        try:
+            out[kind] = registry.resolve_options(registry.get(kind, name).options_class, {}, f"{kind} '{name}'")
+        except MtlbenchError:
+            out[kind] = None
+    return out
 
 
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
