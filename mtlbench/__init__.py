@@ -7,6 +7,7 @@ from mtlbench.data import (CategoricalField, DatasetAdapter, FeatureSchema, Mult
                            TaskSpec)
 from mtlbench.errors import MtlbenchError, RunFailed
 from mtlbench.layers import MLP, ExpertBank, InputLayer, mix
+from mtlbench.metrics import Metric
 from mtlbench.optim import JacobianMethod, MTLOptimizer, StepContext
 from mtlbench.registry import (option_field, register, register_arch, register_dataset, register_metric,
                                register_optimizer)
@@ -16,6 +17,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ArchOutput", "MultiTaskArch", "CategoricalField", "DatasetAdapter", "FeatureSchema", "MultiTaskData",
     "SequenceField", "Split", "TaskSpec", "MtlbenchError", "RunFailed", "MLP", "ExpertBank", "InputLayer", "mix",
-    "JacobianMethod", "MTLOptimizer", "StepContext", "option_field", "register", "register_arch", "register_dataset",
+    "Metric", "JacobianMethod", "MTLOptimizer", "StepContext", "option_field", "register", "register_arch", "register_dataset",
     "register_metric", "register_optimizer", "__version__",
 ]

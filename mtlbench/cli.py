@@ -47,7 +47,7 @@ def _csv(text: str | None) -> list[str] | None:
 RUN_SETTINGS: dict[str, tuple[type, Any]] = {
     "dataset": (list, ["ecommerce"]), "tasks": (list, None), "arch": (list, ["shared_bottom"]),
     "optimizer": (list, ["ew"]), "seeds": (list, [0]), "epochs": (int, None), "batch_size": (int, None),
-    "lr": (float, None), "weight_decay": (float, 1e-6), "patience": (int, 3), "embed_dim": (int, 16),
+    "lr": (float, None), "weight_decay": (float, 1e-6), "patience": (int, 3), "embed_dim": (int, None),
     "selection": (str, "mean_primary"), "device": (str, "auto"), "arch_options": (dict, {}),
     "optimizer_options": (dict, {}), "dataset_options": (dict, {}), "results_dir": (str, DEFAULT_RESULTS_DIR),
     "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
@@ -73,7 +73,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float)
     r.add_argument("--weight-decay", type=float, help="default 1e-6")
     r.add_argument("--patience", type=int, help="early stopping on validation (default 3; 0: never stop early)")
-    r.add_argument("--embed-dim", type=int, help="embedding width shared by all archs (default 16)")
+    r.add_argument("--embed-dim", type=int, help="embedding width shared by all archs: every categorical field's embedding and the dense "
+                   "projection (default: the dataset's suggestion, shown by `list -v`, else 16)")
     r.add_argument("--selection", help="model selection on validation: mean_primary (default: mean primary "
                    "metric over tasks) or val_loss")
     r.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -237,18 +238,42 @@ def cmd_list(args: argparse.Namespace) -> int:
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             extra = ""
-            if kind == "dataset" and e.obj.task_names():
-                extra = f"  [tasks: {', '.join(e.obj.task_names())}]"
+            if kind == "dataset":
+                from mtlbench.data import offered_tasks
+
+                offered = list(offered_tasks(e.obj, registry.build_options(e.options_class, e.resolve_options({}))))
+                if offered:
+                    shown = offered if len(offered) <= 12 else offered[:10] + [f"... ({len(offered)} in all)"]
+                    extra = f"  [tasks: {', '.join(shown)}]"
             if kind == "metric":
                 extra = f"  [{'higher' if e.obj.direction == 'max' else 'lower'} is better]"
             origin = "" if e.builtin else f"  (plugin: {e.module})"
             print(f"  {e.name:<{width}}  {e.description}{extra}{origin}")
+            if args.verbose and kind == "dataset":
+                for line in _dataset_hints(e):
+                    print(f"  {'':<{width}}    {line}")
             if args.verbose and e.options_class is not None:
                 for f in dataclasses.fields(e.options_class):
                     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
                     print(f"  {'':<{width}}    {f.name} = {default!r}")
         print()
     return 0
+
+
+def _dataset_hints(e: registry.Entry) -> list[str]:
+    """`list -v` lines of a dataset: its task sets and the training settings it suggests (embed_dim included)."""
+    from mtlbench.data import offered_task_sets
+    from mtlbench.spec import DEFAULT_TRAINING
+
+    out = []
+    opts = registry.build_options(e.options_class, e.resolve_options({}))
+    for name, members in offered_task_sets(e.obj, opts).items():
+        out.append(f"task set {name}: {', '.join(members)}")
+    suggested = {**DEFAULT_TRAINING, **(getattr(e.obj, "default_training", {}) or {})}
+    out.append("suggested training: " + ", ".join(f"{k} {v}" for k, v in suggested.items())
+               + " (flags win; embed_dim is the input layer's width: each categorical embedding and the dense "
+                 "projection)")
+    return out
 
 
 def _fmt(v: Any) -> str:

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from mtlbench import registry
+from mtlbench.data import offered_task_sets, offered_tasks
 from mtlbench.errors import MtlbenchError, unknown
 
 SPEC_VERSION = 1
-DEFAULT_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3}
+DEFAULT_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3, "embed_dim": 16}
 SELECTIONS = ("mean_primary", "val_loss")
 
 
@@ -111,7 +112,7 @@ def _check_features(dataset: str, ds: registry.Entry, dataset_options: dict[str,
 
 def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int = 0,
                epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-               weight_decay: float = 1e-6, patience: int = 3, embed_dim: int = 16, device: str = "auto",
+               weight_decay: float = 1e-6, patience: int = 3, embed_dim: int | None = None, device: str = "auto",
                selection: str = "mean_primary", dataset_options: dict[str, Any] | None = None,
                arch_options: dict[str, Any] | None = None,
                optimizer_options: dict[str, Any] | None = None) -> RunSpec:
@@ -119,8 +120,10 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     ds = registry.get("dataset", dataset)
     ar = registry.get("arch", arch)
     op = registry.get("optimizer", optimizer)
-    offered = ds.obj.task_names()
-    aliases = getattr(ds.obj, "task_aliases", {}) or {}
+    dataset_options = ds.resolve_options(dataset_options)
+    ds_opts = registry.build_options(ds.options_class, dataset_options)
+    offered = offered_tasks(ds.obj, ds_opts)  # the tasks may depend on the dataset's options
+    aliases = offered_task_sets(ds.obj, ds_opts)
     if tasks is not None and len(tasks) == 1 and tasks[0] in aliases:
         tasks = list(aliases[tasks[0]])
     if tasks is not None:
@@ -144,6 +147,7 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     epochs = defaults["epochs"] if epochs is None else epochs
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     lr = defaults["lr"] if lr is None else lr
+    embed_dim = defaults["embed_dim"] if embed_dim is None else embed_dim
     _positive("epochs", epochs, integer=True)
     _positive("batch size", batch_size, integer=True)
     _positive("learning rate", lr)
@@ -153,7 +157,6 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     _positive("seed", seed, allow_zero=True, integer=True)
     if selection not in SELECTIONS:
         raise unknown("selection criterion", selection, SELECTIONS)
-    dataset_options = ds.resolve_options(dataset_options)
     arch_options = ar.resolve_options(arch_options)
     _check_features(dataset, ds, dataset_options, arch, ar, arch_options)
     sources = {f"{e.kind}:{e.name}": h for e in (ds, ar, op) if (h := e.source_hash())}

@@ -52,7 +52,7 @@ def build(spec: RunSpec, data_dir: str | None = None) -> Built:
     """Load the data and build the model and method; every incompatibility is one clear line."""
     ds_entry = registry.get("dataset", spec.dataset)
     adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
-    data = adapter.load(spec.seed).select_tasks(spec.tasks)
+    data = adapter.load(spec.seed).validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch)
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -76,7 +76,7 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
     result = {}
     for i, task in enumerate(data.tasks):
         result[task.name] = evaluate_task(task.metrics, split["labels"][:, i], torch.cat(outs[i]),
-                                          split["masks"][:, i])
+                                          split["masks"][:, i], task.label_scale)
     return result
 
 
@@ -260,6 +260,10 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if log:
             p = record["parameters"]
             log(f"parameters: {p['total']:,} ({p['shared']:,} shared)")
+            if "rows_without_labels_dropped" in built.data.info:
+                d = built.data.info["rows_without_labels_dropped"]
+                log("dropped rows with no label for any selected task: "
+                    + ", ".join(f"{s} {n:,}" for s, n in d.items()))
         body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None)
     except KeyboardInterrupt:
         raise
