@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mtlbench.leaderboard import build_tables, load_store, long_frame
-from mtlbench.report import write_leaderboard
+from mtlbench.results.leaderboard import build_tables, load_store, long_frame
+from mtlbench.results.report import write_leaderboard
 from mtlbench.testing import fake_record, write_fake_store
 
 

@@ -55,8 +55,9 @@ from typing import Any
 import numpy as np
 
 from _reproduction import drive  # benchmarks/, the script's own directory
-from mtlbench import cli, stats
-from mtlbench.leaderboard import load_store, long_frame
+from mtlbench import cli
+from mtlbench.results import stats
+from mtlbench.results.leaderboard import load_store, long_frame
 
 NAME = "reproduce_census"
 DEFAULT_RESULTS_DIR = os.path.join("results", "published", "runs")  # shared with the published leaderboard

@@ -23,6 +23,24 @@ from torch import nn
 from mtlbench.data import FeatureSchema, TaskSpec
 from mtlbench.layers import MLP, InputLayer
 from mtlbench.objectives import task_loss
+from mtlbench.vision.dense import dense_loss
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """The axes of one shared feature tensor, declared by the arch so that representation-level methods
+    (Rep-MTL, MGDA-UB) never guess them from sizes: ``batch_axis``, ``channel_axis`` and the position axes
+    (spatial ``H, W`` of a map, the token axis of a ViT, an expert axis). ``tasks``: the tasks whose heads read
+    this tensor (None: every task)."""
+
+    batch_axis: int
+    channel_axis: int
+    position_axes: tuple[int, ...] = ()
+    tasks: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_axis": self.batch_axis, "channel_axis": self.channel_axis,
+                "position_axes": list(self.position_axes), "tasks": None if self.tasks is None else list(self.tasks)}
 
 
 @dataclass
@@ -38,6 +56,7 @@ class MultiTaskArch(nn.Module):
     :meth:`encode` and :meth:`decode`. Optional hyper-parameters go in a nested ``Options`` dataclass."""
 
     Options: Any = None
+    modality: str = "tabular"  # the data it reads; image archs ("image") subclass mtlbench.vision.ImageArch
 
     @classmethod
     def required_features(cls, options: Any) -> tuple[str, ...]:
@@ -81,7 +100,7 @@ class MultiTaskArch(nn.Module):
     def task_losses(self, outputs: list[torch.Tensor], batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """One loss per :meth:`loss_tasks` entry. Default: each task's masked loss on its own output. Archs with
         a paper-specific objective (ESMM's CTCVR product, AITM's calibrator) override this."""
-        return [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
+        return [dense_loss(t, o, batch, i) if t.dense else task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
                 for i, (t, o) in enumerate(zip(self.tasks, outputs))]
 
     # -- parameter declaration -------------------------------------------------------------------------------
@@ -90,6 +109,11 @@ class MultiTaskArch(nn.Module):
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {t: [p for p in self.heads[t].parameters() if p.requires_grad] for t in self.heads}
+
+    def feature_layouts(self) -> tuple[FeatureLayout, ...] | None:
+        """One :class:`FeatureLayout` per tensor :meth:`encode` returns, or None where the arch does not declare
+        them (image archs always do)."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Arch facts resolved at build time (e.g. HoME's task groups), stored in the run record."""

@@ -235,6 +235,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     for kind in ("dataset", "arch", "optimizer", "metric"):
         print(titles[kind])
         entries = registry.entries(kind)
+        if kind == "arch":  # an image variant of a tabular arch (same name) is listed after it
+            entries = [v for e in entries for v in sorted(registry.variants(e.name).values(),
+                                                          key=lambda v: v.modality != e.modality)]
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             extra = ""
@@ -245,6 +248,10 @@ def cmd_list(args: argparse.Namespace) -> int:
                 if offered:
                     shown = offered if len(offered) <= 12 else offered[:10] + [f"... ({len(offered)} in all)"]
                     extra = f"  [tasks: {', '.join(shown)}]"
+            if kind == "dataset" and getattr(e.obj, "modality", "tabular") != "tabular":
+                extra += f"  [{e.obj.modality}s]"
+            if kind == "arch" and e.modality != "tabular":
+                extra = f"  [{e.modality}s]"
             if kind == "metric":
                 extra = f"  [{'higher' if e.obj.direction == 'max' else 'lower'} is better]"
             origin = "" if e.builtin else f"  (plugin: {e.module})"
@@ -307,7 +314,7 @@ def print_summary(record: dict[str, Any], path: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mtlbench.spec import build_spec
-    from mtlbench.store import ensure_writable, finished_record
+    from mtlbench.results.store import ensure_writable, finished_record
     from mtlbench.train import run
 
     st = _settings(args)
@@ -382,7 +389,7 @@ def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, b
 
 def _dry_run(specs: list, results_dir: str, force: bool) -> int:
     """One line per expanded run (done / to run, run id, label) and a count: what the sweep would do."""
-    from mtlbench.store import finished_record
+    from mtlbench.results.store import finished_record
 
     todo = 0
     for spec in specs:
@@ -397,7 +404,7 @@ def _dry_run(specs: list, results_dir: str, force: bool) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from mtlbench.report import summary_lines, write_leaderboard
+    from mtlbench.results.report import summary_lines, write_leaderboard
 
     formats = tuple(_csv(args.format) or [])
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
@@ -416,7 +423,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from mtlbench.compare import compare
+    from mtlbench.results.compare import compare
 
     print(compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
                   split=args.split))

@@ -8,6 +8,12 @@ Every split holds the same named tensors, one row per example:
 - ``masks``: bool ``[N, T]``, False where a task's label is undefined or missing for that row;
 - optional extras named by the schema (behaviour sequences as padded int64 ``[N, L]`` + lengths, images...).
 
+Images (``FeatureSchema.image``): ``images`` holds ``[N, C, H, W]`` stored compactly (uint8 for 8-bit sources);
+the arch's input stage normalises them on the device, per batch (``mtlbench.vision.nets.ImageInput``). Dense tasks
+(``mtlbench.vision.dense``: segmentation, depth, normals, binary maps) keep their per-pixel labels in the split
+under ``TaskSpec.target`` (and validity maps under ``TaskSpec.valid``); their ``labels`` column is unused (0) and
+their ``masks`` column says whether the row is labelled.
+
 Label masks are how a funnel is expressed: CVR is defined only on clicked impressions, so its mask is the click.
 """
 from __future__ import annotations
@@ -22,7 +28,8 @@ import torch
 
 from mtlbench.errors import MtlbenchError, unknown
 
-TaskKind = Literal["binary", "regression", "multiclass"]
+TaskKind = Literal["binary", "regression", "multiclass", "segmentation", "depth", "normals", "binary_map"]
+DENSE_KINDS = ("segmentation", "depth", "normals", "binary_map")
 SPLITS = ("train", "val", "test")
 
 
@@ -42,11 +49,33 @@ class SequenceField:
 
 
 @dataclass(frozen=True)
+class ImageSpec:
+    """The ``images`` tensor of every split: ``[N, channels, height, width]`` of ``dtype`` (``uint8``: 0..255);
+    the input stage computes ``(x / scale - mean) / std`` per channel on the device."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    dtype: str = "uint8"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"channels": self.channels, "height": self.height, "width": self.width, "mean": list(self.mean),
+                "std": list(self.std), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
 class FeatureSchema:
     categorical: tuple[CategoricalField, ...] = ()
     dense: tuple[str, ...] = ()
     sequences: tuple[SequenceField, ...] = ()
     extras: tuple[str, ...] = ()  # other per-row tensors (e.g. images) a specialised arch may read
+    image: ImageSpec | None = None  # set for image datasets: the split holds ``images``
 
     @property
     def n_categorical(self) -> int:
@@ -59,7 +88,7 @@ class FeatureSchema:
     def to_dict(self) -> dict[str, Any]:
         return {"categorical": {f.name: f.vocab_size for f in self.categorical}, "dense": list(self.dense),
                 "sequences": {s.name: {"of_field": s.of_field, "max_len": s.max_len} for s in self.sequences},
-                "extras": list(self.extras)}
+                "extras": list(self.extras), **({"image": self.image.to_dict()} if self.image else {})}
 
 
 @dataclass(frozen=True)
@@ -80,24 +109,41 @@ class TaskSpec:
     group: str | None = None
     description: str = ""
     label_scale: tuple[float, float] | None = None
+    # dense tasks only (see mtlbench.vision.dense): the split keys of the per-pixel labels and validity map, the
+    # ignore value of a class map, and the positive weight of a binary map's BCE (None: HED class balancing)
+    target: str = ""
+    valid: str = ""
+    ignore_index: int = 255
+    pos_weight: float | None = None
 
     @property
     def primary_metric(self) -> str:
         return self.metrics[0]
 
     @property
+    def dense(self) -> bool:
+        return self.kind in DENSE_KINDS
+
+    @property
     def output_dim(self) -> int:
-        return self.n_classes if self.kind == "multiclass" else 1
+        if self.kind in ("multiclass", "segmentation"):
+            return self.n_classes
+        return 3 if self.kind == "normals" else 1
 
     @property
     def loss(self) -> str:
-        return {"binary": "bce", "regression": "mse", "multiclass": "cross_entropy"}[self.kind]
+        return {"binary": "bce", "regression": "mse", "multiclass": "cross_entropy",
+                "segmentation": "cross_entropy_ignore", "depth": "l1_valid", "normals": "cosine_valid",
+                "binary_map": "bce_balanced" if self.pos_weight is None else "bce_weighted"}[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
         d = {"name": self.name, "kind": self.kind, "loss": self.loss, "metrics": list(self.metrics),
              "n_classes": self.n_classes, "group": self.group}
         if self.label_scale is not None:
             d["label_scale"] = {"mean": self.label_scale[0], "std": self.label_scale[1]}
+        if self.dense:
+            d.update(target=self.target, valid=self.valid, ignore_index=self.ignore_index,
+                     pos_weight=self.pos_weight)
         return d
 
 
@@ -162,6 +208,10 @@ class MultiTaskData:
                 raise MtlbenchError(f"dataset '{self.name}': {s} tensor 'labels' has shape {list(labels.shape)} for "
                                     f"{len(self.tasks)} task(s); expected [N, {len(self.tasks)}], one column per "
                                     f"task")
+        if any(t.dense for t in self.tasks):  # per-pixel labels: present, and class maps within 0..K-1 or ignore
+            from mtlbench.vision.dense import check_targets
+
+            check_targets(self.name, self.tasks, self.splits)
         self._validated = False
 
     @property
@@ -184,9 +234,9 @@ class MultiTaskData:
             raise MtlbenchError(f"{where}: task name(s) {', '.join(dup)} appear twice")
         known = set(registry.names("metric"))
         for t in self.tasks:
-            if t.kind not in ("binary", "regression", "multiclass"):
-                raise MtlbenchError(f"{where}: task '{t.name}' has kind {t.kind!r}; expected binary, regression or "
-                                    f"multiclass")
+            if t.kind not in ("binary", "regression", "multiclass") + DENSE_KINDS:
+                raise MtlbenchError(f"{where}: task '{t.name}' has kind {t.kind!r}; expected one of binary, "
+                                    f"regression, multiclass, {', '.join(DENSE_KINDS)}")
             if not t.metrics:
                 raise MtlbenchError(f"{where}: task '{t.name}' lists no metrics (the first is its primary metric)")
             for m in t.metrics:
@@ -196,7 +246,7 @@ class MultiTaskData:
                 if t.kind not in kinds:
                     raise MtlbenchError(f"{where}: metric '{m}' of task '{t.name}' does not suit a {t.kind} task "
                                         f"(it suits {', '.join(kinds)})")
-            if t.kind == "multiclass" and t.n_classes < 2:
+            if t.kind in ("multiclass", "segmentation") and t.n_classes < 2:
                 raise MtlbenchError(f"{where}: multiclass task '{t.name}' has n_classes={t.n_classes}; expected >= 2")
             if t.label_scale is not None and (t.kind != "regression" or not t.label_scale[1] > 0):
                 raise MtlbenchError(f"{where}: task '{t.name}' has label_scale {t.label_scale}; only a regression "
@@ -246,6 +296,10 @@ class MultiTaskData:
                                     f"expected finite numbers (impute them first)")
         for q in sc.sequences:
             check(q.name, torch.int64, [n, q.max_len], f"sequence '{q.name}' ids")
+        if sc.image is not None:
+            dtype = getattr(torch, sc.image.dtype, None)
+            if isinstance(dtype, torch.dtype):
+                check("images", dtype, [n, *sc.image.shape], "images")
         if not bool(torch.isfinite(labels).all()):
             j = int((~torch.isfinite(labels)).any(0).nonzero()[0])
             raise MtlbenchError(f"{where} 'labels' column {j} (task '{self.tasks[j].name}') holds NaN or infinite "
@@ -373,6 +427,7 @@ class DatasetAdapter:
 
     version: str = "1"
     tasks: tuple[str, ...] = ()
+    modality: str = "tabular"  # "image": the splits hold images and archs are looked up in their image variant
     default_training: dict[str, Any] = {}
     task_aliases: dict[str, tuple[str, ...]] = {}  # named task sets, e.g. a paper's groups: --tasks group1
 
@@ -384,6 +439,16 @@ class DatasetAdapter:
     def provided_features(cls, options: Any) -> tuple[str, ...]:
         """Optional features (``"sequences"``, ...) the schema will have with these options: what an arch's
         ``required_features`` is checked against without loading the data."""
+        return ()
+
+    @classmethod
+    def image_shape(cls, options: Any) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of the images with these options, known before loading (image datasets)."""
+        return None
+
+    @classmethod
+    def dense_tasks(cls, options: Any) -> tuple[str, ...]:
+        """The tasks with per-pixel labels with these options (checked against an arch's dense decoders)."""
         return ()
 
     def load(self, seed: int) -> MultiTaskData:  # pragma: no cover - interface

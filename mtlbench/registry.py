@@ -45,6 +45,7 @@ class Entry:
     obj: Any
     description: str
     module: str
+    modality: str = "tabular"  # archs: the data they read; one name may have a tabular and an image variant
 
     @property
     def builtin(self) -> bool:
@@ -73,6 +74,9 @@ class Entry:
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+# arch name -> modality -> entry: `mmoe` on tabular data and `mmoe` on images are two classes under one name;
+# _REGISTRY holds the first registered (the tabular one for the built-ins)
+_VARIANTS: dict[str, dict[str, Entry]] = {}
 _loaded_builtins = False
 _loaded_plugins: set[str] = set()
 
@@ -92,12 +96,29 @@ def register(kind: str, name: str, description: str | None = None) -> Callable[[
         old = table.get(name)
         # the module that registers (not the object's class module: a Metric instance is built anywhere)
         module = sys._getframe(1).f_globals.get("__name__", "") or getattr(obj, "__module__", "")
+        modality = str(getattr(obj, "modality", "tabular")) if kind == "arch" else "tabular"
+        if kind == "arch" and old is not None and old.obj is not obj:
+            variants = _VARIANTS.setdefault(name, {old.modality: old})
+            prior = variants.get(modality)
+            if prior is None or prior.obj is obj or (isinstance(obj, type) and isinstance(prior.obj, type) and (
+                    prior.module, prior.obj.__qualname__) == (module, obj.__qualname__)):
+                desc = description or getattr(obj, "description", None) or _first_line(obj)
+                variants[modality] = Entry(kind, name, obj, desc, module, modality)
+                if (prior is not None and table[name] is prior) or modality == "tabular":
+                    table[name] = variants[modality]  # the tabular variant is the primary entry
+                try:
+                    obj.registered_name = name
+                except (AttributeError, TypeError):
+                    pass
+                return obj
         same_class = (isinstance(obj, type) and isinstance(getattr(old, "obj", None), type)
                       and (old.module, old.obj.__qualname__) == (module, obj.__qualname__))  # a re-imported module
         if old is not None and old.obj is not obj and not same_class:
             raise MtlbenchError(f"{kind} '{name}' is registered twice: by {old.module} and by {module}")
         desc = description or getattr(obj, "description", None) or _first_line(obj)
-        table[name] = Entry(kind, name, obj, desc, module)
+        table[name] = Entry(kind, name, obj, desc, module, modality)
+        if kind == "arch" and name in _VARIANTS:
+            _VARIANTS[name][modality] = table[name]
         try:
             obj.registered_name = name
         except (AttributeError, TypeError):
@@ -192,13 +213,33 @@ def load_plugin(target: str) -> None:
     _loaded_plugins.add(target)
 
 
-def get(kind: str, name: str) -> Entry:
-    """The entry for ``name``; an unknown name raises one line with the valid names and a suggestion."""
+def get(kind: str, name: str, modality: str | None = None) -> Entry:
+    """The entry for ``name``; an unknown name raises one line with the valid names and a suggestion.
+
+    ``modality`` (archs): the variant for that kind of data (``"tabular"``, ``"image"``); an arch that has no
+    such variant is one line naming the archs that have."""
     load_builtins()
     table = _REGISTRY[kind]
     if name not in table:
         raise unknown(kind, name, table)
-    return table[name]
+    if modality is None or kind != "arch":
+        return table[name]
+    found = variants(name).get(modality)
+    if found is None:
+        have = ", ".join(sorted(variants(name)))
+        valid = ", ".join(n for n in sorted(table) if modality in variants(n))
+        raise MtlbenchError(f"arch '{name}' works on {have} data only, not on {modality} data "
+                            f"(archs for {modality} data: {valid or 'none'})")
+    return found
+
+
+def variants(name: str) -> dict[str, Entry]:
+    """The modality variants of arch ``name`` (``{"tabular": ..., "image": ...}``)."""
+    load_builtins()
+    if name in _VARIANTS:
+        return dict(_VARIANTS[name])
+    e = _REGISTRY["arch"].get(name)
+    return {e.modality: e} if e is not None else {}
 
 
 def names(kind: str) -> list[str]:

@@ -120,6 +120,9 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     ds = registry.get("dataset", dataset)
     ar = registry.get("arch", arch)
     op = registry.get("optimizer", optimizer)
+    modality = getattr(ds.obj, "modality", "tabular")
+    if ar.modality != modality or modality != "tabular":
+        ar = registry.get("arch", arch, modality=modality)  # one line if the arch has no variant for this data
     dataset_options = ds.resolve_options(dataset_options)
     ds_opts = registry.build_options(ds.options_class, dataset_options)
     offered = offered_tasks(ds.obj, ds_opts)  # the tasks may depend on the dataset's options
@@ -140,7 +143,8 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
                         err = MtlbenchError(f"{err}; task sets: {', '.join(sorted(aliases))}")
                     raise err
     elif offered:
-        tasks = list(offered)
+        default = getattr(ds.obj, "default_tasks", None)  # options-dependent defaults (multimnist's dense variant)
+        tasks = list(default(ds_opts) if callable(default) else offered)
     else:
         raise MtlbenchError(f"dataset '{dataset}' does not list its tasks; pass --tasks")
     defaults = {**DEFAULT_TRAINING, **getattr(ds.obj, "default_training", {})}
@@ -159,6 +163,10 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
         raise unknown("selection criterion", selection, SELECTIONS)
     arch_options = ar.resolve_options(arch_options)
     _check_features(dataset, ds, dataset_options, arch, ar, arch_options)
+    check_input = getattr(ar.obj, "check_input", None)
+    if modality != "tabular" and check_input is not None:  # resolution, dense decoders: before any data loads
+        check_input(arch, dataset, registry.build_options(ar.options_class, arch_options),
+                    ds.obj.image_shape(ds_opts), [t for t in ds.obj.dense_tasks(ds_opts) if t in tasks])
     sources = {f"{e.kind}:{e.name}": h for e in (ds, ar, op) if (h := e.source_hash())}
     return RunSpec(
         dataset=dataset, dataset_version=str(getattr(ds.obj, "version", "1")), tasks=tuple(tasks), arch=arch,

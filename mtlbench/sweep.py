@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from mtlbench.errors import MtlbenchError
 from mtlbench.spec import RunSpec
-from mtlbench.store import finished_record, record_path, store_run
+from mtlbench.results.store import finished_record, record_path, store_run
 
 SEEDS_HELP = "seeds: N (the first N seeds, 0..N-1), a range A-B (inclusive) or a list 0,3,7 (combinable: 0-2,7)"
 
@@ -194,7 +194,7 @@ def _run_pool(todo: list[RunSpec], results_dir, data_dir, plugins, jobs: int, co
 
 
 def _crash_record(spec: RunSpec, reason: str) -> dict[str, Any]:
-    from mtlbench.store import RECORD_SCHEMA
+    from mtlbench.results.store import RECORD_SCHEMA
 
     return {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(), "status": "failed",
             "error": {"reason": reason, "type": "WorkerCrash", "traceback": None}, "created": time.time()}

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from mtlbench.store import RECORD_SCHEMA, write_record
+from mtlbench.results.store import RECORD_SCHEMA, write_record
 
 TASKS = ({"name": "ctr", "kind": "binary", "metrics": ["auc", "logloss"]},
          {"name": "cvr", "kind": "binary", "metrics": ["auc", "logloss"]})

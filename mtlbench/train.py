@@ -31,7 +31,8 @@ from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
-from mtlbench.store import RECORD_SCHEMA
+from mtlbench.results.store import RECORD_SCHEMA
+from mtlbench.vision.dense import DenseAccumulator
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
@@ -54,7 +55,7 @@ def build(spec: RunSpec, data_dir: str | None = None) -> Built:
     adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
     data = adapter.load(spec.seed).validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
-    arch_entry = registry.get("arch", spec.arch)
+    arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
                            build_options(arch_entry.options_class, spec.arch_options))
     model = model.to(spec.device)
@@ -69,15 +70,29 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
     """Every task's metrics on ``split`` (masked rows excluded), at full precision."""
     model.eval()
     outs: list[list[torch.Tensor]] = [[] for _ in data.tasks]
+    # dense tasks: split-level statistics accumulated on the device (one confusion matrix for mIoU, ...)
+    dense = {i: DenseAccumulator(t) for i, t in enumerate(data.tasks) if t.dense}
     with torch.no_grad():
-        for batch in BatchLoader(split, EVAL_BATCH, device=device):
+        for batch in BatchLoader(split, eval_batch_size(model), device=device):
             for i, (task, o) in enumerate(zip(data.tasks, model(batch).outputs)):
-                outs[i].append(predict(task, o).float().cpu())
+                if i in dense:
+                    dense[i].update(o, batch, i)
+                else:
+                    outs[i].append(predict(task, o).float().cpu())
     result = {}
     for i, task in enumerate(data.tasks):
+        if i in dense:
+            result[task.name] = dense[i].compute()
+            continue
         result[task.name] = evaluate_task(task.metrics, split["labels"][:, i], torch.cat(outs[i]),
                                           split["masks"][:, i], task.label_scale)
     return result
+
+
+def eval_batch_size(model: torch.nn.Module) -> int:
+    """Rows per evaluation batch: the arch's ``eval_batch_size`` (image archs: big per-row activations), else
+    EVAL_BATCH."""
+    return int(getattr(model, "eval_batch_size", EVAL_BATCH))
 
 
 def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
@@ -99,7 +114,7 @@ def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
     model.eval()
     total, rows = 0.0, 0
     with torch.no_grad():
-        for batch in BatchLoader(split, EVAL_BATCH, device=device):
+        for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
             total += float(sum(model.task_losses(model(batch).outputs, batch))) * n
             rows += n
@@ -256,6 +271,9 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         record["dataset"] = built.data.describe()
         record["parameters"] = built.model.parameter_counts()
         record["arch_info"] = built.model.describe()
+        flops = getattr(built.model, "flops", None)
+        if callable(flops):  # analytical FLOPs per sample (image archs), for compute budgets
+            record["flops"] = flops()
         record["environment"] = environment(spec.device)
         if log:
             p = record["parameters"]
@@ -291,7 +309,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
         log: Callable[[str], None] | None = None, track: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Run one spec and store its record atomically; a failed run is stored, then raised as RunFailed."""
-    from mtlbench.store import ensure_writable, finished_record, store_run
+    from mtlbench.results.store import ensure_writable, finished_record, store_run
 
     ensure_writable(results_dir)
     trackers = None

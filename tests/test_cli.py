@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mtlbench import store
+from mtlbench.results import store
 from mtlbench.cli import main
 
 SMALL = ["-D", "n_rows=4000", "-D", "n_users=300", "-D", "n_items=200", "--epochs", "2", "--batch-size", "256",

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from mtlbench.cli import main
-from mtlbench.leaderboard import build_tables, load_store, long_frame
-from mtlbench.report import write_leaderboard
+from mtlbench.results.leaderboard import build_tables, load_store, long_frame
+from mtlbench.results.report import write_leaderboard
 from mtlbench.testing import fake_record, write_fake_store
 
 AUC = {"single": {"ctr": 0.70, "cvr": 0.60}, "mmoe": {"ctr": 0.77, "cvr": 0.54}, "home": {"ctr": 0.735, "cvr": 0.63}}
@@ -87,7 +87,7 @@ def test_all_formats_and_byte_for_byte(tmp_path):
 
 
 def test_figures_redrawn_only_when_what_they_show_changes(tmp_path, monkeypatch):
-    from mtlbench import report
+    from mtlbench.results import report
 
     store = _store(tmp_path, noise=0.005)
     write_fake_store(store, [fake_record("census", a, "ew", s, AUC[a], noise=0.005, rng=random.Random(f"c{a}{s}"))

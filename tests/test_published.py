@@ -7,7 +7,7 @@ import matplotlib
 import pytest
 
 from mtlbench.cli import main
-from mtlbench.report import write_leaderboard
+from mtlbench.results.report import write_leaderboard
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "published"
 RUNS = PUBLISHED / "runs"

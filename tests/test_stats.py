@@ -1,4 +1,4 @@
-"""mtlbench.stats: checked against scipy, hand-computed examples and Demšar (2006)'s tables."""
+"""mtlbench.results.stats and the CD diagram of .plots: checked against scipy, hand-computed examples and Demšar."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,8 @@ import scipy.stats as sps
 from hypothesis import given, settings
 from hypothesis import strategies as hst
 
-from mtlbench import stats as S
+from mtlbench.results import plots as P
+from mtlbench.results import stats as S
 
 # Demšar (2006), Table 6: AUC of C4.5 with/without m and cf tuning on 14 UCI data sets (rows) x 4 variants (columns).
 DEMSAR_NAMES = ["C4.5", "C4.5+m", "C4.5+cf", "C4.5+m+cf"]
@@ -524,16 +525,16 @@ def test_cd_cliques():
 ])
 def test_critical_difference_diagram_writes_png(tmp_path, ranks):
     cd = S.nemenyi_cd(len(ranks), 10).cd
-    out = S.critical_difference_diagram(ranks, cd, tmp_path / "cd.png", title="test")
+    out = P.critical_difference_diagram(ranks, cd, tmp_path / "cd.png", title="test")
     assert out == tmp_path / "cd.png"
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
 def test_critical_difference_diagram_svg_and_bad_input(tmp_path):
-    out = S.critical_difference_diagram({"a": 1.3, "b": 1.7}, float("nan"), tmp_path / "sub" / "cd.svg")
+    out = P.critical_difference_diagram({"a": 1.3, "b": 1.7}, float("nan"), tmp_path / "sub" / "cd.svg")
     assert b"<svg" in out.read_bytes()
     with pytest.raises(ValueError, match="format"):
-        S.critical_difference_diagram({"a": 1.0, "b": 2.0}, 1.0, tmp_path / "cd.jpg")
+        P.critical_difference_diagram({"a": 1.0, "b": 2.0}, 1.0, tmp_path / "cd.jpg")
     with pytest.raises(ValueError, match="finite"):
-        S.critical_difference_diagram({"a": 1.0, "b": float("nan")}, 1.0, tmp_path / "cd.png")
+        P.critical_difference_diagram({"a": 1.0, "b": float("nan")}, 1.0, tmp_path / "cd.png")

@@ -132,7 +132,7 @@ def test_ablation_is_a_sweep(tmp_path, capsys):
 
 
 def test_failure_never_replaces_a_finished_record(tmp_path):
-    from mtlbench.store import read_record, record_path, store_run
+    from mtlbench.results.store import read_record, record_path, store_run
     from mtlbench.testing import fake_record
 
     ok = fake_record("ecommerce", "mmoe", "ew", 0, {"ctr": 0.7, "cvr": 0.8})

@@ -29,7 +29,8 @@ Assumptions where the paper (written for B x C x H' x W' CNN maps) leaves room:
   ``[B, D]`` (Shared-Bottom) or ``[n_experts, B, D]`` (MMoE's experts). In each tensor the batch axis is the first
   axis whose size is the batch size, the channel axis is ``channel_axis`` (default the last one) and every other
   axis is a position (the paper's H' x W'): a ``[B, D]`` vector has one position, MMoE's experts are 8 positions
-  of D channels. Use ``channel_axis = 1`` for ``[B, C, H, W]`` image maps.
+  of D channels. Use ``channel_axis = 1`` for ``[B, C, H, W]`` image maps. An arch that declares its features'
+  layout (``feature_layouts()``: every image arch) fixes both axes instead, and ``channel_axis`` is not used.
 - Several feature tensors: both regularisers are computed per tensor and averaged over the tensors (equal
   weight each); ``feature_indices`` selects tensors (empty: all).
 - Eq. 9's positive term has a free task index t: it is averaged over the T tasks (B x T positive pairs, as in
@@ -57,12 +58,17 @@ EPS = 1e-12  # floors for normalisers, applied after the RMS rescaling (salienci
 
 # ------------------------------------------------------------------------------------------- pure functions
 
-def canonical_saliency(grad: torch.Tensor, batch_size: int, channel_axis: int = -1) -> torch.Tensor:
+def canonical_saliency(grad: torch.Tensor, batch_size: int, channel_axis: int = -1,
+                       batch_axis: int | None = None) -> torch.Tensor:
     """``grad`` (any layout holding a batch axis) -> ``[B, positions, channels]``.
 
-    The batch axis is the first axis of size ``batch_size``; ``channel_axis`` the channels; the rest positions."""
+    The batch axis is ``batch_axis`` when the arch declares it (``MultiTaskArch.feature_layouts``), else the first
+    axis of size ``batch_size``; ``channel_axis`` the channels; the rest positions."""
     if grad.dim() == 0:
         raise ValueError("a shared feature must have a batch axis, got a scalar")
+    if batch_axis is not None:
+        x = grad.movedim((batch_axis % grad.dim(), channel_axis % grad.dim()), (0, grad.dim() - 1))
+        return x.reshape(x.shape[0], -1, x.shape[-1])
     ch = channel_axis % grad.dim()
     batch_axes = [a for a in range(grad.dim()) if grad.shape[a] == batch_size and a != ch]
     if not batch_axes:
@@ -102,7 +108,10 @@ def saliency_alignment(X: torch.Tensor, tau: float = 0.1, positive_in_denominato
     A = X.mean(2).transpose(0, 1)  # [B, T, C]: column t of the anchor of sample b
     aa = torch.einsum("btc,kuc->bktu", A, A).pow(2).sum((-1, -2))  # [B, B] <A^_b, A^_k>
     am = torch.einsum("buc,tbpc->btup", A, X).pow(2).sum((-1, -2))  # [B, T] <A^_b, M_t[b]>
-    mm = torch.einsum("tbpc,tbqc->tbpq", X, X).pow(2).sum((-1, -2))  # [T, B] |M_t[b]|^2
+    if X.shape[2] <= X.shape[3]:  # |X^T X|_F = |X X^T|_F: take the smaller Gram (image maps: P = H W >> C)
+        mm = torch.einsum("tbpc,tbqc->tbpq", X, X).pow(2).sum((-1, -2))  # [T, B] |M_t[b]|^2
+    else:
+        mm = torch.einsum("tbpc,tbpd->tbcd", X, X).pow(2).sum((-1, -2))
     norm_a = aa.diagonal().clamp_min(EPS).sqrt()  # [B]
     norm_m = mm.clamp_min(EPS).sqrt().T  # [B, T]
     pos = am / (norm_a[:, None] * norm_m)  # [B, T]
@@ -131,10 +140,14 @@ def task_saliencies(losses: Sequence[torch.Tensor], features: Sequence[torch.Ten
 def rep_mtl_regularisers(losses: Sequence[torch.Tensor], features: Sequence[torch.Tensor], batch_size: int,
                          tsr: bool = True, csa: bool = True, tau: float = 0.1, channel_axis: int = -1,
                          positive_in_denominator: bool = False, create_graph: bool = True,
-                         ) -> dict[str, torch.Tensor]:
-    """``{"tsr": L_tsr, "csa": L_csa}`` (those switched on), each averaged over the feature tensors."""
+                         layouts: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
+    """``{"tsr": L_tsr, "csa": L_csa}`` (those switched on), each averaged over the feature tensors.
+    ``layouts``: the arch's declared :class:`~mtlbench.arch.FeatureLayout` per tensor (batch and channel axes),
+    which take precedence over ``channel_axis`` and the size-based batch axis."""
     sal = task_saliencies(losses, features, create_graph)
-    per_feature = [torch.stack([canonical_saliency(s[i], batch_size, channel_axis) for s in sal])
+    axes = [(channel_axis, None) if layouts is None or layouts[i] is None else
+            (layouts[i].channel_axis, layouts[i].batch_axis) for i in range(len(features))]
+    per_feature = [torch.stack([canonical_saliency(s[i], batch_size, *axes[i]) for s in sal])
                    for i in range(len(features))]  # each [T, B, P, C]
     out: dict[str, torch.Tensor] = {}
     if tsr:
@@ -218,6 +231,10 @@ class RepMTL(MTLOptimizer):
             return
         feats = self._features(ctx)
         B = self._batch_size(ctx)
+        declared = getattr(ctx.model, "feature_layouts", None)
+        layouts = declared() if callable(declared) else None
+        if layouts is not None and self.options.feature_indices:
+            layouts = [layouts[i] for i in self.options.feature_indices]
         csa = use_csa
         if use_csa and B < 2:
             self.warn_once("csa_batch", f"rep_mtl: step {ctx.step} has a batch of one sample, so the cross-task "
@@ -225,7 +242,7 @@ class RepMTL(MTLOptimizer):
             csa = False
         try:
             regs = rep_mtl_regularisers(task_losses, feats, B, use_tsr, csa, o.tau, o.channel_axis,
-                                        o.csa_positive_in_denominator)
+                                        o.csa_positive_in_denominator, layouts=layouts)
         except ValueError as exc:
             raise MtlbenchError(f"optimizer 'rep_mtl': {exc}") from exc
         total = torch.stack(task_losses).sum()

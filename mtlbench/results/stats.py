@@ -1,0 +1,747 @@
+"""Statistics behind the leaderboard: paired tests, rank tests, multiple comparisons, bootstrap intervals and Δm%.
+
+Pure functions on numbers; they know nothing of run records. Each returns a small frozen dataclass holding the
+numbers and a ``note``: ``""`` when there is nothing to say, otherwise short clauses joined by ``"; "`` that explain a
+degenerate or underpowered case. Degenerate input (n = 1, zero variance, every value tied, two methods for Friedman,
+NaN values) never raises: the affected numbers are NaN and the note says why. NaN and infinite values are dropped
+(pairwise for two-sample tests, whole rows for the Friedman test and whole seeds for Δm%) and the note says how many.
+Malformed input (arrays of mismatched shape, p-values outside [0, 1], unknown option values) raises ``ValueError``.
+
+References
+----------
+- Demšar, J. (2006). Statistical comparisons of classifiers over multiple data sets. JMLR 7, 1-30.
+- Benavoli, A., Corani, G., Mangili, F. (2016). Should we really use post-hoc tests based on mean-ranks? JMLR 17.
+- Holm, S. (1979). A simple sequentially rejective multiple test procedure. Scand. J. Statist. 6, 65-70.
+- Wilcoxon, F. (1945). Individual comparisons by ranking methods. Biometrics Bulletin 1, 80-83.
+- Iman, R. L., Davenport, J. M. (1980). Approximations of the critical region of the Friedman statistic.
+  Commun. Statist. A 9, 571-595.
+- Efron, B., Tibshirani, R. (1993). An Introduction to the Bootstrap. Chapman & Hall.
+- Maninis, K.-K., Radosavovic, I., Kokkinos, I. (2019). Attentive single-tasking of multiple tasks. CVPR.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
+
+import numpy as np
+from scipy import stats as sps
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "PairedT", "paired_t",
+    "Wilcoxon", "wilcoxon",
+    "Holm", "holm",
+    "Friedman", "friedman",
+    "NemenyiCD", "nemenyi_cd",
+    "PairwiseRow", "PairwiseWilcoxonHolm", "pairwise_wilcoxon_holm",
+    "BootstrapCI", "bootstrap_ci", "bootstrap_delta_m_ci",
+    "DeltaM", "delta_m",
+    "cd_cliques",
+]
+
+NAN = float("nan")
+
+#: Differences within this fraction of the data's magnitude are treated as equal (ties) or as zero. It sits far
+#: above float64 round-off (~1e-16), so ``0.1 + 0.2 - 0.3`` counts as a zero difference, and far below any real
+#: difference between two metrics.
+REL_TOL = 1e-12
+#: Wilcoxon: the exact null distribution (no ties) is used up to this many non-zero differences (scipy's own limit).
+WILCOXON_EXACT_MAX_N = 50
+#: Wilcoxon: with tied |differences|, the exact conditional null distribution is enumerated over all 2^n sign
+#: flips up to this n (2^13 = 8192 flips, well under 0.1 s; scipy's own threshold); beyond it the tie-corrected
+#: normal approximation is used.
+WILCOXON_PERMUTATION_MAX_N = 13
+#: Below this many values a bootstrap interval is flagged: it is known to under-cover for small samples.
+BOOTSTRAP_SMALL_N = 10
+#: Below this many data sets the Friedman chi-square approximation is flagged as rough.
+FRIEDMAN_SMALL_N = 10
+
+Directions = Union[bool, Sequence[bool], Mapping[str, bool]]
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _check_confidence(confidence: float, name: str = "confidence") -> None:
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {confidence!r}")
+
+
+def _vector(x: object, name: str) -> np.ndarray:
+    arr = np.atleast_1d(np.asarray(x, dtype=float))
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _complete_pairs(a: object, b: object) -> tuple[np.ndarray, np.ndarray, str]:
+    """The pairs where both values are finite, and a note on how many were dropped."""
+    x, y = _vector(a, "a"), _vector(b, "b")
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples must have the same length, got {x.size} and {y.size}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    dropped = int(x.size - keep.sum())
+    note = f"dropped {dropped} pair(s) with a missing or non-finite value" if dropped else ""
+    return x[keep], y[keep], note
+
+
+def _snapped_differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a - b`` quantised to ``REL_TOL`` of the data's magnitude, so round-off cannot split ties or fake non-zeros."""
+    d = a - b
+    scale = float(max(np.max(np.abs(a), initial=0.0), np.max(np.abs(b), initial=0.0)))
+    if scale == 0.0:
+        return d
+    q = REL_TOL * scale
+    return np.round(d / q) * q
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two-sample paired tests
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PairedT:
+    """Paired t-test of ``a - b``: mean difference, its t interval, t statistic and two-sided p-value."""
+
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    statistic: float
+    pvalue: float
+    df: int
+    n: int
+    confidence: float
+    note: str = ""
+
+
+def paired_t(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> PairedT:
+    """Paired (Student 1908) t-test of ``a`` vs ``b`` measured on the same seeds, two-sided.
+
+    Returns the mean of ``a - b``, its t-based ``confidence`` interval, t, p and n (complete pairs). Zero variance
+    of the differences (every seed moves by the same amount) leaves t, p and the interval NaN with a note, instead
+    of dividing by zero. Equivalent to ``scipy.stats.ttest_rel(a, b)``.
+    """
+    _check_confidence(confidence)
+    x, y, note = _complete_pairs(a, b)
+    n = int(x.size)
+    d = x - y
+    mean = float(d.mean()) if n else NAN
+
+    def degenerate(why: str) -> PairedT:
+        return PairedT(mean, NAN, NAN, NAN, NAN, max(n - 1, 0), n, confidence, _join(note, why))
+
+    if n == 0:
+        return degenerate("no complete pairs")
+    if n == 1:
+        return degenerate("n=1: a paired t-test needs at least 2 pairs")
+    snapped = _snapped_differences(x, y)
+    if np.all(snapped == snapped[0]):
+        if snapped[0] == 0:
+            return degenerate(f"a and b are identical on all {n} pairs: the t statistic is undefined (0/0)")
+        return degenerate(f"all {n} differences are identical (zero variance): the t statistic and interval are "
+                          "undefined")
+    res = sps.ttest_1samp(d, 0.0)
+    ci = res.confidence_interval(confidence_level=confidence)
+    return PairedT(mean, float(ci.low), float(ci.high), float(res.statistic), float(res.pvalue), n - 1, n,
+                   confidence, note)
+
+
+@dataclass(frozen=True)
+class Wilcoxon:
+    """Wilcoxon signed-rank test of ``a - b``.
+
+    ``statistic`` is min(R+, R-); ``n`` counts the non-zero differences actually ranked, ``n_zeros`` the dropped
+    zeros; ``method`` is ``"exact"``, ``"exact-permutation"`` (exact null distribution with tied ranks) or
+    ``"asymptotic"``; ``min_pvalue`` = 2 / 2^n is the smallest two-sided p the exact test can produce with n
+    differences; ``median_diff`` is the median of ``a - b`` over complete pairs (its sign gives the direction).
+    """
+
+    statistic: float
+    pvalue: float
+    n: int
+    n_zeros: int
+    method: str
+    zero_method: str
+    min_pvalue: float
+    median_diff: float
+    alpha: float
+    note: str = ""
+
+    @property
+    def underpowered(self) -> bool:
+        """True when even the most extreme outcome could not reach p < ``alpha`` (or there was nothing to test)."""
+        return not self.min_pvalue <= self.alpha
+
+
+def _min_wilcoxon_p(n: int) -> float:
+    return min(1.0, 2.0 ** (1 - n)) if n >= 1 else NAN
+
+
+def wilcoxon(a: Sequence[float], b: Sequence[float], alpha: float = 0.05, unit: str = "seeds") -> Wilcoxon:
+    """Two-sided Wilcoxon (1945) signed-rank test of ``a`` vs ``b`` (paired), as recommended by Demšar (2006).
+
+    Choices, made explicitly rather than left to scipy's defaults:
+
+    - ``zero_method="wilcox"``: zero differences (identical values for a seed) are dropped before ranking, the
+      original Wilcoxon convention. The test is then conditional on the non-zero differences, which keeps the exact
+      null distribution valid and the attainable p-values transparent (a tie between the methods carries no
+      evidence either way). The note reports how many zeros were dropped. ("pratt" would keep them in the ranking
+      but then only an approximation or a permutation distribution applies; "zsplit" likewise.)
+    - ``method``: ``"exact"`` when the non-zero |differences| are all distinct and n <= 50; with tied |differences|
+      the exact conditional null distribution is enumerated over all 2^n sign flips for n <= 13
+      (``scipy.stats.permutation_test``, as ``scipy.stats.wilcoxon(method=PermutationMethod())`` does); otherwise
+      the normal approximation with tie-corrected variance (``"asymptotic"``, no continuity correction). The normal
+      approximation is never used for n <= 13: with n=5 and ties it reports p = 0.04 where no exact p below 0.0625
+      exists.
+
+    Differences are quantised to ``REL_TOL`` of the data's magnitude first, so float round-off cannot split ties.
+    When ``min_pvalue`` = 2 / 2^n exceeds ``alpha``, the note says that no outcome could be significant
+    ("with n=5 seeds the exact Wilcoxon test cannot reach p < 0.0625"); ``unit`` names what the pairs are.
+    """
+    x, y, note = _complete_pairs(a, b)
+    d = _snapped_differences(x, y)
+    median = float(np.median(x - y)) if x.size else NAN
+    nonzero = d[d != 0]
+    n, n_zeros = int(nonzero.size), int(d.size - nonzero.size)
+    min_p = _min_wilcoxon_p(n)
+    zeros_note = f"dropped {n_zeros} zero difference(s) (zero_method='wilcox')" if n_zeros else ""
+
+    def empty(why: str) -> Wilcoxon:
+        return Wilcoxon(NAN, NAN, n, n_zeros, "", "wilcox", min_p, median, alpha, _join(note, zeros_note, why))
+
+    if d.size == 0:
+        return empty("no complete pairs")
+    if n == 0:
+        return empty(f"a and b are identical on all {n_zeros} pairs: no non-zero difference to test")
+
+    ties = np.unique(np.abs(nonzero)).size < n
+    approx_note = ""
+    if not ties and n <= WILCOXON_EXACT_MAX_N:
+        label, method = "exact", "exact"
+    elif ties and n <= WILCOXON_PERMUTATION_MAX_N:
+        label, method = "exact-permutation", "permutation"
+    else:
+        label, method = "asymptotic", "asymptotic"
+        if n <= WILCOXON_EXACT_MAX_N:
+            approx_note = f"tied differences with n={n}: p from the tie-corrected normal approximation"
+    # (with ties, scipy's "exact" p is only an approximation; it is then used for the statistic alone)
+    res = sps.wilcoxon(nonzero, zero_method="wilcox", correction=False, alternative="two-sided",
+                       method="exact" if method == "permutation" else method)
+    pvalue = float(res.pvalue)
+    if method == "permutation":
+        # The same exact conditional null distribution as scipy.stats.wilcoxon(method=PermutationMethod()): R+ over
+        # all 2^n sign flips with the tied ranks held fixed, but with a vectorised statistic (~50x faster).
+        ranks = sps.rankdata(np.abs(nonzero))
+        pvalue = float(sps.permutation_test(
+            (nonzero,), lambda s, axis=-1: np.sum((s > 0) * ranks, axis=axis), permutation_type="samples",
+            vectorized=True, n_resamples=np.inf, alternative="two-sided").pvalue)
+    power_note = ""
+    if min_p > alpha:
+        power_note = (f"with n={n} {unit} the exact Wilcoxon test cannot reach p < {min_p:.4g}, so it cannot reject "
+                      f"at alpha={alpha:g}")
+    return Wilcoxon(float(res.statistic), pvalue, n, n_zeros, label, "wilcox", min_p, median, alpha,
+                    _join(note, zeros_note, approx_note, power_note))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multiple comparisons
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Holm:
+    """Holm-adjusted p-values, in the input order; ``reject`` is ``adjusted < alpha`` (False for NaN)."""
+
+    pvalues: tuple[float, ...]
+    adjusted: tuple[float, ...]
+    reject: tuple[bool, ...]
+    n_tests: int
+    alpha: float
+    note: str = ""
+
+
+def holm(pvalues: Sequence[float], alpha: float = 0.05) -> Holm:
+    """Holm (1979) step-down adjustment, as statsmodels' ``multipletests(method="holm")``.
+
+    With the m non-NaN p-values sorted ascending, p_(1) <= ... <= p_(m), the adjusted value of p_(i) is
+    ``max_{j <= i} min(1, (m - j + 1) p_(j))``: monotone in the raw order, never below the raw p, capped at 1.
+    NaN p-values are passed through as NaN and do not count towards m.
+    """
+    p = np.atleast_1d(np.asarray(pvalues, dtype=float)).ravel()
+    valid = ~np.isnan(p)
+    if np.any((p[valid] < 0) | (p[valid] > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p[valid][(p[valid] < 0) | (p[valid] > 1)].tolist()}")
+    pv = p[valid]
+    m = int(pv.size)
+    order = np.argsort(pv, kind="stable")
+    steps = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * pv[order]))
+    adjusted = np.full(p.shape, NAN)
+    inner = np.empty(m)
+    inner[order] = steps
+    adjusted[valid] = inner
+    n_nan = int(p.size - m)
+    note = _join("no p-values" if p.size == 0 else "",
+                 f"{n_nan} NaN p-value(s) passed through, not counted in m={m}" if n_nan else "")
+    reject = tuple(bool(v < alpha) for v in adjusted)  # NaN < alpha is False
+    return Holm(tuple(map(float, p)), tuple(map(float, adjusted)), reject, m, alpha, note)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rank tests over data sets
+# ----------------------------------------------------------------------------------------------------------------
+
+def _row_signs(higher_is_better: bool | Sequence[bool], n_rows: int) -> np.ndarray:
+    hib = np.asarray(higher_is_better, dtype=bool)
+    if hib.ndim == 0:
+        hib = np.full(n_rows, bool(hib))
+    if hib.shape != (n_rows,):
+        raise ValueError(f"higher_is_better must be a bool or one bool per row ({n_rows}), got shape {hib.shape}")
+    return np.where(hib, 1.0, -1.0)
+
+
+def _matrix(matrix: object) -> np.ndarray:
+    x = np.asarray(matrix, dtype=float)
+    if x.ndim != 2:
+        raise ValueError(f"expected a (data sets x methods) matrix, got shape {x.shape}")
+    return x
+
+
+@dataclass(frozen=True)
+class Friedman:
+    """Friedman test on a data sets x methods matrix, with Iman-Davenport's F.
+
+    ``avg_ranks`` are in column order, rank 1 = best, ties averaged. ``chi2`` is Friedman's chi^2_F (df = k - 1);
+    ``f_stat`` is Iman-Davenport's F_F with df ``(k - 1, (k - 1)(n - 1))``.
+    """
+
+    avg_ranks: tuple[float, ...]
+    n: int
+    k: int
+    chi2: float
+    pvalue: float
+    f_stat: float
+    f_pvalue: float
+    f_df: tuple[int, int]
+    tie_correction: bool
+    note: str = ""
+
+
+def friedman(matrix: Sequence[Sequence[float]], higher_is_better: bool | Sequence[bool] = True,
+             tie_correction: bool = True) -> Friedman:
+    """Friedman test with average ranks and the Iman-Davenport F (Demšar 2006, section 3.2.2).
+
+    ``matrix`` has one row per data set (or task) and one column per method; ``higher_is_better`` is one bool or
+    one per row (rows may use different metrics). Ranks are taken within each row, 1 = best, ties averaged; R_j is
+    the average rank of method j over the n rows. Then (Demšar's equations)
+
+        chi^2_F = 12 n / (k (k + 1)) * (sum_j R_j^2 - k (k + 1)^2 / 4),   df = k - 1
+        F_F     = (n - 1) chi^2_F / (n (k - 1) - chi^2_F),                 df = (k - 1, (k - 1)(n - 1))
+
+    With ``tie_correction`` (default) chi^2_F is divided by ``1 - sum(t^3 - t) / (n k (k^2 - 1))`` over tie groups
+    of size t, which reproduces ``scipy.stats.friedmanchisquare``; ``tie_correction=False`` is Demšar's formula as
+    printed (smaller, i.e. conservative, when there are ties). Rows with a NaN are dropped. Fewer than 3 methods,
+    fewer than 2 rows, or every row tied leave the statistics NaN with a note; rows that all rank the methods the
+    same way give F_F = inf (p = 0) with a note.
+    """
+    x = _matrix(matrix)
+    signs = _row_signs(higher_is_better, x.shape[0])
+    keep = np.all(np.isfinite(x), axis=1)
+    dropped = int(x.shape[0] - keep.sum())
+    note = f"dropped {dropped} row(s) with a missing or non-finite value" if dropped else ""
+    x, signs = x[keep], signs[keep]
+    n, k = x.shape
+    df = (k - 1, (k - 1) * (n - 1))
+    ranks = sps.rankdata(-signs[:, None] * x, method="average", axis=1) if n and k else np.empty((n, k))
+    avg = tuple(map(float, ranks.mean(axis=0))) if n else (NAN,) * k
+
+    def result(chi2: float, p: float, f: float, fp: float, why: str = "") -> Friedman:
+        return Friedman(avg, n, k, chi2, p, f, fp, df, tie_correction, _join(note, why))
+
+    if k < 3:
+        return result(NAN, NAN, NAN, NAN, f"the Friedman test needs at least 3 methods, got k={k}"
+                      + ("; compare two methods with the Wilcoxon signed-rank test" if k == 2 else ""))
+    if n < 2:
+        return result(NAN, NAN, NAN, NAN, f"the Friedman test needs at least 2 data sets, got n={n}")
+    # tie groups per row: sum over rows of sum(t^3 - t)
+    tie_sum = 0.0
+    for row in ranks:
+        _, counts = np.unique(row, return_counts=True)
+        tie_sum += float(np.sum(counts.astype(float) ** 3 - counts))
+    c = 1.0 - tie_sum / (n * k * (k * k - 1))
+    if c <= REL_TOL:
+        return result(NAN, NAN, NAN, NAN, "all methods tie on every data set: no ranking information")
+    r = np.asarray(avg)
+    chi2 = 12.0 * n / (k * (k + 1)) * (float(np.sum(r * r)) - k * (k + 1) ** 2 / 4.0)
+    chi2 = max(chi2, 0.0)
+    if tie_correction:
+        chi2 /= c
+    p = float(sps.chi2.sf(chi2, k - 1))
+    small = (f"only n={n} data sets: the chi-square approximation is rough, prefer the Iman-Davenport p"
+             if n < FRIEDMAN_SMALL_N else "")
+    denom = n * (k - 1) - chi2
+    if denom <= REL_TOL * n * (k - 1):
+        return result(chi2, p, math.inf, 0.0, _join(small, "every data set ranks the methods the same way "
+                                                          "(Kendall's W = 1): F_F is infinite"))
+    f = (n - 1) * chi2 / denom
+    return result(chi2, p, f, float(sps.f.sf(f, *df)), small)
+
+
+@dataclass(frozen=True)
+class NemenyiCD:
+    """Nemenyi critical difference: average ranks further apart than ``cd`` differ significantly."""
+
+    k: int
+    n: int
+    alpha: float
+    q_alpha: float
+    cd: float
+    note: str = ""
+
+
+def nemenyi_cd(k: int, n: int, alpha: float = 0.05) -> NemenyiCD:
+    """Nemenyi (1963) critical difference ``CD = q_alpha sqrt(k (k + 1) / (6 n))`` (Demšar 2006, section 3.2.2).
+
+    ``q_alpha`` is the studentized range quantile over sqrt(2):
+    ``scipy.stats.studentized_range.ppf(1 - alpha, k, inf) / sqrt(2)`` (Demšar's Table 5a: 2.569 for k=4 at 0.05).
+    k methods, n data sets.
+    """
+    _check_confidence(alpha, "alpha")
+    k, n = int(k), int(n)
+    if k < 2:
+        return NemenyiCD(k, n, alpha, NAN, NAN, f"a critical difference needs at least 2 methods, got k={k}")
+    q = float(sps.studentized_range.ppf(1.0 - alpha, k, np.inf) / math.sqrt(2.0))
+    if n < 1:
+        return NemenyiCD(k, n, alpha, q, NAN, f"a critical difference needs at least 1 data set, got n={n}")
+    return NemenyiCD(k, n, alpha, q, q * math.sqrt(k * (k + 1) / (6.0 * n)))
+
+
+@dataclass(frozen=True)
+class PairwiseRow:
+    """One pair of methods: Wilcoxon over data sets, Holm-adjusted across all pairs.
+
+    ``better`` names the method with the better median (direction-aware) difference, ``""`` when it is zero.
+    """
+
+    method_a: str
+    method_b: str
+    n: int
+    statistic: float
+    pvalue: float
+    p_adjusted: float
+    significant: bool
+    better: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class PairwiseWilcoxonHolm:
+    """All pairwise Wilcoxon tests with Holm's adjustment; ``to_frame()`` gives one row per pair."""
+
+    rows: tuple[PairwiseRow, ...]
+    alpha: float
+    note: str = ""
+
+    def to_frame(self) -> "pd.DataFrame":
+        import pandas as pd
+
+        columns = list(PairwiseRow.__dataclass_fields__)
+        return pd.DataFrame([asdict(r) for r in self.rows], columns=columns)
+
+
+def pairwise_wilcoxon_holm(matrix: Sequence[Sequence[float]], names: Sequence[str], alpha: float = 0.05,
+                           higher_is_better: bool | Sequence[bool] = True) -> PairwiseWilcoxonHolm:
+    """All pairs of methods compared by the Wilcoxon signed-rank test over data sets, then Holm-adjusted.
+
+    This is the post-hoc procedure Benavoli et al. (2016) recommend instead of mean-rank tests such as Nemenyi (whose
+    outcome for a pair depends on the other methods in the comparison). ``matrix`` is data sets x methods with
+    columns named by ``names``; ``higher_is_better`` is one bool or one per row. Each pair uses the rows where both
+    methods have a value (see ``wilcoxon`` for the method/zero_method choice); ``significant`` is Holm-adjusted
+    p < ``alpha``.
+    """
+    x = _matrix(matrix)
+    names = [str(s) for s in names]
+    if len(names) != x.shape[1]:
+        raise ValueError(f"got {len(names)} names for {x.shape[1]} methods")
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be unique, got {names}")
+    oriented = _row_signs(higher_is_better, x.shape[0])[:, None] * x
+    pairs = list(combinations(range(len(names)), 2))
+    tests = [wilcoxon(oriented[:, i], oriented[:, j], alpha=alpha, unit="data sets") for i, j in pairs]
+    adjusted = holm([t.pvalue for t in tests], alpha=alpha)
+    rows = []
+    for (i, j), t, padj, rej in zip(pairs, tests, adjusted.adjusted, adjusted.reject):
+        better = names[i] if t.median_diff > 0 else names[j] if t.median_diff < 0 else ""
+        rows.append(PairwiseRow(names[i], names[j], t.n, t.statistic, t.pvalue, padj, rej, better, t.note))
+    m = adjusted.n_tests  # pairs with a p-value
+    floors = [min(1.0, m * t.min_pvalue) for t in tests if t.n]  # Holm's first step multiplies by m
+    note = ""
+    if not pairs:
+        note = f"no pairs to compare with k={len(names)} method(s)"
+    elif not floors:
+        note = "no pair has a non-zero difference on any data set"
+    elif min(floors) > alpha:
+        note = (f"with {m} pairs, even the most extreme outcome has Holm-adjusted p >= {min(floors):.4g} > "
+                f"alpha={alpha:g}: no pair can be declared significant with this many data sets")
+    return PairwiseWilcoxonHolm(tuple(rows), alpha, _join(note, adjusted.note if pairs else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bootstrap intervals and Δm%
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """A bootstrap confidence interval around ``estimate`` (the statistic on the original sample)."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    standard_error: float
+    n: int
+    confidence: float
+    method: str
+    n_resamples: int
+    note: str = ""
+
+
+_BOOTSTRAP_METHODS = {"percentile": "percentile", "basic": "basic", "bca": "BCa"}
+
+
+def _bootstrap_method(method: str) -> str:
+    try:
+        return _BOOTSTRAP_METHODS[str(method).lower()]
+    except KeyError:
+        raise ValueError(f"unknown bootstrap method {method!r} (valid: percentile, basic, bca)") from None
+
+
+def _run_bootstrap(data: tuple[np.ndarray, ...], statistic: Callable, *, paired: bool, method: str,
+                   confidence: float, n_resamples: int, seed: int) -> tuple[float, float, float, str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = sps.bootstrap(data, statistic, n_resamples=n_resamples, paired=paired, confidence_level=confidence,
+                            method=method, rng=np.random.default_rng(seed))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    note = ""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        detail = str(caught[0].message).split(".")[0] if caught else "non-finite interval"
+        note = f"the {method} interval is undefined for this sample ({detail})"
+        low = high = NAN
+    return low, high, float(res.standard_error), note
+
+
+def bootstrap_ci(values: Sequence[float], statistic: Callable[..., float] = np.mean, method: str = "percentile",
+                 confidence: float = 0.95, n_resamples: int = 10000, seed: int = 0) -> BootstrapCI:
+    """Bootstrap confidence interval of ``statistic(values)`` via ``scipy.stats.bootstrap`` (Efron & Tibshirani 1993).
+
+    ``method`` is ``"percentile"``, ``"basic"`` or ``"bca"`` (bias-corrected and accelerated). Seeded by ``seed``
+    (``numpy.random.default_rng``) so the interval is reproducible; vectorised when ``statistic`` takes an ``axis``
+    argument, as numpy reductions do. NaN values are dropped with a note. Fewer than 2 values or all values equal
+    leave the interval NaN with a note; fewer than 10 values add a note that bootstrap intervals under-cover.
+    """
+    _check_confidence(confidence)
+    kind = _bootstrap_method(method)
+    v = _vector(values, "values")
+    finite = np.isfinite(v)
+    dropped = int(v.size - finite.sum())
+    note = f"dropped {dropped} missing or non-finite value(s)" if dropped else ""
+    v = v[finite]
+    n = int(v.size)
+    estimate = float(statistic(v)) if n else NAN
+
+    def degenerate(why: str) -> BootstrapCI:
+        return BootstrapCI(estimate, NAN, NAN, NAN, n, confidence, kind, n_resamples, _join(note, why))
+
+    if n == 0:
+        return degenerate("no values")
+    if n == 1:
+        return degenerate("n=1: cannot bootstrap a single value")
+    if np.all(v == v[0]):
+        return degenerate(f"all {n} values are equal: the bootstrap distribution is a single point")
+    low, high, se, why = _run_bootstrap((v,), statistic, paired=False, method=kind, confidence=confidence,
+                                        n_resamples=n_resamples, seed=seed)
+    small = (f"only n={n} values: bootstrap intervals are too narrow (under-cover) for small samples"
+             if n < BOOTSTRAP_SMALL_N else "")
+    return BootstrapCI(estimate, low, high, se, n, confidence, kind, n_resamples, _join(note, why, small))
+
+
+@dataclass(frozen=True)
+class DeltaM:
+    """Δm% (positive = better than the baseline) and the signed relative change of each task, in percent."""
+
+    value: float
+    per_task: tuple[float, ...]
+    tasks: tuple[str, ...]
+    note: str = ""
+
+
+def _values(x: object, name: str) -> np.ndarray:
+    return _vector([NAN if v is None else float(v) for v in np.atleast_1d(np.asarray(x, dtype=object)).ravel()],
+                   name)
+
+
+def _aligned(method: object, baseline: object, lower_is_better: Directions
+             ) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """Tasks, method values, baseline values (NaN where missing) and lower-is-better flags, aligned."""
+    if isinstance(method, Mapping):
+        if not isinstance(baseline, Mapping):
+            raise ValueError("baseline_means must be a mapping when method_means is one")
+        tasks = tuple(method)
+        m = _values([method[t] for t in tasks], "method_means")
+        b = _values([baseline.get(t) for t in tasks], "baseline_means")
+        if isinstance(lower_is_better, Mapping):
+            absent = [t for t in tasks if t not in lower_is_better]
+            if absent:
+                raise ValueError(f"lower_is_better has no direction for task(s) {absent}")
+            lower_is_better = [bool(lower_is_better[t]) for t in tasks]
+    else:
+        if isinstance(baseline, Mapping) or isinstance(lower_is_better, Mapping):
+            raise ValueError("use mappings for all of method_means, baseline_means and lower_is_better, or none")
+        m, b = _values(method, "method_means"), _values(baseline, "baseline_means")
+        if b.shape != m.shape:
+            raise ValueError(f"{m.size} method values but {b.size} baseline values")
+        tasks = tuple(range(m.size))
+    lib = np.asarray(lower_is_better, dtype=bool)
+    if lib.ndim == 0:
+        lib = np.full(m.shape, bool(lib))
+    if lib.shape != m.shape:
+        raise ValueError(f"lower_is_better must be a bool or one per task ({m.size}), got shape {lib.shape}")
+    return tuple(str(t) for t in tasks), m, b, lib
+
+
+def _delta_m_terms(m: np.ndarray, b: np.ndarray, lib: np.ndarray) -> np.ndarray:
+    return np.where(lib, -1.0, 1.0) * (m - b) / np.abs(b) * 100.0
+
+
+def delta_m(method_means: Sequence[float] | Mapping[str, float], baseline_means: Sequence[float] | Mapping[str, float],
+            lower_is_better: Directions) -> DeltaM:
+    """Δm% of a method against the single-task baseline (Maninis et al. 2019), positive = better.
+
+    ``Δm% = 100 / T * sum_t (-1)^{l_t} (M_t - B_t) / B_t`` with l_t = 1 if lower is better for task t. Inputs are
+    per-task means, as sequences in the same task order or as mappings task -> value; ``lower_is_better`` is one
+    bool, one per task, or a mapping. A baseline that is 0, missing or NaN (or a NaN method value) makes that task's
+    term and Δm% NaN, with a note naming the task. A negative baseline is divided by its absolute value, so that a
+    positive term still means better (with B_t < 0 the printed formula would flip the sign); the note says so.
+    """
+    tasks, m, b, lib = _aligned(method_means, baseline_means, lower_is_better)
+    if m.size == 0:
+        return DeltaM(NAN, (), (), "no tasks")
+    notes = []
+    zero = [t for t, v in zip(tasks, b) if v == 0]
+    nan_base = [t for t, v in zip(tasks, b) if not np.isfinite(v)]
+    nan_method = [t for t, v in zip(tasks, m) if not np.isfinite(v)]
+    negative = [t for t, v in zip(tasks, b) if v < 0]
+    if zero:
+        notes.append(f"baseline is 0 for task(s) {', '.join(zero)}: relative change undefined")
+    if nan_base:
+        notes.append(f"baseline missing or non-finite for task(s) {', '.join(nan_base)}")
+    if nan_method:
+        notes.append(f"method value missing or non-finite for task(s) {', '.join(nan_method)}")
+    if negative:
+        notes.append(f"negative baseline for task(s) {', '.join(negative)}: divided by |B_t| so positive = better")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = _delta_m_terms(m, b, lib)
+    terms[~np.isfinite(terms)] = NAN
+    value = float(terms.mean()) if np.all(np.isfinite(terms)) else NAN
+    return DeltaM(value, tuple(map(float, terms)), tasks, _join(*notes))
+
+
+def bootstrap_delta_m_ci(method_runs: Sequence[Sequence[float]], baseline: Sequence[float] | Sequence[Sequence[float]],
+                         lower_is_better: bool | Sequence[bool], method: str = "percentile",
+                         confidence: float = 0.95, n_resamples: int = 10000, seed: int = 0) -> BootstrapCI:
+    """Bootstrap confidence interval of a method's Δm% (see ``delta_m``), resampling the method's seeds.
+
+    ``method_runs`` is a (seeds x tasks) matrix of the method's per-seed metrics, one column per task.
+    ``baseline`` is either the (tasks,) single-task baseline means or a (baseline seeds x tasks) matrix of per-seed
+    baseline metrics, averaged per task. ``lower_is_better`` is one bool or one per task.
+
+    Design: whole seeds (rows) are resampled with replacement, so correlations between tasks within a run are kept,
+    and Δm% is recomputed from the resampled per-task means. The baseline means are held fixed: Δm% is defined
+    relative to that reference, every method on the leaderboard shares it, and resampling it would widen all
+    intervals by the same baseline noise. The interval is therefore conditional on the baseline. Because Δm% is
+    linear in the per-task means, the percentile interval equals ``bootstrap_ci`` of the per-seed Δm% values with
+    the same seed. Seeds with a NaN are dropped; fewer than 2 seeds, identical seeds, or an undefined Δm% (zero or
+    missing baseline) leave the interval NaN with a note.
+    """
+    _check_confidence(confidence)
+    kind = _bootstrap_method(method)
+    runs = np.asarray(method_runs, dtype=float)
+    if runs.ndim == 1:
+        runs = runs[:, None]
+    if runs.ndim != 2:
+        raise ValueError(f"method_runs must be a (seeds x tasks) matrix, got shape {runs.shape}")
+    base = np.asarray(baseline, dtype=float)
+    if base.ndim == 2:
+        if base.shape[1] != runs.shape[1]:
+            raise ValueError(f"baseline has {base.shape[1]} tasks, method_runs {runs.shape[1]}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> NaN, reported by delta_m
+            base = np.nanmean(base, axis=0)
+    base = np.atleast_1d(base)
+    if base.shape != (runs.shape[1],):
+        raise ValueError(f"baseline must have one value per task ({runs.shape[1]}), got shape {base.shape}")
+    lib = np.asarray(lower_is_better, dtype=bool)
+    lib = np.full(runs.shape[1], bool(lib)) if lib.ndim == 0 else lib
+    if lib.shape != (runs.shape[1],):
+        raise ValueError(f"lower_is_better must be a bool or one per task ({runs.shape[1]}), got shape {lib.shape}")
+
+    keep = np.all(np.isfinite(runs), axis=1)
+    dropped = int(runs.shape[0] - keep.sum())
+    note = f"dropped {dropped} seed(s) with a missing or non-finite value" if dropped else ""
+    runs = runs[keep]
+    n = int(runs.shape[0])
+
+    def degenerate(estimate: float, why: str) -> BootstrapCI:
+        return BootstrapCI(estimate, NAN, NAN, NAN, n, confidence, kind, n_resamples, _join(note, why))
+
+    if n == 0:
+        return degenerate(NAN, "no complete seeds")
+    point = delta_m(runs.mean(axis=0), base, lib)
+    if not np.isfinite(point.value):
+        return degenerate(NAN, point.note)
+    note = _join(note, point.note)
+    if n == 1:
+        return degenerate(point.value, "n=1 seed: cannot bootstrap a single run")
+    if np.all(runs == runs[0]):
+        return degenerate(point.value, f"all {n} seeds are identical: the bootstrap distribution is a single point")
+    signs = np.where(lib, -1.0, 1.0)
+    scale = np.abs(base)
+
+    def statistic(*columns: np.ndarray, axis: int = -1) -> np.ndarray:
+        means = np.stack([c.mean(axis=axis) for c in columns], axis=-1)
+        return np.mean(signs * (means - base) / scale, axis=-1) * 100.0
+
+    columns = tuple(runs[:, t] for t in range(runs.shape[1]))
+    low, high, se, why = _run_bootstrap(columns, statistic, paired=True, method=kind, confidence=confidence,
+                                        n_resamples=n_resamples, seed=seed)
+    small = (f"only n={n} seeds: bootstrap intervals are too narrow (under-cover) for small samples"
+             if n < BOOTSTRAP_SMALL_N else "")
+    return BootstrapCI(point.value, low, high, se, n, confidence, kind, n_resamples, _join(note, why, small))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Critical difference diagram
+# ----------------------------------------------------------------------------------------------------------------
+
+def cd_cliques(avg_ranks: Mapping[str, float], cd: float) -> list[tuple[str, ...]]:
+    """Maximal groups of methods, consecutive in rank order, whose average ranks differ by less than ``cd``.
+
+    These are the thick bars of a CD diagram (Demšar 2006, Fig. 1): methods joined by a bar are not significantly
+    different. Groups of one method are omitted; a NaN ``cd`` gives no groups.
+    """
+    items = sorted(avg_ranks.items(), key=lambda kv: (kv[1], kv[0]))
+    ranks = [r for _, r in items]
+    cliques: list[tuple[str, ...]] = []
+    reach = 0
+    for i in range(len(items)):
+        j = i
+        while j + 1 < len(items) and ranks[j + 1] - ranks[i] < cd:
+            j += 1
+        if j > i and j > reach:
+            cliques.append(tuple(name for name, _ in items[i:j + 1]))
+            reach = j
+    return cliques

@@ -1,0 +1,169 @@
+"""Image archs: every registered image arch on tiny scenes: shapes, the shared/task partition, per-task gradients
+through the declared features, declared layouts, analytical FLOPs; and the image-specific bad inputs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mtlbench import registry
+from mtlbench.errors import MtlbenchError
+from mtlbench.registry import build_options
+from mtlbench.spec import build_spec
+from mtlbench.vision import nets
+
+IMAGE_ARCHS = sorted(n for n in registry.names("arch") if "image" in registry.variants(n))
+ENCODERS = [{"encoder": "segnet", "depth": 2, "width": 4}, {"encoder": "resnet", "depth": 2, "width": 4},
+            {"encoder": "vit", "patch": 4, "depth": 1, "vit_dim": 8, "vit_heads": 2}]
+
+
+@pytest.fixture(scope="module")
+def tiny_scenes(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("MTLBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    e = registry.get("dataset", "scenes")
+    return e.obj(build_options(e.options_class, e.resolve_options(
+        {"resolution": 16, "train": 8, "val": 4, "test": 4}))).load(0)
+
+
+def build_image_arch(name, data, **options):
+    e = registry.get("arch", name, modality="image")
+    return e.obj(data.schema, data.tasks, 8, build_options(e.options_class, e.resolve_options(options)))
+
+
+def _batch(data, n=6):
+    return {k: v[:n] for k, v in data.splits["train"].tensors.items()}
+
+
+def test_image_archs_registered():
+    assert {"single", "shared_bottom"} <= set(IMAGE_ARCHS)
+
+
+@pytest.mark.parametrize("enc", ENCODERS, ids=[e["encoder"] for e in ENCODERS])
+@pytest.mark.parametrize("arch", IMAGE_ARCHS)
+def test_contract(arch, enc, tiny_scenes):
+    if enc["encoder"] not in registry.get("arch", arch, modality="image").obj.encoders:
+        pytest.skip(f"{arch} is not defined on {enc['encoder']}")
+    torch.manual_seed(0)
+    data = tiny_scenes
+    model = build_image_arch(arch, data, **enc)
+    model.train()
+    batch = _batch(data)
+    out = model(batch)
+    for t, o in zip(data.tasks, out.outputs):
+        assert o.shape == (6, t.output_dim, 16, 16) and torch.isfinite(o).all()
+    # partition
+    shared = {id(p) for p in model.shared_parameters()}
+    per_task = [{id(p) for p in ps} for ps in model.task_parameters().values()]
+    union = set(shared)
+    for s in per_task:
+        assert not (s & union)
+        union |= s
+    assert union == {id(p) for p in model.parameters()}
+    assert bool(shared) == (arch != "single")
+    # declared layouts match the feature tensors
+    layouts = model.feature_layouts()
+    assert len(layouts) == len(out.features)
+    for f, lay in zip(out.features, layouts):
+        assert f.shape[lay.batch_axis] == 6
+        axes = {lay.batch_axis, lay.channel_axis, *lay.position_axes}
+        assert axes == set(range(f.dim())), (f.shape, lay)
+    # per-task gradients of the shared parameters via the features equal direct autograd
+    losses = model.task_losses(out.outputs, batch)
+    params = model.shared_parameters()
+    for loss in losses if params else []:
+        direct = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        fg = torch.autograd.grad(loss, out.features, retain_graph=True, allow_unused=True)
+        fg = [torch.zeros_like(f) if g is None else g for f, g in zip(out.features, fg)]
+        via = torch.autograd.grad(out.features, params, fg, retain_graph=True, allow_unused=True)
+        for d, v in zip(direct, via):
+            d = torch.zeros(1) if d is None else d
+            v = torch.zeros(1) if v is None else v
+            torch.testing.assert_close(d, v, rtol=1e-4, atol=1e-6)
+    tp = model.task_parameters()
+    for i, loss in enumerate(losses):
+        for j, name in enumerate(model.task_names):
+            if i != j and tp[name]:
+                grads = torch.autograd.grad(loss, tp[name], retain_graph=True, allow_unused=True)
+                assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+    f = model.flops()
+    assert f["macs"] == f["shared_macs"] + sum(f["task_macs"].values()) > 0
+
+
+def test_flops_hand_count():
+    """SegNet depth 1 width 2 on 1x4x4 plus one depth head, counted by hand."""
+    from mtlbench.data import FeatureSchema, ImageSpec, TaskSpec
+
+    schema = FeatureSchema(image=ImageSpec(1, 4, 4))
+    task = TaskSpec("depth", "depth", ("abs_err",), target="depth")
+    e = registry.get("arch", "shared_bottom", modality="image")
+    model = e.obj(schema, (task,), 8, build_options(e.options_class, e.resolve_options(
+        {"encoder": "segnet", "width": 2, "depth": 1})))
+    f = model.flops()
+    hw = 16
+    enc = hw * 2 * 1 * 9 + hw * 2 * 2 * 9      # enc_block 1->2, enc_conv 2->2
+    dec = hw * 2 * 2 * 9 + hw * 2 * 2 * 9      # dec_block 2->2, dec_conv 2->2
+    head = hw * 2 * 2 * 9 + hw * 1 * 2         # 3x3 conv 2->2, 1x1 conv 2->1
+    assert f["shared_macs"] == enc + dec and f["task_macs"] == {"depth": head} and f["flops"] == 2 * f["macs"]
+
+
+def test_attention_flops_counted():
+    vit = nets.ViT(3, (8, 8), 4, 8, 1, 2, 2.0)
+    counts = nets.count_macs(vit, lambda: vit(torch.zeros(1, 3, 8, 8)), {"all": vit})
+    N, D = 4, 8
+    embed = N * D * 3 * 16
+    block = N * D * 3 * D + 2 * N * N * D + N * D * D + N * D * 16 + N * 16 * D
+    assert counts["all"] == embed + block
+
+
+def _spec(**kw):
+    args = dict(dataset="scenes", tasks=None, arch="shared_bottom", optimizer="ew", device="cpu")
+    args.update(kw)
+    return build_spec(**args)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(arch="home"), r"arch 'home' works on tabular data only, not on image data \(archs for image data: .*"
+                        r"shared_bottom"),
+    (dict(dataset_options={"resolution": 20}), r"cannot take 20x20 images: height and width must be multiples "
+                                               r"of 8 \(3 levels of 2x2 pooling\)"),
+    (dict(dataset_options={"resolution": 20}, arch_options={"encoder": "vit", "patch": 8}), r"multiples of 8 \(8x8 "
+                                                                                           r"patches\)"),
+    (dict(arch_options={"encoder": "unet"}), r"encoder must be one of segnet, resnet, vit, got 'unet'"),
+])
+def test_bad_input_one_line(kw, match):
+    with pytest.raises(MtlbenchError, match=match) as info:
+        _spec(**kw)
+    assert "\n" not in str(info.value)
+
+
+def test_image_arch_on_tabular_data_is_one_line(monkeypatch):
+    from mtlbench.vision.arch import ImageArch
+
+    class OnlyImages(ImageArch):
+        """Test-only image arch."""
+
+    monkeypatch.setitem(registry._REGISTRY["arch"], "only_images",
+                        registry.Entry("arch", "only_images", OnlyImages, "x", "tests", "image"))
+    with pytest.raises(MtlbenchError, match=r"arch 'only_images' works on image data only, not on tabular data "
+                                            r"\(archs for tabular data: .*mmoe"):
+        build_spec(dataset="ecommerce", tasks=None, arch="only_images", optimizer="ew", device="cpu")
+
+
+def test_dense_task_without_dense_decoder(monkeypatch):
+    e = registry.get("arch", "shared_bottom", modality="image")
+    monkeypatch.setattr(e.obj, "supports_dense", False)
+    with pytest.raises(MtlbenchError, match=r"arch 'shared_bottom' has no dense decoder, but task\(s\) seg, depth of "
+                                            r"dataset 'scenes' are per-pixel"):
+        _spec(tasks=["seg", "depth"])
+
+
+def test_cli_bad_arch_on_images_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "mtlbench.cli", "run", "--dataset", "scenes", "--arch", "dtrn",
+                        "--dry-run"], capture_output=True, text=True)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "arch 'dtrn' works on tabular data only" in err[0] and "Traceback" not in r.stderr
