@@ -1,7 +1,8 @@
 """mtlbench: a multi-task learning benchmarking suite.
 
 The public plugin API: built-in methods use exactly these names, and so does a user's plugin file. They are
-imported on first use (PEP 562), so that reading results (``mtlbench.results``) never imports torch.
+imported on first use (PEP 562), so that reading results (``mtlbench.results``) never imports torch, and
+`import mtlbench.cli` stays light (`--help` and bad flags answer without torch).
 """
 from __future__ import annotations
 

@@ -56,6 +56,9 @@ class MultiTaskArch(nn.Module):
     :meth:`encode` and :meth:`decode`. Optional hyper-parameters go in a nested ``Options`` dataclass."""
 
     Options: Any = None
+    # False for an arch that shares no parameters between tasks (``single``): a sweep then skips, before anything
+    # loads, the optimizers that need per-task gradients of shared parameters or a shared representation.
+    shares_parameters: bool = True
     modality: str = "tabular"  # the data it reads; image archs ("image") subclass mtlbench.vision.ImageArch
 
     @classmethod
@@ -117,6 +120,12 @@ class MultiTaskArch(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """Arch facts resolved at build time (e.g. HoME's task groups), stored in the run record."""
+        return {}
+
+    def record_extras(self, split: Any, device: str) -> dict[str, Any]:
+        """Facts of the trained, selected model for the run record, merged into its ``arch_info`` (e.g.
+        TaskExpert's expert usage). ``split``: the test split (the one the reported metrics come from); called
+        once after model selection, never during training. Default: nothing."""
         return {}
 
     def parameter_counts(self) -> dict[str, Any]:

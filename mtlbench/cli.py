@@ -10,14 +10,15 @@ import dataclasses
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from pathlib import Path
-
-from mtlbench import registry, sweep
+from mtlbench import settings
 from mtlbench.errors import MtlbenchError, RunFailed, unknown
 
-DEFAULT_RESULTS_DIR = os.path.join("results", "runs")
+# This module imports nothing heavy at start-up (torch, pandas and scipy are imported by the commands that need
+# them), so `mtlbench --help` and bad flags answer at once; tests/test_cli.py checks that.
+DEFAULT_RESULTS_DIR = settings.BY_NAME["results_dir"].default
 DATA_DIR_ENV = "MTLBENCH_DATA_DIR"
 
 
@@ -27,76 +28,25 @@ class _Parser(argparse.ArgumentParser):
                   if " " in self.prog else f"mtlbench: error: {message} (see 'mtlbench --help')\n")
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise MtlbenchError(f"{flag} expects KEY=VALUE, got '{item}'")
-        k, v = item.split("=", 1)
-        out[k.strip()] = registry.parse_value(v)
-    return out
-
-
 def _csv(text: str | None) -> list[str] | None:
     if text is None:
         return None
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-# every `run` setting: (type, default). Flags override the --config file, which overrides these defaults.
-RUN_SETTINGS: dict[str, tuple[type, Any]] = {
-    "dataset": (list, ["ecommerce"]), "tasks": (list, None), "arch": (list, ["shared_bottom"]),
-    "optimizer": (list, ["ew"]), "seeds": (list, [0]), "epochs": (int, None), "batch_size": (int, None),
-    "lr": (float, None), "weight_decay": (float, 1e-6), "patience": (int, 3), "embed_dim": (int, None),
-    "selection": (str, "mean_primary"), "device": (str, "auto"), "arch_options": (dict, {}),
-    "optimizer_options": (dict, {}), "dataset_options": (dict, {}), "results_dir": (str, DEFAULT_RESULTS_DIR),
-    "data_dir": (str, None), "plugins": (list, []), "jobs": (int, None), "threads": (int, None), "executor": (str, "local"),
-    "ray_address": (str, None), "force": (bool, False), "quiet": (bool, False), "log": (list, []),
-    "dry_run": (bool, False), "ablate": (list, []),
-}
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mtlbench", description="Multi-task learning benchmarks: runs, methods, datasets.")
+    p.add_argument("--plugin", action="append", dest="global_plugins", metavar="FILE_OR_MODULE",
+                   help="load a plugin first (also accepted after the subcommand)")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    r = sub.add_parser("run", help="train and evaluate one run or a sweep, store the records")
-    r.add_argument("--config", help="a YAML or JSON file of run settings (flags override it)")
-    r.add_argument("--dataset", help="dataset name(s), comma-separated (default: the embedded 'ecommerce')")
-    r.add_argument("--tasks", help="comma-separated tasks (default: all of the dataset's); several task sets "
-                   "separated by ';'")
-    r.add_argument("--arch", help="architecture name(s), comma-separated (default: shared_bottom)")
-    r.add_argument("--optimizer", help="MTL optimizer name(s), comma-separated (default: ew)")
-    r.add_argument("--seed", type=int, help="one seed (default 0)")
-    r.add_argument("--seeds", help=sweep.SEEDS_HELP)
-    r.add_argument("--epochs", type=int, help="maximum epochs (default: the dataset's suggestion)")
-    r.add_argument("--batch-size", type=int)
-    r.add_argument("--lr", type=float)
-    r.add_argument("--weight-decay", type=float, help="default 1e-6")
-    r.add_argument("--patience", type=int, help="early stopping on validation (default 3; 0: never stop early)")
-    r.add_argument("--embed-dim", type=int, help="embedding width shared by all archs: every categorical field's embedding and the dense "
-                   "projection (default: the dataset's suggestion, shown by `list -v`, else 16)")
-    r.add_argument("--selection", help="model selection on validation: mean_primary (default: mean primary "
-                   "metric over tasks) or val_loss")
-    r.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    r.add_argument("-A", "--arch-option", action="append", metavar="KEY=VALUE", help="architecture option")
-    r.add_argument("-O", "--optimizer-option", action="append", metavar="KEY=VALUE", help="optimizer option")
-    r.add_argument("-D", "--dataset-option", action="append", metavar="KEY=VALUE", help="dataset option")
-    r.add_argument("--results-dir", help=f"where records go (default: {DEFAULT_RESULTS_DIR})")
-    r.add_argument("--data-dir", help=f"data directory (default: ${DATA_DIR_ENV})")
-    r.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE", help="load a plugin first")
-    r.add_argument("--jobs", type=int, help="parallel runs in a sweep (default: one per core)")
-    r.add_argument("--threads", type=int, help="torch threads per run (default: the cores divided among the "
-                   "parallel runs); results can differ in the last digits between thread counts")
-    r.add_argument("--executor", help="local (default: processes on this machine) or ray")
-    r.add_argument("--ray-address", help="a Ray cluster to join (default: start a local one)")
-    r.add_argument("--log", help="mirror metrics to mlflow and/or tensorboard (comma-separated; optional extras)")
-    r.add_argument("--force", action="store_true", default=None, help="rerun runs that already finished")
-    r.add_argument("--quiet", action="store_true", default=None, help="no progress output")
-    r.add_argument("--ablate", metavar="SWITCHES",
-                   help="comma-separated on/off arch options (e.g. feature_gate,self_gate): the full model plus one "
-                   "run per switch flipped, crossed with the rest of the grid")
-    r.add_argument("--dry-run", action="store_true", default=None,
-                   help="list the expanded runs and which are already done; train nothing")
+    r = sub.add_parser("run", help="train and evaluate one run or a sweep, store the records",
+                       description="Train and evaluate one run or a sweep (every list, seed range and task set "
+                       "is a grid axis). Flags override the --config file, which overrides the defaults. "
+                       "--epochs, --batch-size and --lr default to the dataset's suggestion: `mtlbench list -v` "
+                       "shows each dataset's.")
+    r.add_argument("--config", help="a YAML or JSON file of run settings (the same names as the flags, with _)")
+    r.add_argument("--seed", help="one seed (default 0)")
+    settings.add_flags(r)
     lb = sub.add_parser("leaderboard", help="regenerate tables, statistics and plots from stored records")
     lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
     lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
@@ -112,8 +62,10 @@ def make_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--split", default="test", help="split to compare on (default test)")
     cmp_.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR)
     ls = sub.add_parser("list", help="list datasets, archs, optimizers and metrics")
-    ls.add_argument("--verbose", "-v", action="store_true", help="also show every option and its default")
-    ls.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE")
+    ls.add_argument("--verbose", "-v", action="store_true",
+                    help="also show every option with its default, range and help text, and each dataset's "
+                    "training defaults")
+    ls.add_argument("--plugin", action="append", dest="plugins", metavar="FILE_OR_MODULE")
     return p
 
 
@@ -137,102 +89,116 @@ def _read_config(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise MtlbenchError(f"config file '{path}' must hold a mapping of settings, got {type(data).__name__}")
-    out = {}
-    for key, value in data.items():
-        k = str(key).replace("-", "_")
-        if k == "seed":
-            k, value = "seeds", [value]
-        if k not in RUN_SETTINGS:
-            raise unknown(f"setting in config file '{path}'", key, RUN_SETTINGS)
-        out[k] = _check_type(k, value, f"config file '{path}'")
-    return out
-
-
-def _check_type(key: str, value: Any, where: str) -> Any:
-    tp = RUN_SETTINGS[key][0]
-    if value is None:
-        return None
-    if tp is list:
-        if key == "seeds" and isinstance(value, (str, int)):
-            return sweep.parse_seeds(str(value))
-        if key == "tasks" and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            return [value]  # one task set
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise MtlbenchError(f"{where}: '{key}' must be a list or a comma-separated string, got {value!r}")
-        return value
-    if tp is dict and not isinstance(value, dict):
-        raise MtlbenchError(f"{where}: '{key}' must be a mapping, got {value!r}")
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise MtlbenchError(f"{where}: '{key}' must be an integer, got {value!r}")
-    if tp is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise MtlbenchError(f"{where}: '{key}' must be a number, got {value!r}")
-    if tp is str and not isinstance(value, str):
-        raise MtlbenchError(f"{where}: '{key}' must be a string, got {value!r}")
-    if tp is bool and not isinstance(value, bool):
-        raise MtlbenchError(f"{where}: '{key}' must be true or false, got {value!r}")
-    return value
+    return settings.from_config(data, f"config file '{path}'")
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults, then the config file, then the flags given on the command line."""
-    settings = {k: (list(d) if isinstance(d, list) else dict(d) if isinstance(d, dict) else d)
-                for k, (_, d) in RUN_SETTINGS.items()}
+    """Defaults, then the config file, then the flags given on the command line (all checked the same way)."""
+    st = settings.defaults()
     if args.config:
-        settings.update(_read_config(args.config))
-    flags: dict[str, Any] = {}
-    for name in ("dataset", "arch", "optimizer", "ablate"):
-        if getattr(args, name) is not None:
-            flags[name] = _csv(getattr(args, name)) or [""]
-    if args.tasks is not None:
-        flags["tasks"] = [_csv(t) or [] for t in args.tasks.split(";")]
+        st.update(_read_config(args.config))
     if args.seed is not None and args.seeds is not None:
         raise MtlbenchError("give either --seed or --seeds, not both")
+    flags = settings.from_flags(args, st)
     if args.seed is not None:
-        flags["seeds"] = [args.seed]
-    if args.seeds is not None:
-        flags["seeds"] = sweep.parse_seeds(args.seeds)
-    for name in ("epochs", "batch_size", "lr", "weight_decay", "patience", "embed_dim", "selection", "device",
-                 "results_dir", "data_dir", "jobs", "threads", "executor", "ray_address", "force", "quiet", "dry_run"):
-        if getattr(args, name) is not None:
-            flags[name] = getattr(args, name)
-    for flag, key in (("arch_option", "arch_options"), ("optimizer_option", "optimizer_options"),
-                      ("dataset_option", "dataset_options")):
-        given = _key_values(getattr(args, flag), "--" + flag.replace("_", "-"))
-        if given:
-            flags[key] = {**settings[key], **given}
-    if args.plugin:
-        flags["plugins"] = settings["plugins"] + args.plugin
-    if args.log is not None:
-        flags["log"] = _csv(args.log) or []
-    settings.update(flags)
-    if settings["executor"] not in ("local", "ray"):
-        raise unknown("executor", settings["executor"], ("local", "ray"))
-    for key in ("jobs", "threads"):
-        if settings[key] is not None and settings[key] < 1:
-            raise MtlbenchError(f"--{key} must be at least 1, got {settings[key]}")
-    return settings
+        text = str(args.seed).strip()
+        if not text.isdigit():
+            raise MtlbenchError(f"--seed must be a non-negative integer, got {args.seed!r}")
+        flags["seeds"] = [int(text)]
+    st.update(flags)
+    bad_log = [k for k in st["log"] if k not in settings.TRACKERS]
+    if bad_log:
+        raise unknown("tracker", bad_log[0], settings.TRACKERS)
+    return st
 
 
 def _options_for(options: dict[str, Any], name: str, all_names: list[str]) -> dict[str, Any]:
     """Options given per name ({home: {...}, mmoe: {...}}) or for all (a flat mapping)."""
+    from mtlbench import registry
+
     if options and all(isinstance(v, dict) for v in options.values()) and set(options) <= set(all_names) | set(
-            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")):
+            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")) | set(
+            registry.names("merger")):
         return dict(options.get(name, {}))
     return dict(options)
 
 
 def _load_plugins(targets: list[str] | None) -> None:
+    from mtlbench import registry
+
     registry.load_builtins()
     for t in targets or []:
         registry.load_plugin(t)
 
 
+def _list_cache_key(plugins: list[str], verbose: bool) -> str | None:
+    """A key for `mtlbench list`'s output: the content of every source file of mtlbench (engine, tasks,
+    baselines; about 2 MB, hashed in milliseconds) and of each plugin file, the advertised entry-point plugins and their versions, the flags. None
+    (do not cache) when a plugin is a module name, whose files are not known without importing it."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    parts: list[str] = [sys.version, str(verbose)]
+    roots = []
+    for pkg in ("mtlbench", "mtlbench.tasks", "mtlbench.baselines"):
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            return None
+        roots.extend(found.submodule_search_locations)
+    for root in sorted(set(roots)):
+        for path in sorted(Path(root).rglob("*.py")):
+            parts.append(f"{path}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    for target in plugins:
+        path = Path(target)
+        if not path.is_file():
+            return None
+        parts.append(f"plugin {path.resolve()}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    for ep in importlib.metadata.entry_points(group="mtlbench.plugins"):
+        dist = getattr(ep, "dist", None)
+        parts.append(f"ep {ep.name}={ep.value} {getattr(dist, 'version', '')}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _list_cache_dir() -> Path:
+    return Path(os.environ.get("MTLBENCH_CACHE_DIR") or Path.home() / ".cache" / "mtlbench") / "list"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    _load_plugins(args.plugin)
-    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics"}
-    for kind in ("dataset", "arch", "optimizer", "metric"):
+    """The registry's contents. The text is a pure function of the source files, so it is cached by their
+    content: a repeated `mtlbench list` answers without importing torch or any method."""
+    import io
+    from contextlib import redirect_stdout
+
+    plugins = (getattr(args, "global_plugins", None) or []) + (args.plugins or [])
+    key = _list_cache_key(plugins, args.verbose)
+    cached = _list_cache_dir() / f"{key}.txt" if key else None
+    if cached is not None and cached.is_file():
+        sys.stdout.write(cached.read_text())
+        return 0
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        _print_list(args.verbose, plugins)
+    text = buf.getvalue()
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only home: list still works, just without the cache
+    sys.stdout.write(text)
+    return 0
+
+
+def _print_list(verbose: bool, plugins: list[str]) -> None:
+    from mtlbench import registry
+
+    _load_plugins(plugins)
+    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics",
+              "merger": "Mergers"}
+    for kind in ("dataset", "arch", "optimizer", "merger", "metric"):
         print(titles[kind])
         entries = registry.entries(kind)
         if kind == "arch":  # an image variant of a tabular arch (same name) is listed after it
@@ -256,31 +222,29 @@ def cmd_list(args: argparse.Namespace) -> int:
                 extra = f"  [{'higher' if e.obj.direction == 'max' else 'lower'} is better]"
             origin = "" if e.builtin else f"  (plugin: {e.module})"
             print(f"  {e.name:<{width}}  {e.description}{extra}{origin}")
-            if args.verbose and kind == "dataset":
-                for line in _dataset_hints(e):
-                    print(f"  {'':<{width}}    {line}")
-            if args.verbose and e.options_class is not None:
-                for f in dataclasses.fields(e.options_class):
+            if not verbose:
+                continue
+            pad = f"  {'':<{width}}    "
+            if kind == "dataset":
+                suggested = getattr(e.obj, "default_training", {}) or {}
+                shown = ", ".join(f"{s.name} {settings.dataset_default(s.name, suggested)}"
+                                  for s in settings.SETTINGS if s.default is settings.DATASET)
+                print(f"{pad}training defaults: {shown}")
+                from mtlbench.data import offered_task_sets
+
+                aliases = offered_task_sets(e.obj, registry.build_options(e.options_class, e.resolve_options({})))
+                for alias, tasks in sorted(aliases.items()):
+                    print(f"{pad}task set {alias} = {','.join(tasks)}")
+            if e.options_class is not None:
+                fields = dataclasses.fields(e.options_class)
+                rows = []
+                for f in fields:
                     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-                    print(f"  {'':<{width}}    {f.name} = {default!r}")
+                    rows.append((f"{f.name} = {default!r}", registry.describe_option(f)))
+                w = max(len(r[0]) for r in rows) if rows else 0
+                for left, help_text in rows:
+                    print(f"{pad}{left:<{w}}  {help_text}".rstrip())
         print()
-    return 0
-
-
-def _dataset_hints(e: registry.Entry) -> list[str]:
-    """`list -v` lines of a dataset: its task sets and the training settings it suggests (embed_dim included)."""
-    from mtlbench.data import offered_task_sets
-    from mtlbench.spec import DEFAULT_TRAINING
-
-    out = []
-    opts = registry.build_options(e.options_class, e.resolve_options({}))
-    for name, members in offered_task_sets(e.obj, opts).items():
-        out.append(f"task set {name}: {', '.join(members)}")
-    suggested = {**DEFAULT_TRAINING, **(getattr(e.obj, "default_training", {}) or {})}
-    out.append("suggested training: " + ", ".join(f"{k} {v}" for k, v in suggested.items())
-               + " (flags win; embed_dim is the input layer's width: each categorical embedding and the dense "
-                 "projection)")
-    return out
 
 
 def _fmt(v: Any) -> str:
@@ -309,71 +273,148 @@ def print_summary(record: dict[str, Any], path: str) -> None:
     sps = record.get("train_samples_per_s")
     print(f"selected epoch {record['selected_epoch']} of {record['epochs_run']} (on validation); "
           f"{record['wall_seconds']:.1f} s wall, {sps:,.0f} train samples/s" if sps else "")
+    for w in record.get("warnings") or []:
+        print(f"warning: {w}")
     print(f"record: {path}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mtlbench.spec import build_spec
-    from mtlbench.results.store import ensure_writable, finished_record
-    from mtlbench.train import run
-
     st = _settings(args)
+    axes = {"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
+            "optimizer": st["optimizer"], "seed": st["seeds"], "flip": [None, *st["ablate"]]}
+    total = math.prod(len(v) for v in axes.values())
+    if total > settings.MAX_RUNS:
+        raise MtlbenchError(f"the grid has {total:,} runs ({' x '.join(str(len(v)) for v in axes.values())}), more "
+                            f"than the {settings.MAX_RUNS:,} a sweep takes")
+    from mtlbench import sweep
+    from mtlbench.spec import available_cores, build_spec, incompatibility
+    from mtlbench.results.store import ensure_writable
+
     _load_plugins(st["plugins"])
     if not st["dry_run"]:  # a dry run only reads the store
         ensure_writable(st["results_dir"])
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
-
+    training = {s.name: st[s.name] for s in settings.spec_settings()}
+    if st["merger"]:
+        return _run_merges(st, data_dir, training)
     switches = _check_ablation(st["ablate"], st["arch"])
+    jobs = st["jobs"] or max(1, min(total, available_cores()))
 
     def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
         arch_options = _options_for(st["arch_options"], arch, st["arch"])
         if flip is not None and flip in switches[arch]:
             arch_options[flip] = not switches[arch][flip] if flip not in arch_options else not arch_options[flip]
-        return build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, seed=seed,
-                          epochs=st["epochs"], batch_size=st["batch_size"], lr=st["lr"],
-                          weight_decay=st["weight_decay"], patience=st["patience"], embed_dim=st["embed_dim"],
-                          device=st["device"], selection=st["selection"],
+        spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, seed=seed,
                           dataset_options=_options_for(st["dataset_options"], dataset, st["dataset"]),
                           arch_options=arch_options,
-                          optimizer_options=_options_for(st["optimizer_options"], optimizer, st["optimizer"]))
+                          optimizer_options=_options_for(st["optimizer_options"], optimizer, st["optimizer"]),
+                          jobs=jobs if total > 1 else 1, **training)
+        return spec, incompatibility(spec)
 
-    specs = sweep.expand({"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
-                          "optimizer": st["optimizer"], "seed": st["seeds"], "flip": [None, *st["ablate"]]}, build)
+    plan = sweep.expand(axes, build)
     if st["dry_run"]:
-        return _dry_run(specs, st["results_dir"], st["force"])
+        return _dry_run(plan, st["results_dir"], st["force"], total)
+    specs, skipped = [], []
+    for spec, reason in plan:
+        (skipped.append((spec, reason)) if reason else specs.append(spec))
+    if not specs:
+        reasons = sorted({r for _, r in skipped})
+        raise MtlbenchError(reasons[0] if len(reasons) == 1 else "every combination of the grid is incompatible: "
+                            + "; ".join(reasons))
     quiet = st["quiet"]
-    if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1:
-        spec = specs[0]
-        done = None if st["force"] else finished_record(st["results_dir"], spec.run_id)
-        if done is not None:
-            print(f"already done: {spec.label()}; record: {done[0]} (use --force to rerun)")
-            return 0
-        log = None if quiet else (lambda msg: print(msg, file=sys.stderr))
-        if st["threads"]:
-            import torch
-
-            torch.set_num_threads(st["threads"])
-        if not quiet:
-            print(f"run {spec.run_id}: {spec.label()} on {spec.device}", file=sys.stderr)
-        path, record = run(spec, st["results_dir"], data_dir=data_dir,
-                           progress=not quiet and sys.stderr.isatty(), log=log, track=st["log"])
-        print_summary(record, str(path))
-        return 0
-    jobs = st["jobs"] or min(len(specs), sweep._threads_per_job(1))
+    for spec, reason in skipped:
+        print(f"skipped (incompatible): {spec.arch} x {spec.optimizer}: {reason}", file=sys.stderr)
+    if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
+        return _single_run(specs[0], st, data_dir)
     if not quiet:
         print(f"sweep: {len(specs)} runs, executor {st['executor']}"
-              + (f", {jobs} parallel" if st["executor"] == "local" else ""), file=sys.stderr)
-    result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=jobs, executor=st["executor"],
-                             ray_address=st["ray_address"], plugins=st["plugins"], force=st["force"],
-                             threads=st["threads"], track=st["log"],
-                             progress=not quiet and sys.stderr.isatty())
+              + (f", {min(jobs, len(specs))} parallel" if st["executor"] == "local" else "")
+              + (f", {len(skipped)} incompatible combination(s) skipped" if skipped else ""), file=sys.stderr)
+    result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=min(jobs, len(specs)),
+                             executor=st["executor"], ray_address=st["ray_address"], plugins=st["plugins"],
+                             force=st["force"], track=st["log"], progress=not quiet)
+    result.incompatible = len(skipped)
     print(result.summary())
+    if result.interrupted:
+        return 130
     return 1 if result.failed else 0
+
+
+def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
+    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
+    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
+    with the same settings is the same protocol at the same total fine-tuning budget."""
+    from mtlbench import registry
+    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
+    from mtlbench.merging import merger_declaration
+    from mtlbench.spec import build_spec
+
+    archs = ["minilm"] if st["arch"] == settings.BY_NAME["arch"].default else st["arch"]
+    mergers = [(m, registry.get("merger", m).resolve_options(_options_for(st["merger_options"], m, st["merger"])))
+               for m in st["merger"]]
+    if st["no_task_id"]:
+        need = [m for m, o in mergers if merger_declaration(m, o)["needs_task_id"]]
+        if need:
+            ok = [m for m, _ in mergers if m not in need]
+            raise MtlbenchError(f"merger(s) {', '.join(need)} need the task id at inference (one set of weights per "
+                                f"task), which --no-task-id rules out (of those given, usable: {', '.join(ok) or 'none'})")
+    recipes = [build_spec(dataset=d, tasks=t, arch=a, optimizer="ew", seed=seed,
+                          dataset_options=_options_for(st["dataset_options"], d, st["dataset"]),
+                          arch_options=_options_for(st["arch_options"], a, archs), jobs=1, **training)
+               for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
+    if st["dry_run"]:
+        from mtlbench.results.store import finished_record
+
+        specs = [build_merge_spec(r, m, o) for r in recipes for m, o in mergers]
+        todo = 0
+        for spec in specs:
+            done = not st["force"] and finished_record(st["results_dir"], merge_run_id(spec)) is not None
+            todo += not done
+            print(f"{'done  ' if done else 'to run'}  {merge_run_id(spec)}  {label(spec)}")
+        print(f"dry run: {len(specs)} merges, {len(specs) - todo} already done, {todo} to run; records in "
+              f"{st['results_dir']}")
+        return 0
+    if recipes:
+        import torch
+
+        torch.set_num_threads(int(recipes[0].threads))  # part of the recipe: results differ between thread counts
+    log = None if st["quiet"] else (lambda msg: print(msg, file=sys.stderr))
+    done, skipped, failed = run_merges(recipes, mergers, st["results_dir"], data_dir=data_dir, force=st["force"],
+                                       zoo=st["zoo_dir"], log=log)
+    print(f"merges: {done} done, {skipped} already done, {failed} failed; records in {st['results_dir']}")
+    return 1 if failed else 0
+
+
+def _single_run(spec, st: dict[str, Any], data_dir: str | None) -> int:
+    from mtlbench import sweep
+    from mtlbench.results.store import finished_record
+    from mtlbench.train import run
+
+    quiet = st["quiet"]
+    done = None if st["force"] else finished_record(st["results_dir"], spec.run_id)
+    if done is not None:
+        print(f"already done: {spec.label()}; record: {done[0]} (use --force to rerun)")
+        return 0
+    holder = sweep.claim(st["results_dir"], spec.run_id)
+    if holder is not None:
+        print(f"being trained by another process ({holder}): {spec.label()}; not started twice")
+        return 0
+    try:
+        log = None if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not quiet:
+            print(f"run {spec.run_id}: {spec.label(max_tasks=8)} on {spec.device}, {spec.threads} thread(s)",
+                  file=sys.stderr)
+        path, record = run(spec, st["results_dir"], data_dir=data_dir, progress=not quiet and sys.stderr.isatty(),
+                           log=log, track=st["log"])
+    finally:
+        sweep.release(st["results_dir"], spec.run_id)
+    print_summary(record, str(path))
+    return 0
 
 
 def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, bool]]:
     """Per arch, its on/off options and their defaults; each ablated name must be a switch of some listed arch."""
-    import dataclasses
+    from mtlbench import registry
 
     switches: dict[str, dict[str, bool]] = {}
     for arch in archs:
@@ -387,19 +428,29 @@ def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, b
     return switches
 
 
-def _dry_run(specs: list, results_dir: str, force: bool) -> int:
-    """One line per expanded run (done / to run, run id, label) and a count: what the sweep would do."""
+def _dry_run(plan, results_dir: str, force: bool, total: int) -> int:
+    """One line per expanded run (done / to run / skipped as incompatible, run id, label) and a count: what the
+    sweep would do. Lines are printed as the grid expands, so a large grid shows its first runs at once."""
+    from mtlbench import registry
     from mtlbench.results.store import finished_record
 
-    todo = 0
-    for spec in specs:
+    todo = n = incompatible = 0
+    for spec, reason in plan:
+        if reason:
+            incompatible += 1
+            print(f"skip    {spec.run_id}  {spec.label(max_tasks=6)}  (incompatible: {reason})")
+            continue
+        n += 1
         done = not force and finished_record(results_dir, spec.run_id) is not None
         todo += not done
         entry = registry.get("arch", spec.arch)
         defaults = registry.resolve_options(entry.options_class, {}, f"arch '{spec.arch}'")
         changed = ", ".join(f"{k}={v}" for k, v in sorted(spec.arch_options.items()) if defaults.get(k) != v)
-        print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label()}" + (f"  [{changed}]" if changed else ""))
-    print(f"dry run: {len(specs)} runs, {len(specs) - todo} already done, {todo} to run; records in {results_dir}")
+        print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label(max_tasks=6)}"
+              + (f"  [{changed}]" if changed else ""))
+    print(f"dry run: {n} runs, {n - todo} already done, {todo} to run"
+          + (f", {incompatible} incompatible combination(s) skipped" if incompatible else "")
+          + f"; records in {results_dir}")
     return 0
 
 
@@ -437,6 +488,9 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.command == "run" and args.global_plugins:
+        args.plugins = list(args.global_plugins) + (args.plugins or [])
+        args.global_plugins = None
     if args.command is None:
         parser.print_help()
         return 2
@@ -450,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mtlbench: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("mtlbench: interrupted; nothing was recorded for the unfinished run", file=sys.stderr)
+        print("mtlbench: interrupted; nothing was recorded for the unfinished run(s)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`mtlbench list | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

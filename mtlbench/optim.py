@@ -210,9 +210,18 @@ class MTLOptimizer:
         return []
 
     def to(self, device: torch.device | str) -> "MTLOptimizer":
-        """Move the method's own parameters to the model's device (called before the torch optimizer is built)."""
+        """Move the method's own parameters to the model's device (called before the torch optimizer is built).
+
+        A parameter held in an attribute is replaced by a new Parameter on ``device`` (as ``nn.Module.to`` does
+        for tensor subclasses); one held elsewhere is moved in place through ``.data``."""
+        moved = set()
+        for name, value in list(vars(self).items()):
+            if isinstance(value, nn.Parameter) and value.device != torch.device(device):
+                setattr(self, name, nn.Parameter(value.detach().to(device), requires_grad=value.requires_grad))
+                moved.add(id(value))
         for p in self.parameters():
-            p.data = p.data.to(device)
+            if id(p) not in moved and p.device != torch.device(device):
+                p.data = p.data.to(device)
         return self
 
     def step(self, ctx: StepContext) -> None:

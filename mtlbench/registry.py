@@ -1,4 +1,4 @@
-"""One registry for datasets, architectures, MTL optimizers and metrics.
+"""One registry for datasets, architectures, MTL optimizers, model mergers and metrics.
 
 Built-in methods and a user's plugin register through the same decorators::
 
@@ -14,6 +14,7 @@ so the full set of values lands in the run spec.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib
@@ -31,7 +32,7 @@ from typing import Any, Callable
 
 from mtlbench.errors import MtlbenchError, unknown
 
-KINDS = ("dataset", "arch", "optimizer", "metric")
+KINDS = ("dataset", "arch", "optimizer", "metric", "merger")
 ENTRY_POINT_GROUP = "mtlbench.plugins"
 BUILTIN_MODULES = ("mtlbench.metrics", "mtlbench.tasks", "mtlbench.baselines")
 
@@ -61,16 +62,10 @@ class Entry:
         return resolve_options(self.options_class, given or {}, f"{self.kind} '{self.name}'")
 
     def source_hash(self) -> str | None:
-        """sha256 of the file that defines a plugin (None for built-ins), so editing a plugin changes the run id."""
+        """A hash of a plugin's code that affects results (None for built-ins): see :func:`code_hash`."""
         if self.builtin:
             return None
-        try:
-            path = inspect.getsourcefile(self.obj)
-        except TypeError:
-            return None
-        if not path or not Path(path).is_file():
-            return None
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return code_hash(self.obj)
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
@@ -79,6 +74,67 @@ _REGISTRY: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
 _VARIANTS: dict[str, dict[str, Entry]] = {}
 _loaded_builtins = False
 _loaded_plugins: set[str] = set()
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_hash(obj: Any) -> str | None:
+    """sha256 of the code that defines ``obj``: its own definition plus, transitively, every top-level
+    function, class and assignment of its module that it names, plus the module's imports, each as an AST
+    without comments, docstrings or layout. Editing a comment, a docstring or an unrelated function of the
+    plugin's file keeps the run ids; editing what the registered object runs changes them. (Code in other
+    files the plugin imports is not hashed: name it by a version in the plugin's dataset or options.)
+    Where the source cannot be parsed, the whole file's bytes; None where there is no file."""
+    try:
+        path = inspect.getsourcefile(obj if isinstance(obj, (type, types.FunctionType)) else type(obj))
+    except TypeError:
+        return None
+    if not path or not Path(path).is_file():
+        return None
+    raw = Path(path).read_bytes()
+    name = getattr(obj, "__name__", None) if isinstance(obj, (type, types.FunctionType)) else None
+    try:
+        tree = ast.parse(raw)
+    except SyntaxError:
+        return hashlib.sha256(raw).hexdigest()
+    top: dict[str, list[ast.stmt]] = {}
+    imports: list[ast.stmt] = []
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(node)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            top.setdefault(node.name, []).append(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for n in ast.walk(t):
+                    if isinstance(n, ast.Name):
+                        top.setdefault(n.id, []).append(node)
+    if name is None or name not in top:
+        return hashlib.sha256(raw).hexdigest()
+    seen: list[ast.stmt] = []
+    todo = [name]
+    done: set[str] = set()
+    while todo:
+        n = todo.pop()
+        if n in done:
+            continue
+        done.add(n)
+        for node in top.get(n, []):
+            if node not in seen:
+                seen.append(node)
+            todo.extend(x.id for x in ast.walk(node) if isinstance(x, ast.Name) and x.id in top)
+    seen.sort(key=lambda node: node.lineno)
+    parts = [ast.dump(_strip_docstrings(node)) for node in imports + seen]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def _first_line(obj: Any) -> str:
@@ -142,6 +198,11 @@ def register_optimizer(name: str, description: str | None = None):
 
 def register_metric(name: str, description: str | None = None):
     return register("metric", name, description)
+
+
+def register_merger(name: str, description: str | None = None):
+    """A model-merging method (see :mod:`mtlbench.merging`): acts on a pretrained model and fine-tuned experts."""
+    return register("merger", name, description)
 
 
 def load_builtins() -> None:
@@ -346,6 +407,9 @@ def resolve_options(options_class: type | None, given: dict[str, Any], owner: st
     for name, f in fields.items():
         if name in given:
             values[name] = _coerce(given[name], hints.get(name, Any), f"{owner} option '{name}'")
+            rng = f.metadata.get("range")
+            if rng is not None:
+                rng.check(values[name], f"{owner} option '{name}'")
     try:
         inst = options_class(**values)
     except (ValueError, TypeError) as exc:
@@ -372,8 +436,54 @@ def build_options(options_class: type | None, resolved: dict[str, Any]) -> Any:
     return options_class(**kwargs)
 
 
-def option_field(default: Any, help: str = "") -> Any:
-    """A dataclass field with a help text (shown by `mtlbench list --verbose`)."""
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option (each element, for a tuple of numbers such as layer widths)."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    open_minimum: bool = False
+    open_maximum: bool = False
+
+    def text(self) -> str:
+        lo = None if self.minimum is None else f"{'>' if self.open_minimum else '>='} {self.minimum:g}"
+        hi = None if self.maximum is None else f"{'<' if self.open_maximum else '<='} {self.maximum:g}"
+        return " and ".join(x for x in (lo, hi) if x)
+
+    def contains(self, v: float) -> bool:
+        if self.minimum is not None and (v < self.minimum or (self.open_minimum and v == self.minimum)):
+            return False
+        return not (self.maximum is not None and (v > self.maximum or (self.open_maximum and v == self.maximum)))
+
+    def check(self, value: Any, where: str) -> None:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not self.contains(v):
+                which = f"every value must be {self.text()}" if isinstance(value, (list, tuple)) else \
+                    f"must be {self.text()}"
+                raise MtlbenchError(f"{where} {which}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(map(str, value)) + ")"
+    return repr(value)
+
+
+def option_field(default: Any, help: str = "", *, minimum: float | None = None, maximum: float | None = None,
+                 open_minimum: bool = False, open_maximum: bool = False) -> Any:
+    """A dataclass field with a help text and, for numbers (or tuples of numbers), a valid range; both are
+    shown by `mtlbench list --verbose`, and a value out of range is one clear line before anything loads."""
+    meta: dict[str, Any] = {"help": help}
+    if minimum is not None or maximum is not None:
+        meta["range"] = Range(minimum, maximum, open_minimum, open_maximum)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default.copy(), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: default.copy(), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def describe_option(f: dataclasses.Field) -> str:
+    """``help (range)`` of an Options field, for `mtlbench list -v`."""
+    rng = f.metadata.get("range")
+    parts = [f.metadata.get("help", "")] + ([f"({rng.text()})"] if rng else [])
+    return " ".join(p for p in parts if p)

@@ -1,95 +1,131 @@
 """RunSpec: every choice that changes a result, and its stable hash (the run id).
 
 Same spec, same id: a finished run is never trained twice and a sweep can resume. Everything in the spec is
-resolved before hashing (options with their defaults, the device type, the dataset version), so two commands
-that mean the same run get the same id, and changing a default produces a new one.
+resolved before hashing (options with their defaults, the dataset's training defaults, the device, the thread
+count ``auto``, the dataset version), so two commands that mean the same run get the same id, and changing a
+default produces a new one. The training fields are declared in :mod:`mtlbench.settings`; one added after spec
+version 1 enters the hash only when it differs from the value every version-1 run had, so stored ids hold.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass, field
+import os
 from typing import Any
 
-import torch
-
-from mtlbench import registry
+from mtlbench import registry, settings
 from mtlbench.data import offered_task_sets, offered_tasks
 from mtlbench.errors import MtlbenchError, unknown
 
 SPEC_VERSION = 1
-DEFAULT_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3, "embed_dim": 16}
-SELECTIONS = ("mean_primary", "val_loss")
+DEFAULT_TRAINING = settings.FALLBACK_TRAINING
+SELECTIONS = settings.SELECTIONS
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    dataset: str
-    dataset_version: str
-    tasks: tuple[str, ...]
-    arch: str
-    optimizer: str
-    seed: int
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    patience: int
-    embed_dim: int
-    device: str
-    selection: str = "mean_primary"
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    arch_options: dict[str, Any] = field(default_factory=dict)
-    optimizer_options: dict[str, Any] = field(default_factory=dict)
-    plugin_sources: dict[str, str] = field(default_factory=dict)
-    spec_version: int = SPEC_VERSION
+class _SpecMethods:
+    """Identity of a run: the canonical JSON of the resolved spec and its hash."""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tasks"] = list(self.tasks)
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["tasks"] = list(d["tasks"])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        """A stored spec; a setting added after version 1 that a version-1 record lacks takes its v1 value."""
         d = dict(d)
         d["tasks"] = tuple(d["tasks"])
-        return cls(**d)
+        for s in settings.spec_settings():
+            if s.added_after_v1 and s.name not in d:
+                d[s.name] = s.v1_value
+        return cls(**d)  # type: ignore[return-value]
 
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        """Sorted, compact JSON of the spec; a setting added after version 1 enters it only when its value
+        differs from the one every version-1 run had, so the ids of runs stored before it existed hold."""
+        d = self.to_dict()
+        for s in settings.spec_settings():
+            if s.added_after_v1 and d.get(s.name) == s.v1_value:
+                del d[s.name]
+        return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     @property
     def run_id(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:20]
 
-    def label(self) -> str:
-        return f"{self.arch} x {self.optimizer} on {self.dataset} [{', '.join(self.tasks)}], seed {self.seed}"
+    def label(self, max_tasks: int | None = None) -> str:
+        tasks = self.tasks  # type: ignore[attr-defined]
+        shown = (", ".join(tasks) if max_tasks is None or len(tasks) <= max_tasks
+                 else f"{', '.join(tasks[:max_tasks])}, ... {len(tasks)} tasks")
+        return (f"{self.arch} x {self.optimizer} on {self.dataset} [{shown}], "  # type: ignore[attr-defined]
+                f"seed {self.seed}")  # type: ignore[attr-defined]
+
+
+def _spec_fields() -> list[tuple[str, Any, Any]]:
+    """The run spec's fields: the run's identity, every training setting declared ``spec=True`` in
+    :mod:`mtlbench.settings` (in its order), the resolved options, the plugins' code hashes, the version."""
+    types = {"int": int, "float": float, "str": str, "threads": int}
+    fields: list[tuple[str, Any, Any]] = [
+        ("dataset", str, None), ("dataset_version", str, None), ("tasks", tuple, None), ("arch", str, None),
+        ("optimizer", str, None), ("seed", int, None)]
+    fields += [(s.name, types.get(s.kind, Any), None) for s in settings.spec_settings() if not s.added_after_v1]
+    fields += [("dataset_options", dict, dataclasses.field(default_factory=dict)),
+               ("arch_options", dict, dataclasses.field(default_factory=dict)),
+               ("optimizer_options", dict, dataclasses.field(default_factory=dict)),
+               ("plugin_sources", dict, dataclasses.field(default_factory=dict)),
+               ("spec_version", int, dataclasses.field(default=SPEC_VERSION))]
+    fields += [(s.name, types.get(s.kind, Any), dataclasses.field(default=s.v1_value))
+               for s in settings.spec_settings() if s.added_after_v1]
+    return [(n, t, f) if f is not None else (n, t) for n, t, f in fields]  # type: ignore[misc]
+
+
+RunSpec = dataclasses.make_dataclass("RunSpec", _spec_fields(), bases=(_SpecMethods,), frozen=True)
+RunSpec.__module__ = __name__
+RunSpec.__doc__ = ("Every choice that changes a run's result, resolved (defaults filled in, 'auto' made "
+                   "concrete); its hash is the run id. Training fields come from mtlbench.settings.")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_threads(value: int | str, suggested: int | None, jobs: int = 1) -> int:
+    """``auto``: the dataset's suggestion (1 where it suggests none: the tabular models here are small, and one
+    thread per run is fastest on a shared machine) capped at the cores divided among ``jobs`` parallel runs."""
+    if value != "auto":
+        return int(value)
+    per_job = max(1, available_cores() // max(1, jobs))
+    return max(1, min(int(suggested or 1), per_job))
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> cuda, else mps, else cpu; an explicit device must be available."""
-    avail = {"cpu": True, "cuda": torch.cuda.is_available(),
-             "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
-    if name == "auto":
-        return "cuda" if avail["cuda"] else "mps" if avail["mps"] else "cpu"
-    kind = name.split(":")[0]
-    if kind not in avail:
-        raise unknown("device", name, ["auto", "cpu", "cuda", "mps"])
-    if not avail[kind]:
-        raise MtlbenchError(f"device '{name}' is not available on this machine (available: "
-                            f"{', '.join(k for k, v in avail.items() if v)})")
+    """'auto' -> cuda, else mps, else cpu; an explicit device must exist here. ``cuda:0`` is ``cuda`` (the same
+    device, so the same run id); ``cuda:N`` names the N-th GPU."""
+    import torch
+
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise unknown("device", name, ["auto", "cpu", "cuda", "cuda:N", "mps"])
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if kind == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    have = ", ".join(["cpu"] + (["cuda"] if cuda else []) + (["mps"] if mps else []))
+    if kind == "cuda" and not cuda:
+        raise MtlbenchError(f"device '{name}': no CUDA GPU is visible to torch {torch.__version__} here "
+                            f"(available: {have})")
+    if kind == "mps" and not mps:
+        raise MtlbenchError(f"device '{name}': Apple's MPS backend is not available here (it needs Apple silicon "
+                            f"and macOS 12.3+; available: {have})")
+    if index:
+        n = torch.cuda.device_count()
+        if int(index) >= n:
+            raise MtlbenchError(f"device '{name}': this machine has {n} CUDA GPU(s) (valid: "
+                                f"{', '.join(f'cuda:{i}' for i in range(n))})")
+        if int(index) == 0:
+            return "cuda"
     return name
-
-
-def _positive(name: str, value: float | int | None, allow_zero: bool = False, integer: bool = False) -> None:
-    if value is None:
-        return
-    if integer and (isinstance(value, bool) or not float(value).is_integer()):
-        raise MtlbenchError(f"{name} must be an integer, got {value}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise MtlbenchError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} number, "
-                            f"got {value}")
 
 
 def _check_features(dataset: str, ds: registry.Entry, dataset_options: dict[str, Any], arch: str,
@@ -111,12 +147,15 @@ def _check_features(dataset: str, ds: registry.Entry, dataset_options: dict[str,
 
 
 def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int = 0,
-               epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-               weight_decay: float = 1e-6, patience: int = 3, embed_dim: int | None = None, device: str = "auto",
-               selection: str = "mean_primary", dataset_options: dict[str, Any] | None = None,
-               arch_options: dict[str, Any] | None = None,
-               optimizer_options: dict[str, Any] | None = None) -> RunSpec:
-    """Validate every choice (one clear line on the first bad one) and return the resolved spec."""
+               dataset_options: dict[str, Any] | None = None, arch_options: dict[str, Any] | None = None,
+               optimizer_options: dict[str, Any] | None = None, jobs: int = 1, **training: Any) -> RunSpec:
+    """Validate every choice (one clear line on the first bad one) and return the resolved spec.
+    ``training``: the settings declared ``spec=True`` in :mod:`mtlbench.settings` (None or absent: the default,
+    or the dataset's suggestion); ``jobs``: parallel runs, which bounds ``threads='auto'``."""
+    spec_settings = {s.name: s for s in settings.spec_settings()}
+    for key in training:
+        if key not in spec_settings:
+            raise TypeError(f"build_spec() got an unexpected setting {key!r}")
     ds = registry.get("dataset", dataset)
     ar = registry.get("arch", arch)
     op = registry.get("optimizer", optimizer)
@@ -147,20 +186,17 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
         tasks = list(default(ds_opts) if callable(default) else offered)
     else:
         raise MtlbenchError(f"dataset '{dataset}' does not list its tasks; pass --tasks")
-    defaults = {**DEFAULT_TRAINING, **getattr(ds.obj, "default_training", {})}
-    epochs = defaults["epochs"] if epochs is None else epochs
-    batch_size = defaults["batch_size"] if batch_size is None else batch_size
-    lr = defaults["lr"] if lr is None else lr
-    embed_dim = defaults["embed_dim"] if embed_dim is None else embed_dim
-    _positive("epochs", epochs, integer=True)
-    _positive("batch size", batch_size, integer=True)
-    _positive("learning rate", lr)
-    _positive("weight decay", weight_decay, allow_zero=True)
-    _positive("patience", patience, allow_zero=True, integer=True)
-    _positive("embedding dim", embed_dim, integer=True)
-    _positive("seed", seed, allow_zero=True, integer=True)
-    if selection not in SELECTIONS:
-        raise unknown("selection criterion", selection, SELECTIONS)
+    suggested = getattr(ds.obj, "default_training", {}) or {}
+    values: dict[str, Any] = {}
+    for name, s in spec_settings.items():
+        v = training.get(name)
+        if v is None:
+            v = settings.dataset_default(name, suggested) if s.default is settings.DATASET else s.default
+        values[name] = s.check(v, s.title)
+    values["device"] = resolve_device(values["device"])
+    values["threads"] = resolve_threads(values["threads"], suggested.get("threads"), jobs)
+    if isinstance(seed, bool) or not float(seed).is_integer() or seed < 0:
+        raise MtlbenchError(f"seed must be a non-negative integer, got {seed}")
     arch_options = ar.resolve_options(arch_options)
     _check_features(dataset, ds, dataset_options, arch, ar, arch_options)
     check_input = getattr(ar.obj, "check_input", None)
@@ -170,8 +206,27 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     sources = {f"{e.kind}:{e.name}": h for e in (ds, ar, op) if (h := e.source_hash())}
     return RunSpec(
         dataset=dataset, dataset_version=str(getattr(ds.obj, "version", "1")), tasks=tuple(tasks), arch=arch,
-        optimizer=optimizer, seed=int(seed), epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-        weight_decay=float(weight_decay), patience=int(patience), embed_dim=int(embed_dim),
-        device=resolve_device(device), selection=selection,
-        dataset_options=dataset_options, arch_options=arch_options,
-        optimizer_options=op.resolve_options(optimizer_options), plugin_sources=sources)
+        optimizer=optimizer, seed=int(seed), dataset_options=dataset_options, arch_options=arch_options,
+        optimizer_options=op.resolve_options(optimizer_options), plugin_sources=sources, **values)
+
+
+def incompatibility(spec: RunSpec) -> str | None:
+    """Why the spec's optimizer cannot train its arch, known before anything loads (None: compatible). A sweep
+    skips such a combination with this line; the same check runs again on the built model."""
+    modality = getattr(registry.get("dataset", spec.dataset).obj, "modality", "tabular")
+    ar = registry.get("arch", spec.arch, modality=modality)
+    if getattr(ar.obj, "shares_parameters", True):
+        return None
+    op = registry.get("optimizer", spec.optimizer)
+    try:
+        method = op.obj(tuple(spec.tasks), registry.build_options(op.options_class, spec.optimizer_options))
+    except Exception:  # a method that cannot be built from names alone: the check on the built model decides
+        return None
+    needs = getattr(method, "requires", frozenset())
+    if "shared_grads" in needs:
+        return (f"optimizer '{spec.optimizer}' needs per-task gradients of shared parameters, but arch "
+                f"'{spec.arch}' shares none (use a multi-task arch, or optimizer 'ew')")
+    if "features" in needs:
+        return (f"optimizer '{spec.optimizer}' needs a shared representation, but arch '{spec.arch}' shares "
+                f"nothing (use a multi-task arch, or optimizer 'ew')")
+    return None

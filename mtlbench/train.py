@@ -38,6 +38,10 @@ from mtlbench.vision.dense import DenseAccumulator
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
 # 1024 / 2048 / 8192 rows), so a moderate size serves both.
 EVAL_BATCH = 2048
+# Training steps between checks of the non-finite flags (each check is one host sync; see FiniteWatch).
+CHECK_EVERY = 64
+PROGRESS_EVERY_S = 30.0   # without a terminal, a progress line at most this often within an epoch
+DIVERGENCE_FACTOR = 100.0  # an epoch's mean training loss this many times the first step's: warned in the record
 
 
 @dataclass
@@ -49,11 +53,14 @@ class Built:
     method: MTLOptimizer
 
 
-def build(spec: RunSpec, data_dir: str | None = None) -> Built:
-    """Load the data and build the model and method; every incompatibility is one clear line."""
+def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None = None) -> Built:
+    """Load the data (unless ``data``, the spec's data already loaded, is given) and build the model and method;
+    every incompatibility is one clear line."""
     ds_entry = registry.get("dataset", spec.dataset)
-    adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
-    data = adapter.load(spec.seed).validate().select_tasks(spec.tasks)
+    if data is None:
+        adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
+        data = adapter.load(spec.seed)
+    data = data.validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -67,7 +74,10 @@ def build(spec: RunSpec, data_dir: str | None = None) -> Built:
 
 
 def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: str) -> dict[str, dict[str, float]]:
-    """Every task's metrics on ``split`` (masked rows excluded), at full precision."""
+    """Every task's metrics on ``split`` (masked rows excluded), at full precision.
+
+    Predictions stay on the model's device while batches run (no sync per batch), then predictions, labels and
+    masks are gathered on the CPU once, so the metrics are computed the same way whatever the device."""
     model.eval()
     outs: list[list[torch.Tensor]] = [[] for _ in data.tasks]
     # dense tasks: split-level statistics accumulated on the device (one confusion matrix for mIoU, ...)
@@ -78,14 +88,15 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
                 if i in dense:
                     dense[i].update(o, batch, i)
                 else:
-                    outs[i].append(predict(task, o).float().cpu())
+                    outs[i].append(predict(task, o).float())
+    labels, masks = split["labels"].cpu(), split["masks"].cpu()
     result = {}
     for i, task in enumerate(data.tasks):
         if i in dense:
             result[task.name] = dense[i].compute()
             continue
-        result[task.name] = evaluate_task(task.metrics, split["labels"][:, i], torch.cat(outs[i]),
-                                          split["masks"][:, i], task.label_scale)
+        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i],
+                                          task.label_scale)
     return result
 
 
@@ -112,22 +123,41 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
 def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
     """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, rows = 0.0, 0
+    total, rows = torch.zeros((), dtype=torch.float64, device=device), 0
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
-            total += float(sum(model.task_losses(model(batch).outputs, batch))) * n
+            total += sum(model.task_losses(model(batch).outputs, batch)).double() * n  # no sync per batch
             rows += n
-    return total / max(rows, 1)
+    return float(total) / max(rows, 1)
 
 
 def environment(device: str) -> dict[str, Any]:
+    """Where the run ran. The device fields (``device``, ``device_name``, ``accelerator_runtime``) are the only
+    parts of a record, besides timings and the spec's device, that differ between a CPU and a GPU run."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "mtlbench": mtlbench.__version__,
            "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
            "git_sha": _git_sha()}
-    if device.startswith("cuda"):
+    kind = torch.device(device).type
+    if kind == "cuda":
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        env["accelerator_runtime"] = (f"cuda {torch.version.cuda}" if torch.version.cuda
+                                      else f"hip {getattr(torch.version, 'hip', None)}")
+    elif kind == "mps":
+        env["device_name"] = "Apple MPS"
+    elif kind == "cpu":
+        env["device_name"] = _cpu_name()
     return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_sha() -> str | None:
@@ -165,6 +195,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
 
     loss_names = tuple(model.loss_tasks())
+    first_loss: torch.Tensor | None = None
+    watch = FiniteWatch(loss_names, spec.optimizer, device)
 
     def losses_of(batch):
         out = model(batch)
@@ -172,34 +204,47 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
 
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        sums = torch.zeros(len(loss_names), dtype=torch.float64)
+        sums = torch.zeros(len(loss_names), dtype=torch.float64, device=device)
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{spec.epochs}", disable=not progress, leave=False,
                    unit="batch", dynamic_ncols=True)
+        next_note = t0 + PROGRESS_EVERY_S
         for batch in bar:
             out, losses = losses_of(batch)
             stacked = torch.stack([l.detach() for l in losses])
-            if not bool(torch.isfinite(stacked).all()):
-                bad = [t for t, v in zip(loss_names, stacked.tolist()) if not math.isfinite(v)]
-                raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
+            if first_loss is None:
+                first_loss = stacked.sum()
+            if log and not progress and n_steps % 16 == 0 and time.perf_counter() >= next_note:
+                # a redirected log is not silent through a long epoch (a line at most every PROGRESS_EVERY_S)
+                next_note = time.perf_counter() + PROGRESS_EVERY_S
+                log(f"epoch {epoch}/{spec.epochs}: {n_steps}/{len(train_loader)} batches, "
+                    f"{time.perf_counter() - t0:.0f} s")
+            watch.losses(stacked)
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
-            method.step(ctx)
-            _check_grads(params, epoch, step + 1, spec.optimizer)
+            try:
+                method.step(ctx)
+            except Exception:
+                watch.check(epoch)  # a non-finite loss earlier is the cause (e.g. a host solver fed NaN)
+                raise
+            watch.grads(params)
             optimizer.step()
             method.after_step(ctx)
-            sums += stacked.cpu().double()
+            sums += stacked.double()
             if method.last_weights is not None:
-                w = method.last_weights.detach().double().cpu()
-                weight_sums = w if weight_sums is None else weight_sums + w
+                w = method.last_weights.detach().double()  # summed where the method keeps it: no copy
+                weight_sums = w if weight_sums is None else weight_sums + w.to(weight_sums.device)
+            if (step + 1) % CHECK_EVERY == 0:
+                watch.check(epoch)
             n_steps += 1
             step += 1
             train_rows += batch["labels"].shape[0]
             if progress and n_steps % 20 == 0:
                 bar.set_postfix(loss=f"{float(stacked.sum()):.4f}")
         bar.close()
+        watch.check(epoch)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         train_losses = {t: float(s) / max(n_steps, 1) for t, s in zip(loss_names, sums)}
@@ -229,17 +274,62 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+    extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
-            "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings)}
+            "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
+            "warnings": divergence_warnings(None if first_loss is None else float(first_loss), curves)}
 
 
-def _check_grads(params: list[torch.Tensor], epoch: int, step: int, method: str) -> None:
-    """Fail the run on a NaN or infinite gradient (one host sync per step)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-        raise RunFailed(f"non-finite gradient in epoch {epoch}, step {step} (optimizer '{method}')")
+def divergence_warnings(first_loss: float | None, curves: list[dict[str, Any]]) -> list[str]:
+    """A warning when an epoch's mean training loss grew to DIVERGENCE_FACTOR times the first step's or more
+    (e.g. ``--lr 1e6``: from 1.4 to 4e12): a run that diverged is stored, but should not pass unremarked."""
+    if not first_loss or not math.isfinite(first_loss) or first_loss <= 0:
+        return []
+    for c in curves:
+        total = sum(c["train_loss"].values())
+        if math.isfinite(total) and total >= DIVERGENCE_FACTOR * first_loss:
+            return [f"training loss grew from {first_loss:.4g} (first step) to {total:.4g} (epoch {c['epoch']} "
+                    f"mean), {total / first_loss:.0e} times: the run diverged; is the learning rate too high?"]
+    return []
+
+
+class FiniteWatch:
+    """Fails the run on a NaN or infinite loss or gradient without a host sync per step.
+
+    Each step only updates device tensors (the first step at which each task's loss, or any gradient, was not
+    finite; a step counter on the device); :meth:`check` reads them (one sync) every CHECK_EVERY steps, at the
+    end of each epoch, and when a method's step raises, and names the epoch, the first bad step and the tasks.
+    Up to CHECK_EVERY - 1 steps may run after the first bad one: the run is failed all the same, with the same
+    reason as an eager check would give. (A sync per step to read the loss costs more than the step itself on a
+    GPU at recommendation-model sizes.)"""
+
+    def __init__(self, loss_names: tuple[str, ...], method: str, device: str | torch.device) -> None:
+        self.loss_names, self.method = loss_names, method
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros(len(loss_names), dtype=torch.long, device=device)  # 0: none yet
+        self.bad_grad = torch.zeros((), dtype=torch.long, device=device)
+
+    def losses(self, stacked: torch.Tensor) -> None:
+        self.count += 1
+        new = ~torch.isfinite(stacked) & (self.bad_loss == 0)
+        self.bad_loss = torch.where(new, self.count, self.bad_loss)
+
+    def grads(self, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            self.bad_grad = torch.where(~ok & (self.bad_grad == 0), self.count, self.bad_grad)
+
+    def check(self, epoch: int) -> None:
+        bad_loss, bad_grad = self.bad_loss.tolist(), int(self.bad_grad)  # the one sync
+        first_loss = min((s for s in bad_loss if s), default=0)
+        if first_loss and (not bad_grad or first_loss <= bad_grad):
+            tasks = [t for t, s in zip(self.loss_names, bad_loss) if s == first_loss]
+            raise RunFailed(f"non-finite loss in epoch {epoch}, step {first_loss}, task(s) {', '.join(tasks)}")
+        if bad_grad:
+            raise RunFailed(f"non-finite gradient in epoch {epoch}, step {bad_grad} (optimizer '{self.method}')")
 
 
 STATE_TENSOR_LIMIT = 4096  # larger state tensors (e.g. per-task gradient EMAs) are summarised, not stored
@@ -263,6 +353,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     """Build, train and evaluate one run and return its record, status ``ok`` or ``failed`` (with the reason).
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
+    torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
     record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
                               "status": "running",
                               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -300,6 +391,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if trackers:
             trackers.finish(record)
         return record
+    record["arch_info"] = {**record.get("arch_info", {}), **body.pop("arch_extras", {})}
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
     if trackers:
         trackers.finish(record)

@@ -336,9 +336,9 @@ def test_task_subset_drops_unlabelled_rows_and_logs_it(shrink_plugin, tmp_path, 
 def test_list_verbose_shows_task_sets_and_suggested_training(shrink_plugin, capsys):
     assert main(["list", "-v", "--plugin", str(shrink_plugin)]) == 0
     out = capsys.readouterr().out
-    assert "task set firsttwo: label0, label1" in out
-    assert "suggested training: epochs 1, batch_size 64, lr 0.01, embed_dim 24" in out
-    assert "task set group1: income, marital" in out  # census's paper groups
+    assert "task set firsttwo = label0,label1" in out
+    assert "training defaults: epochs 1, batch_size 64, lr 0.01, embed_dim 24" in out
+    assert "task set group1 = income,marital" in out  # census's paper groups
     assert "embed_dim 100" in out  # mmoe_synthetic's dense-only input suggestion
 
 

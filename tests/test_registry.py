@@ -1,6 +1,7 @@
 """The registry: built-ins, plugin files, duplicate names, one-line errors and command-line value parsing."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import textwrap
 
@@ -87,13 +88,22 @@ def test_unknown_kind_is_rejected():
 PLUGIN = '''\
 from mtlbench import register_optimizer, MTLOptimizer
 
+SCALE = 1.0  # used by the registered class
+
+
+def helper():  # not used by it
+    return 0
+
 
 @register_optimizer("{name}")
 class MyWeighting(MTLOptimizer):
     """A test plugin: equal weights, {variant}."""
 
+    variant = "{variant}"
+
     def step(self, ctx):
-        ctx.backward()
+        ctx.backward()  # a comment
+        self.scale = SCALE
 '''
 
 
@@ -109,14 +119,35 @@ def test_plugin_file_registers_an_optimizer(tmp_path):
     assert e.description == "A test plugin: equal weights, first."
     assert issubclass(e.obj, mtlbench.MTLOptimizer)
     h1 = e.source_hash()
-    assert h1 is not None and h1 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert h1 is not None and len(h1) == 64
     # loading the same target again is a no-op, not a duplicate registration
     registry.load_plugin(str(path))
     assert registry.get("optimizer", name) is e
-    # an edited plugin file changes the hash, so runs using it get new ids
+    # an edit of what the registered class runs changes the hash, so runs using it get new ids
     path.write_text(PLUGIN.format(name=name, variant="second"))
     h2 = e.source_hash()
     assert h2 is not None and h2 != h1
+
+
+@pytest.mark.parametrize("edit,changes", [
+    (lambda t: t.replace("# a comment", "# another comment"), False),
+    (lambda t: t.replace("equal weights,", "equal weights (docstring edited),"), False),
+    (lambda t: t.replace("    return 0", "    return 1"), False),  # a function the class does not use
+    (lambda t: t + "\n\n# a trailing comment\n", False),
+    (lambda t: t.replace("SCALE = 1.0", "SCALE = 2.0"), True),  # a module constant the class uses
+    (lambda t: t.replace("ctx.backward()", "ctx.backward(); ctx.backward()"), True),
+    (lambda t: t.replace("from mtlbench import", "import math\nfrom mtlbench import"), True),  # the imports
+], ids=["comment", "docstring", "unused-function", "trailing-comment", "used-constant", "code", "imports"])
+def test_plugin_code_hash_follows_what_affects_results(tmp_path, edit, changes):
+    """Issue 16: editing only a comment in a plugin file must not change run ids; editing its code must."""
+    name = unique(tmp_path, "plughash")
+    path = tmp_path / "hash_plugin.py"
+    text = PLUGIN.format(name=name, variant="v")
+    path.write_text(text)
+    registry.load_plugin(str(path))
+    before = registry.get("optimizer", name).source_hash()
+    path.write_text(edit(text))
+    assert (registry.get("optimizer", name).source_hash() != before) is changes
 
 
 def test_plugin_source_hash_enters_the_run_spec(tmp_path):
@@ -128,7 +159,7 @@ def test_plugin_source_hash_enters_the_run_spec(tmp_path):
     registry.load_plugin(str(path))
     kw = dict(dataset="ecommerce", tasks=["ctr", "cvr"], arch="mmoe", optimizer=name, device="cpu")
     s1 = build_spec(**kw)
-    assert s1.plugin_sources == {f"optimizer:{name}": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert s1.plugin_sources == {f"optimizer:{name}": registry.code_hash(registry.get("optimizer", name).obj)}
     path.write_text(PLUGIN.format(name=name, variant="b"))
     assert build_spec(**kw).run_id != s1.run_id
 
@@ -288,3 +319,32 @@ def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
     registry.load_entry_point_plugins()
     entry = registry.get("optimizer", name)
     assert not entry.builtin and entry.module == f"{name}_mod"
+
+
+def _ranged_options():
+    out = []
+    for kind in ("arch", "optimizer", "dataset"):
+        for e in registry.entries(kind):
+            variants = registry.variants(e.name).values() if kind == "arch" else [e]
+            for v in variants:
+                for f in dataclasses.fields(v.options_class) if v.options_class is not None else ():
+                    if f.metadata.get("range") is not None:
+                        out.append(pytest.param(v, f, id=f"{kind}:{e.name}:{v.modality}:{f.name}"))
+    return out
+
+
+@pytest.mark.parametrize("entry,field", _ranged_options())
+def test_every_declared_range_is_enforced_before_anything_loads(entry, field):
+    """Issue 15: `-A expert_units=-5`, `-A dropout=1.5`: refused by the options class in one line naming the
+    option, the value and the range (no torch message, no failed record)."""
+    rng = field.metadata["range"]
+    bad = rng.minimum - 1 if rng.minimum is not None else rng.maximum + 1
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    value = (bad,) if isinstance(default, tuple) else bad
+    with pytest.raises(MtlbenchError) as info:
+        entry.resolve_options({field.name: value})
+    msg = str(info.value)
+    assert "\n" not in msg and field.name in msg and rng.text() in msg and str(bad) in msg
+    if rng.maximum is not None and rng.open_maximum:
+        with pytest.raises(MtlbenchError):
+            entry.resolve_options({field.name: (rng.maximum,) if isinstance(default, tuple) else rng.maximum})

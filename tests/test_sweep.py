@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,12 +38,13 @@ def _records(d: Path) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("text,expected", [("3", [0, 1, 2]), ("0-4", [0, 1, 2, 3, 4]), ("1,3,7", [1, 3, 7]),
-                                           ("0-2,9", [0, 1, 2, 9]), ("2,2,1", [2, 1]), (" 4 - 5 ", [4, 5])])
+                                           ("0-2,9", [0, 1, 2, 9]), ("2,2,1", [2, 1]), (" 4 - 5 ", [4, 5]),
+                                           ("0", [0])])
 def test_parse_seeds(text, expected):
     assert parse_seeds(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "a", "1-", "5-2", "0", "1,,x", "1.5"])
+@pytest.mark.parametrize("text", ["", "a", "1-", "5-2", "1,,x", "1.5", "10001", "0-10000"])
 def test_parse_seeds_rejects(text):
     with pytest.raises(MtlbenchError) as info:
         parse_seeds(text)
@@ -226,3 +228,115 @@ def test_ray_address_that_does_not_answer(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "does not answer" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------- faults
+
+def _children(pid: int) -> list[int]:
+    """Live sweep workers among the child processes of ``pid`` (Linux /proc; not multiprocessing's tracker)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+SWEEP = [sys.executable, "-m", "mtlbench.cli", "run", "--arch", "shared_bottom", "--tasks", "ctr",
+         "-D", "n_rows=3000", "-D", "n_users=200", "-D", "n_items=100", "--batch-size", "256"]
+
+
+def _wait(cond, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@linux_only
+def test_killed_worker_fails_only_its_own_run(tmp_path):
+    results = tmp_path / "runs"
+    proc = subprocess.Popen([*SWEEP, "--epochs", "3", "--seeds", "0-3", "--jobs", "2", "--results-dir",
+                             str(results)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    claims = results / ".claims"
+    assert _wait(lambda: claims.is_dir() and any(claims.glob("*.claim")) and len(_children(proc.pid)) >= 2)
+    victim_claim = sorted(claims.glob("*.claim"))[0].stem
+    victim = _children(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    recs = _records(results)
+    failed = [r for r in recs.values() if r["status"] == "failed"]
+    assert len(recs) == 4 and len(failed) == 1, out
+    assert failed[0]["error"]["infrastructure"] is True and "signal 9" in failed[0]["error"]["reason"]
+    assert "3 done" in out and "1 failed" in out
+    assert victim_claim in {r["run_id"] for r in recs.values()}
+    assert not list(claims.glob("*.claim"))  # every claim given back
+
+
+@linux_only
+def test_workers_die_with_the_sweep(tmp_path):
+    results = tmp_path / "runs"
+    proc = subprocess.Popen([*SWEEP, "--epochs", "50", "--seeds", "0-3", "--jobs", "2", "--results-dir",
+                             str(results)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait(lambda: len(_children(proc.pid)) >= 2)
+    workers = _children(proc.pid)
+    proc.kill()
+    proc.wait()
+    assert _wait(lambda: not any(_alive(w) for w in workers), timeout=15), "orphaned workers"
+
+
+def test_claims_are_exclusive_and_stale_ones_taken_over(tmp_path):
+    from mtlbench.sweep import claim, release
+
+    assert claim(tmp_path, "abc") is None
+    assert claim(tmp_path, "abc") == f"pid {os.getpid()} on {__import__('socket').gethostname()}"
+    release(tmp_path, "abc")
+    assert claim(tmp_path, "abc") is None
+    release(tmp_path, "abc")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".claims" / "stale.claim").write_text(f"{dead.pid} {__import__('socket').gethostname()} 0\n")
+    assert claim(tmp_path, "stale") is None  # its process is gone: taken over
+
+
+def test_two_sweeps_never_train_one_spec_twice(tmp_path):
+    results = tmp_path / "runs"
+    cmd = [*SWEEP, "--epochs", "1", "--seeds", "0-3", "--jobs", "1", "--results-dir", str(results)]
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (out_a, err_a), (out_b, err_b) = a.communicate(timeout=300), b.communicate(timeout=300)
+    assert a.returncode == b.returncode == 0, (err_a, err_b)
+    trained = [line for err in (err_a, err_b) for line in err.splitlines() if "] ok " in line]
+    assert len(trained) == 4, (err_a, err_b)  # each of the 4 specs trained by exactly one of the sweeps
+    assert len(_records(results)) == 4
+
+
+def test_ctrl_c_prints_the_summary(tmp_path):
+    results = tmp_path / "runs"
+    proc = subprocess.Popen([*SWEEP, "--epochs", "30", "-D", "n_rows=20000", "--seeds", "0-5", "--jobs", "2",
+                             "--results-dir", str(results)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert _wait(lambda: (results / ".claims").is_dir() and any((results / ".claims").glob("*.claim")))
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted (not recorded" in out and "done" in out and "failed" in out, out
+    assert "Traceback" not in err
+    assert not list((results / ".claims").glob("*.claim"))

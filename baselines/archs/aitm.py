@@ -48,7 +48,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mtlbench import MLP, MtlbenchError, MultiTaskArch, register_arch
+from mtlbench import MLP, MtlbenchError, MultiTaskArch, option_field, register_arch
 from mtlbench.objectives import task_loss
 
 
@@ -81,11 +81,11 @@ class AITM(MultiTaskArch):
 
     @dataclass
     class Options:
-        tower_units: tuple[int, ...] = (128, 64, 32)
-        attention_dim: int = 32
+        tower_units: tuple[int, ...] = option_field((128, 64, 32), "tower hidden widths", minimum=1)
+        attention_dim: int = option_field(32, "width of the attention projections", minimum=1)
         alpha: float = 0.6
         transfer_from: Literal["ait", "tower"] = "ait"
-        dropout: float = 0.0
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:

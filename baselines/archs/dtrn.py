@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, register_arch
+from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, option_field, register_arch
 from mtlbench.arch import tower
 from mtlbench.layers import ExpertBatchNorm
 
@@ -189,11 +189,11 @@ class DTRN(MultiTaskArch):
     @dataclass
     class Options:
         upper: Literal["mmoe", "ple"] = "mmoe"
-        shared_experts: int = 4
-        task_experts: int = 1
-        expert_units: int = 64
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        shared_experts: int = option_field(4, "number of shared experts", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=0)
+        expert_units: int = option_field(64, "expert width", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
         n_layers: int = 1
         pre_ln: bool = True

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtlbench import MLP, MtlbenchError, MultiTaskArch, register_arch
+from mtlbench import MLP, MtlbenchError, MultiTaskArch, option_field, register_arch
 from mtlbench.objectives import task_loss
 
 
@@ -56,8 +56,8 @@ class ESMM(MultiTaskArch):
         ctr_task: str = "ctr"
         cvr_task: str = "cvr"
         ctcvr_task: str = "ctcvr"
-        tower_units: tuple[int, ...] = (200, 80)
-        dropout: float = 0.0
+        tower_units: tuple[int, ...] = option_field((200, 80), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:

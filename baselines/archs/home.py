@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, mix, register_arch
+from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, mix, option_field, register_arch
 from mtlbench.arch import tower
 
 
@@ -110,13 +110,13 @@ class HoME(MultiTaskArch):
     @dataclass
     class Options:
         groups: Any = None
-        global_experts: int = 2
-        group_experts: int = 2
-        task_experts: int = 1
-        expert_units: tuple[int, ...] = (128, 64)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
-        feature_gate_rank: int = 16
+        global_experts: int = option_field(2, "number of global (all-task) experts", minimum=1)
+        group_experts: int = option_field(2, "experts per task group", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=1)
+        expert_units: tuple[int, ...] = option_field((128, 64), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
+        feature_gate_rank: int = option_field(16, "rank of the feature-gate projection", minimum=1)
         expert_norm: bool = True
         hierarchy: bool = True
         feature_gate: bool = True

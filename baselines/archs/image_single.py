@@ -17,6 +17,8 @@ from mtlbench.vision.nets import EncoderOptions
 class ImageSingleTask(ImageArch):
     """One encoder and decoder per task on images: the single-task baseline Δm% is measured against."""
 
+    shares_parameters = False  # a sweep skips single x (gradient / representation methods) up front
+
     @dataclass
     class Options(EncoderOptions):
         pass

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtlbench import ExpertBank, MultiTaskArch, mix, register_arch
+from mtlbench import ExpertBank, MultiTaskArch, mix, option_field, register_arch
 from mtlbench.arch import tower
 
 
@@ -29,10 +29,10 @@ class OMoE(MultiTaskArch):
 
     @dataclass
     class Options:
-        n_experts: int = 8
-        expert_units: tuple[int, ...] = (128, 64)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        n_experts: int = option_field(8, "number of experts", minimum=1)
+        expert_units: tuple[int, ...] = option_field((128, 64), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtlbench import ExpertBank, MultiTaskArch, mix, register_arch
+from mtlbench import ExpertBank, MultiTaskArch, mix, option_field, register_arch
 from mtlbench.arch import tower
 
 
@@ -68,12 +68,12 @@ class PLE(MultiTaskArch):
 
     @dataclass
     class Options:
-        levels: int = 2
-        shared_experts: int = 2
-        task_experts: int = 1
-        expert_units: tuple[int, ...] = (64,)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        levels: int = option_field(2, "extraction levels (1 is CGC)", minimum=1)
+        shared_experts: int = option_field(2, "number of shared experts", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=1)
+        expert_units: tuple[int, ...] = option_field((64,), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:
@@ -169,11 +169,11 @@ class CGC(PLE):
 
     @dataclass
     class Options:
-        shared_experts: int = 2
-        task_experts: int = 1
-        expert_units: tuple[int, ...] = (64,)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        shared_experts: int = option_field(2, "number of shared experts", minimum=1)
+        task_experts: int = option_field(1, "experts per task", minimum=1)
+        expert_units: tuple[int, ...] = option_field((64,), "expert hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
         def __post_init__(self) -> None:

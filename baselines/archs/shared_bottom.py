@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mtlbench import MLP, MultiTaskArch, register_arch
+from mtlbench import MLP, MultiTaskArch, option_field, register_arch
 from mtlbench.arch import tower
 
 
@@ -13,9 +13,9 @@ class SharedBottom(MultiTaskArch):
 
     @dataclass
     class Options:
-        bottom_units: tuple[int, ...] = (256, 128)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        bottom_units: tuple[int, ...] = option_field((256, 128), "bottom MLP hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
     def __init__(self, schema, tasks, embed_dim, options=None):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtlbench import MLP, MultiTaskArch, register_arch
+from mtlbench import MLP, MultiTaskArch, option_field, register_arch
 from mtlbench.arch import tower
 
 
@@ -18,11 +18,13 @@ class SingleTask(MultiTaskArch):
     runs: their parameters and losses are disjoint, so under equal weighting their gradients never interact.
     """
 
+    shares_parameters = False  # a sweep skips single x (gradient / representation methods) up front
+
     @dataclass
     class Options:
-        bottom_units: tuple[int, ...] = (256, 128)
-        tower_units: tuple[int, ...] = (64,)
-        dropout: float = 0.0
+        bottom_units: tuple[int, ...] = option_field((256, 128), "bottom MLP hidden widths", minimum=1)
+        tower_units: tuple[int, ...] = option_field((64,), "tower hidden widths", minimum=1)
+        dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         batch_norm: bool = True
 
     def __init__(self, schema, tasks, embed_dim, options=None):

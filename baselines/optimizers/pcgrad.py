@@ -9,7 +9,8 @@ Task-specific parameters follow their own task's gradient, untouched.
 Implementation: the projections act on a linear combination of the task gradients, so they are carried out on
 the T x T Gramian ``G = J J^T``: each projected g_i is ``c_i^T J`` and only ``c_i`` (T numbers) is updated. The
 shared update is ``J^T w`` with ``w = sum_i c_i``; ``w`` is logged as the task weights. This is exact, costs
-O(T^3) instead of O(T^2 P), and lets the order be drawn from the run's seeded generator (same seed, same run).
+O(T^3) instead of O(T^2 P), and lets the order be drawn from the run's seeded generator (same seed, same run). The T x T solve runs on the
+host (one device-to-host copy of the Gramian per step); the weights go back to the Jacobian's device.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def pcgrad_weights(gramian: torch.Tensor, generator: torch.Generator | None = No
 
     ``orders[i]`` fixes the order in which task i is projected on the others (drawn from ``generator`` if None).
     """
-    G = gramian.to(torch.float64)
+    G = gramian.detach().to("cpu", torch.float64)  # T x T on the host: one copy per step, then scalar loops
     T = G.shape[0]
     w = torch.zeros(T, dtype=torch.float64)
     for i in range(T):
@@ -56,5 +57,5 @@ class PCGrad(JacobianMethod):
         reduction: Literal["sum", "mean"] = "sum"
 
     def aggregate(self, J, losses, generator):
-        w = pcgrad_weights(J @ J.T, generator, reduction=self.options.reduction).to(J.dtype)
+        w = pcgrad_weights(J @ J.T, generator, reduction=self.options.reduction).to(J.device, J.dtype)
         return w @ J, w

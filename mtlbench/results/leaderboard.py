@@ -7,6 +7,9 @@ For every method, task and metric the table reports the mean and standard deviat
 metric (the model having been selected on validation), and n. Δm% follows Maninis et al. (CVPR 2019): the mean
 over tasks of the signed relative change of each task's primary metric against the single-task baseline (the
 ``single`` arch's runs under the same protocol), positive = better. A missing baseline is said, never faked.
+Tables with dense (per-pixel) tasks follow the vision convention instead (Maninis et al. 2019; Vandenhende et al.,
+TPAMI 2021; as MTAN-line papers and LibMTL report NYUv2): the mean over *every* metric of every task, each signed
+by its direction; the table's Δm% note says which convention it uses.
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mtlbench import settings
 from mtlbench.results.store import read_record
+from mtlbench.vision.kinds import DENSE_DIRECTIONS, DENSE_METRIC_NAMES
 
-PROTOCOL_KEYS = ("dataset", "dataset_version", "dataset_options", "tasks", "epochs", "batch_size", "lr",
-                 "weight_decay", "patience", "embed_dim", "selection")
+# what a table's runs must share: declared with the run settings (mtlbench/settings.py, torch-free)
+PROTOCOL_KEYS = settings.protocol_keys()
 BASELINE_ARCH = "single"
 ARROW = {"max": "↑", "min": "↓"}
 
@@ -58,7 +63,9 @@ def _canon(obj: Any) -> str:
 
 
 def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: spec.get(k) for k in PROTOCOL_KEYS}
+    """A run's protocol; a setting added after spec version 1 (``threads``) appears only where it differs from
+    the value every version-1 run had, so one table never mixes thread counts and old tables keep their text."""
+    return settings.protocol_of(spec)
 
 
 def _option_label(options: dict[str, Any], varying: set[str]) -> str:
@@ -79,6 +86,20 @@ def _varying(options: list[dict[str, Any]]) -> set[str]:
     return {k for k in keys if len({_canon(o.get(k)) for o in options}) > 1}
 
 
+def _second_half(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A method's second half: its MTL optimizer, or for a merge record (``spec["merger"]``) ``merge:NAME``."""
+    if spec.get("merger"):
+        return f"merge:{spec['merger']}", spec.get("merger_options", {})
+    return spec["optimizer"], spec["optimizer_options"]
+
+
+def _merge_tag(spec: dict[str, Any]) -> str:
+    """A merger's declared data access and task-id need, shown with its name: ``[labelled_val, task id]``."""
+    if not spec.get("merger"):
+        return ""
+    return f" [{spec.get('data_access')}" + (", task id" if spec.get("needs_task_id") else "") + "]"
+
+
 def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """The canonical long format: one row per run x split x task x metric, at full precision."""
     rows = []
@@ -86,7 +107,8 @@ def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     by_opt: dict[str, list[dict]] = {}
     for rec in records:
         by_arch.setdefault(rec["spec"]["arch"], []).append(rec["spec"]["arch_options"])
-        by_opt.setdefault(rec["spec"]["optimizer"], []).append(rec["spec"]["optimizer_options"])
+        name, options = _second_half(rec["spec"])
+        by_opt.setdefault(name, []).append(options)
     vary_arch = {a: _varying(o) for a, o in by_arch.items()}
     vary_opt = {a: _varying(o) for a, o in by_opt.items()}
     for rec in records:
@@ -94,7 +116,8 @@ def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         protocol = protocol_of(spec)
         tasks = {t["name"]: t for t in rec.get("dataset", {}).get("tasks", [])}
         arch = spec["arch"] + _option_label(spec["arch_options"], vary_arch[spec["arch"]])
-        opt = spec["optimizer"] + _option_label(spec["optimizer_options"], vary_opt[spec["optimizer"]])
+        name, options = _second_half(spec)
+        opt = name + _option_label(options, vary_opt[name]) + _merge_tag(spec)
         for split, per_task in rec["metrics"].items():
             for task, metrics in per_task.items():
                 primary = tasks.get(task, {}).get("metrics", [None])[0]
@@ -116,7 +139,8 @@ def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 #: The directions of the metrics built in when records did not store them (schema 1); later records carry their own.
-BUILTIN_DIRECTIONS = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min"}
+BUILTIN_DIRECTIONS = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min",
+                      **DENSE_DIRECTIONS}
 
 
 def _direction(metric: str) -> str:
@@ -197,12 +221,16 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     base_methods = [m for m in methods if m.split(" × ")[0].split("(")[0] == BASELINE_ARCH]
     base = sorted(base_methods, key=lambda m: (not m.endswith("× ew"), m))[0] if base_methods else None
     delta: dict[str, float | None] = {}
+    dense = any(c[1] in DENSE_METRIC_NAMES for c in columns)  # per-pixel tasks: every metric counts (vision papers)
+    flat = flat or dense
     cols_for_delta = columns if flat else [(t, metrics_by_task[t][0]) for t in tasks if metrics_by_task.get(t)]
     if base is None:
         note = "Δm% n/a: no single-task (`single`) runs under this protocol"
         delta = {m: None for m in methods}
     else:
-        note = (f"Δm% (Maninis et al. 2019): mean over {'all task metrics' if flat else 'tasks of the primary metric'}"
+        what = ("all metrics of every task (the dense-prediction convention, Maninis et al. 2019 / Vandenhende et "
+                "al. 2021)" if dense else "all task metrics" if flat else "tasks of the primary metric")
+        note = (f"Δm% (Maninis et al. 2019): mean over {what}"
                 f" of the signed relative change vs `{base}`, in %, positive = better")
         for m in methods:
             ms = [table_stats[m].get(c, {}).get("mean", float("nan")) for c in cols_for_delta]

@@ -20,7 +20,8 @@ import pandas as pd
 
 from mtlbench.results.leaderboard import (ARROW, Store, Table, build_tables, load_store, long_frame,
                                           table_records)
-from mtlbench.results.plots import critical_difference_diagram, plot_bars, plot_curves, plot_tradeoff
+from mtlbench.results.plots import (critical_difference_diagram, plot_bars, plot_curves, plot_expert_usage,
+                                   plot_tradeoff)
 
 
 def slug(table: Table) -> str:
@@ -65,8 +66,15 @@ def protocol_text(table: Table) -> str:
     return (f"Protocol: dataset `{p['dataset']}` version {p['dataset_version']} ({opts}); its fixed train/val/test "
             f"splits; metrics on **test** at the epoch selected on **validation** ({p['selection']}); up to "
             f"{p['epochs']} epochs, early-stopping patience {p['patience']}, batch {p['batch_size']}, lr {p['lr']}, "
-            f"weight decay {p['weight_decay']}, embedding {p['embed_dim']}; seeds {_seed_text(seeds)}; "
-            f"mean ± std over seeds (n = runs).")
+            f"weight decay {p['weight_decay']}, embedding {p['embed_dim']}"
+            + (f", {p['threads']} threads per run" if "threads" in p else "")  # only where not the v1 value, 1
+            + f"; seeds {_seed_text(seeds)}; "
+            f"mean ± std over seeds (n = runs)." + (MERGE_NOTE if any("merge:" in m for m in table.methods) else ""))
+
+
+MERGE_NOTE = (" Merge rows (`merge:NAME`) combine one expert per task fine-tuned with the settings above (same total "
+              "fine-tuning budget as joint training); in brackets the data each merger touched (none, labelled_val, "
+              "unlabelled adaptation inputs, test_inputs) and whether it needs the task id at inference.")
 
 
 
@@ -471,7 +479,10 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
         figs = [cache.figure(d / f"{s}-bars.png", shown, lambda: plot_bars(t, d / f"{s}-bars.png")),
                 cache.figure(d / f"{s}-tradeoff.png", shown, lambda: plot_tradeoff(t, d / f"{s}-tradeoff.png")),
                 cache.figure(d / f"{s}-curves.png", shown + curves,
-                             lambda: plot_curves(t, store.records, frame, d / f"{s}-curves.png"))]
+                             lambda: plot_curves(t, store.records, frame, d / f"{s}-curves.png")),
+                cache.figure(d / f"{s}-experts.png", shown + repr([(r["run_id"], (r.get("arch_info") or {}).get(
+                    "expert_usage")) for r in table_records(t, store.records)]),
+                    lambda: plot_expert_usage(t, store.records, frame, d / f"{s}-experts.png"))]
         figures[s] = [f for f in figs if f is not None]
     cross = across_datasets(tables, out / "figures", plots, cache)
     if cache:
