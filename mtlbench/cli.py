@@ -51,12 +51,14 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
     lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
     lb.add_argument("--flat-delta-m", action="store_true", help="Δm%% over every task metric, not just primary")
-    lb.add_argument("--baseline", help="ARCH or ARCH:OPTIMIZER every method is also tested against (default: the "
-                    "single-task baseline of the Δm%% column)")
-    lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html")
+    lb.add_argument("--baseline", help="ARCH or ARCH:OPTIMIZER (options as ARCH(k=v)) every method is also tested "
+                    "against (default: the single-task baseline of the Δm%% column)")
+    lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html "
+                    "(figures are drawn only for md and html)")
+    lb.add_argument("--no-plots", action="store_true", help="draw no figures (tables only)")
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
-    cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew)")
-    cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER")
+    cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew; options as home(expert_norm=false):ew)")
+    cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER, named the same way")
     cmp_.add_argument("--dataset", help="dataset name (needed when the methods share several)")
     cmp_.add_argument("--tasks", help="task set, comma-separated (needed when there are several)")
     cmp_.add_argument("--split", default="test", help="split to compare on (default test)")
@@ -464,8 +466,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
+    stores: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
-                                tables_out=tables, baseline=args.baseline)
+                                tables_out=tables, baseline=args.baseline, store_out=stores,
+                                plots=False if args.no_plots else None)
+    _say_skipped(stores)
     for line in summary_lines(tables):
         print(line)
     for fmt, path in written.items():
@@ -476,9 +481,23 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mtlbench.results.compare import compare
 
-    print(compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
-                  split=args.split))
+    if not Path(args.results_dir).is_dir():
+        raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
+    stores: list = []
+    try:
+        text = compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
+                       split=args.split, store_out=stores)
+    finally:
+        _say_skipped(stores)
+    print(text)
     return 0
+
+
+def _say_skipped(stores: list) -> None:
+    """One line on stderr per record file left out (invalid, newer schema, duplicate)."""
+    for store in stores:
+        for line in store.skipped:
+            print(f"mtlbench: skipped {line}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
