@@ -209,8 +209,13 @@ def _print_list(verbose: bool, plugins: list[str]) -> None:
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             extra = ""
-            if kind == "dataset" and e.obj.task_names():
-                extra = f"  [tasks: {', '.join(e.obj.task_names())}]"
+            if kind == "dataset":
+                from mtlbench.data import offered_tasks
+
+                offered = list(offered_tasks(e.obj, registry.build_options(e.options_class, e.resolve_options({}))))
+                if offered:
+                    shown = offered if len(offered) <= 12 else offered[:10] + [f"... ({len(offered)} in all)"]
+                    extra = f"  [tasks: {', '.join(shown)}]"
             if kind == "dataset" and getattr(e.obj, "modality", "tabular") != "tabular":
                 extra += f"  [{e.obj.modality}s]"
             if kind == "arch" and e.modality != "tabular":
@@ -227,7 +232,9 @@ def _print_list(verbose: bool, plugins: list[str]) -> None:
                 shown = ", ".join(f"{s.name} {settings.dataset_default(s.name, suggested)}"
                                   for s in settings.SETTINGS if s.default is settings.DATASET)
                 print(f"{pad}training defaults: {shown}")
-                aliases = getattr(e.obj, "task_aliases", {}) or {}
+                from mtlbench.data import offered_task_sets
+
+                aliases = offered_task_sets(e.obj, registry.build_options(e.options_class, e.resolve_options({})))
                 for alias, tasks in sorted(aliases.items()):
                     print(f"{pad}task set {alias} = {','.join(tasks)}")
             if e.options_class is not None:

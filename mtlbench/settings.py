@@ -36,7 +36,7 @@ DATASET: Any = _Dataset()
 _MISSING: Any = object()
 
 # the fallback of a dataset that suggests no training setting of its own
-FALLBACK_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3}
+FALLBACK_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3, "embed_dim": 16}
 MAX_SEEDS = 10_000      # seeds per sweep: a count beyond this is a typo, refused before anything is expanded
 MAX_RUNS = 100_000      # runs per sweep (the product of the grid's axes)
 SELECTIONS = ("mean_primary", "val_loss")
@@ -137,7 +137,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("weight_decay", "float", 1e-6, "Adam weight decay", spec=True, protocol=True, minimum=0),
     Setting("patience", "int", 3, "early stopping: epochs without a better validation score (0: never stop "
             "early)", spec=True, protocol=True, minimum=0),
-    Setting("embed_dim", "int", 16, "embedding width shared by all archs", spec=True, protocol=True, minimum=1),
+    Setting("embed_dim", "int", DATASET, "embedding width shared by all archs: each categorical field's embedding "
+            "and the one projection of the dense features (a dense-only table's input layer)", spec=True,
+            protocol=True, minimum=1),
     Setting("device", "str", "auto", "auto (a GPU when there is one), cpu, cuda, cuda:N or mps; the run id "
             "names the device (cuda and cuda:0 are one)", spec=True),
     Setting("selection", "str", "mean_primary", "model selection on validation: mean_primary (mean primary "

@@ -60,7 +60,7 @@ def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None
     if data is None:
         adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
         data = adapter.load(spec.seed)
-    data = data.select_tasks(spec.tasks)
+    data = data.validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -95,7 +95,8 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
         if i in dense:
             result[task.name] = dense[i].compute()
             continue
-        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i])
+        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i],
+                                          task.label_scale)
     return result
 
 
@@ -374,6 +375,10 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if log:
             p = record["parameters"]
             log(f"parameters: {p['total']:,} ({p['shared']:,} shared)")
+            if "rows_without_labels_dropped" in built.data.info:
+                d = built.data.info["rows_without_labels_dropped"]
+                log("dropped rows with no label for any selected task: "
+                    + ", ".join(f"{s} {n:,}" for s, n in d.items()))
         body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None)
     except KeyboardInterrupt:
         raise
