@@ -324,8 +324,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MtlbenchError(reasons[0] if len(reasons) == 1 else "every combination of the grid is incompatible: "
                             + "; ".join(reasons))
     quiet = st["quiet"]
-    for spec, reason in skipped:
-        print(f"skipped (incompatible): {spec.arch} x {spec.optimizer}: {reason}", file=sys.stderr)
+    pairs: dict[tuple[str, str, str], int] = {}
+    for spec, reason in skipped:  # one line per incompatible arch x optimizer, however many seeds and task sets
+        key = (spec.arch, spec.optimizer, reason)
+        pairs[key] = pairs.get(key, 0) + 1
+    for (arch, optimizer, reason), n in pairs.items():
+        print(f"skipped (incompatible): {arch} x {optimizer} ({n} run{'s' if n > 1 else ''}): {reason}",
+              file=sys.stderr)
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
         return _single_run(specs[0], st, data_dir)
     if not quiet:
