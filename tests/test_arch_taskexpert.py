@@ -142,3 +142,20 @@ def test_cli_bad_input_is_one_line():
                         "--arch-option", "n_experts=0", "--dry-run"], capture_output=True, text=True)
     err = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(err) == 1 and "n_experts must be at least 1, got 0" in err[0], r.stderr
+
+
+def test_image_runs_do_not_relabel_tabular_ones():
+    """An arch name with a tabular and an image variant: option labels compare runs of the same variant only."""
+    from mtlbench.results.leaderboard import long_frame
+
+    def rec(i, dataset, options):
+        return {"run_id": f"r{i}", "spec": {"dataset": dataset, "dataset_version": "1", "tasks": ["a"],
+                                            "arch": "shared_bottom", "arch_options": options, "optimizer": "ew",
+                                            "optimizer_options": {}, "seed": 0},
+                "metrics": {"test": {"a": {"auc": 0.5}}}}
+
+    tab = {"bottom_units": [8]}
+    vit = {"encoder": "vit", "depth": 4}
+    frame = long_frame([rec(0, "x", tab), rec(1, "y", vit), rec(2, "y", {**vit, "depth": 2})])
+    assert dict(zip(frame["run_id"], frame["arch"])) == {"r0": "shared_bottom", "r1": "shared_bottom(depth=4)",
+                                                         "r2": "shared_bottom(depth=2)"}

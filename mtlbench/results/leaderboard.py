@@ -100,13 +100,20 @@ def _merge_tag(spec: dict[str, Any]) -> str:
     return f" [{spec.get('data_access')}" + (", task id" if spec.get("needs_task_id") else "") + "]"
 
 
+def _arch_variant(spec: dict[str, Any]) -> tuple[str, str]:
+    """One arch name may hold a tabular and an image variant (``shared_bottom``, ``single``, ``mmoe``...) with
+    different option sets (image archs have an ``encoder``): a run's option label compares it with runs of the same
+    variant only, so image runs never relabel the tabular tables."""
+    return spec["arch"], "image" if "encoder" in spec.get("arch_options", {}) else "tabular"
+
+
 def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """The canonical long format: one row per run x split x task x metric, at full precision."""
     rows = []
-    by_arch: dict[str, list[dict]] = {}
+    by_arch: dict[tuple[str, str], list[dict]] = {}
     by_opt: dict[str, list[dict]] = {}
     for rec in records:
-        by_arch.setdefault(rec["spec"]["arch"], []).append(rec["spec"]["arch_options"])
+        by_arch.setdefault(_arch_variant(rec["spec"]), []).append(rec["spec"]["arch_options"])
         name, options = _second_half(rec["spec"])
         by_opt.setdefault(name, []).append(options)
     vary_arch = {a: _varying(o) for a, o in by_arch.items()}
@@ -115,7 +122,7 @@ def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         spec = rec["spec"]
         protocol = protocol_of(spec)
         tasks = {t["name"]: t for t in rec.get("dataset", {}).get("tasks", [])}
-        arch = spec["arch"] + _option_label(spec["arch_options"], vary_arch[spec["arch"]])
+        arch = spec["arch"] + _option_label(spec["arch_options"], vary_arch[_arch_variant(spec)])
         name, options = _second_half(spec)
         opt = name + _option_label(options, vary_opt[name]) + _merge_tag(spec)
         for split, per_task in rec["metrics"].items():
