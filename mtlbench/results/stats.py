@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 __all__ = [
     "PairedT", "paired_t",
     "Wilcoxon", "wilcoxon",
-    "Holm", "holm",
+    "Holm", "holm", "BH", "benjamini_hochberg", "WilcoxonFloor", "holm_wilcoxon_floor",
+    "merge_close", "tie_ranks",
     "Friedman", "friedman",
     "NemenyiCD", "nemenyi_cd",
     "PairwiseRow", "PairwiseWilcoxonHolm", "pairwise_wilcoxon_holm",
@@ -91,14 +92,41 @@ def _complete_pairs(a: object, b: object) -> tuple[np.ndarray, np.ndarray, str]:
     return x[keep], y[keep], note
 
 
+def merge_close(values: object, scale: float | None = None) -> np.ndarray:
+    """``values`` with every run of values closer than ``REL_TOL * scale`` to the next replaced by the run's first
+    value (``scale`` defaults to the largest magnitude; NaN stays NaN). The one tolerance of this module: the
+    Wilcoxon test's zero and tied differences, the Friedman ranks and the leaderboard's mean rank all use it."""
+    v = np.array(values, dtype=float, copy=True).ravel()
+    finite = np.isfinite(v)
+    if scale is None:
+        scale = float(np.max(np.abs(v[finite]), initial=0.0))
+    tol = REL_TOL * scale
+    if tol == 0.0 or finite.sum() < 2:
+        return v
+    idx = np.flatnonzero(finite)
+    order = idx[np.argsort(v[idx], kind="stable")]
+    sorted_v = v[order]
+    starts = np.concatenate(([True], np.diff(sorted_v) > tol))
+    v[order] = sorted_v[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+    return v
+
+
+def tie_ranks(values: object, higher_is_better: bool = True) -> np.ndarray:
+    """Ranks of ``values``, 1 = best, values within the module's tolerance tied (average rank), NaN ranked last."""
+    v = merge_close(values)
+    key = np.where(np.isfinite(v), -v if higher_is_better else v, np.inf)
+    return sps.rankdata(key, method="average")
+
+
 def _snapped_differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a - b`` quantised to ``REL_TOL`` of the data's magnitude, so round-off cannot split ties or fake non-zeros."""
+    """``a - b`` with differences within ``REL_TOL`` of the data's magnitude of zero set to 0 and of each other
+    merged (``merge_close``), so round-off cannot split ties or fake non-zeros."""
     d = a - b
     scale = float(max(np.max(np.abs(a), initial=0.0), np.max(np.abs(b), initial=0.0)))
     if scale == 0.0:
         return d
-    q = REL_TOL * scale
-    return np.round(d / q) * q
+    d = np.where(np.abs(d) <= REL_TOL * scale, 0.0, d)
+    return np.sign(d) * merge_close(np.abs(d), scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,6 +319,78 @@ def holm(pvalues: Sequence[float], alpha: float = 0.05) -> Holm:
     return Holm(tuple(map(float, p)), tuple(map(float, adjusted)), reject, m, alpha, note)
 
 
+@dataclass(frozen=True)
+class BH:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate), in the input order; ``reject`` is
+    ``adjusted < alpha`` (False for NaN)."""
+
+    pvalues: tuple[float, ...]
+    adjusted: tuple[float, ...]
+    reject: tuple[bool, ...]
+    n_tests: int
+    alpha: float
+    note: str = ""
+
+
+def benjamini_hochberg(pvalues: Sequence[float], alpha: float = 0.05) -> BH:
+    """Benjamini & Hochberg (1995) step-up adjustment, as statsmodels' ``multipletests(method="fdr_bh")``: an
+    alternative to Holm that controls the false discovery rate instead of the family-wise error rate.
+
+    With the m non-NaN p-values sorted ascending, the adjusted value of p_(i) is ``min_{j >= i} min(1, m p_(j) / j)``.
+    NaN p-values pass through as NaN and do not count towards m.
+    """
+    p = np.atleast_1d(np.asarray(pvalues, dtype=float)).ravel()
+    valid = ~np.isnan(p)
+    if np.any((p[valid] < 0) | (p[valid] > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p[valid][(p[valid] < 0) | (p[valid] > 1)].tolist()}")
+    pv = p[valid]
+    m = int(pv.size)
+    order = np.argsort(pv, kind="stable")
+    scaled = pv[order] * m / np.arange(1, m + 1)
+    steps = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    adjusted = np.full(p.shape, NAN)
+    inner = np.empty(m)
+    inner[order] = steps
+    adjusted[valid] = inner
+    n_nan = int(p.size - m)
+    note = _join("no p-values" if p.size == 0 else "",
+                 f"{n_nan} NaN p-value(s) passed through, not counted in m={m}" if n_nan else "")
+    return BH(tuple(map(float, p)), tuple(map(float, adjusted)), tuple(bool(v < alpha) for v in adjusted), m,
+              alpha, note)
+
+
+@dataclass(frozen=True)
+class WilcoxonFloor:
+    """The smallest Holm-adjusted p any outcome of m exact Wilcoxon tests on at most n pairs each can give."""
+
+    floor: float
+    m: int
+    n: int
+    alpha: float
+    note: str = ""
+
+
+def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None = None, alpha: float = 0.05,
+                        unit: str = "seeds") -> WilcoxonFloor:
+    """Whether Holm-corrected exact Wilcoxon tests can reject at all: the smallest two-sided exact p with n
+    non-zero pairs is 2 / 2^n, and Holm multiplies the smallest p by m, so no outcome goes below
+    ``min(1, m * 2 / 2^n_max)``. ``pvalues`` (optional) says which tests produced a p (NaN ones do not count in m).
+    The note says so when that floor is at least ``alpha`` (e.g. 5 seeds and 4 comparisons: 4 x 0.0625 = 0.25)."""
+    n = [int(k) for k in n_pairs]
+    if pvalues is not None:
+        n = [k for k, pv in zip(n, pvalues) if pv is not None and np.isfinite(pv)]
+    m, n_max = len(n), max(n, default=0)
+    if m == 0 or n_max == 0:
+        return WilcoxonFloor(NAN, m, n_max, alpha, "no Wilcoxon test")
+    floor = min(1.0, m * _min_wilcoxon_p(n_max))
+    note = ""
+    if floor >= alpha:
+        note = (f"with at most n={n_max} {unit} per comparison and m={m} comparisons, no Holm-corrected Wilcoxon p "
+                f"can fall below {floor:.3g} (m x 2/2^n), so that test cannot reject at alpha={alpha:g}"
+                " (the paired t-test can)")
+    return WilcoxonFloor(floor, m, n_max, alpha, note)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rank tests over data sets
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +436,8 @@ def friedman(matrix: Sequence[Sequence[float]], higher_is_better: bool | Sequenc
     """Friedman test with average ranks and the Iman-Davenport F (Demšar 2006, section 3.2.2).
 
     ``matrix`` has one row per data set (or task) and one column per method; ``higher_is_better`` is one bool or
-    one per row (rows may use different metrics). Ranks are taken within each row, 1 = best, ties averaged; R_j is
+    one per row (rows may use different metrics). Ranks are taken within each row, 1 = best, ties averaged
+    (values within ``REL_TOL`` of each other tie, as in ``merge_close``); R_j is
     the average rank of method j over the n rows. Then (Demšar's equations)
 
         chi^2_F = 12 n / (k (k + 1)) * (sum_j R_j^2 - k (k + 1)^2 / 4),   df = k - 1
@@ -356,7 +457,8 @@ def friedman(matrix: Sequence[Sequence[float]], higher_is_better: bool | Sequenc
     x, signs = x[keep], signs[keep]
     n, k = x.shape
     df = (k - 1, (k - 1) * (n - 1))
-    ranks = sps.rankdata(-signs[:, None] * x, method="average", axis=1) if n and k else np.empty((n, k))
+    ranks = (np.stack([tie_ranks(row, bool(s > 0)) for row, s in zip(x, signs)]) if n and k
+             else np.empty((n, k)))
     avg = tuple(map(float, ranks.mean(axis=0))) if n else (NAN,) * k
 
     def result(chi2: float, p: float, f: float, fp: float, why: str = "") -> Friedman:
@@ -590,8 +692,8 @@ def _aligned(method: object, baseline: object, lower_is_better: Directions
     if isinstance(method, Mapping):
         if not isinstance(baseline, Mapping):
             raise ValueError("baseline_means must be a mapping when method_means is one")
-        tasks = tuple(method)
-        m = _values([method[t] for t in tasks], "method_means")
+        tasks = tuple(dict.fromkeys([*method, *baseline]))   # a task the method lacks is NaN, never dropped
+        m = _values([method.get(t) for t in tasks], "method_means")
         b = _values([baseline.get(t) for t in tasks], "baseline_means")
         if isinstance(lower_is_better, Mapping):
             absent = [t for t in tasks if t not in lower_is_better]
