@@ -147,15 +147,13 @@ def test_cli_bad_input_is_one_line():
 def test_image_runs_do_not_relabel_tabular_ones():
     """An arch name with a tabular and an image variant: option labels compare runs of the same variant only."""
     from mtlbench.results.leaderboard import long_frame
+    from mtlbench.testing import fake_record
 
-    def rec(i, dataset, options):
-        return {"run_id": f"r{i}", "spec": {"dataset": dataset, "dataset_version": "1", "tasks": ["a"],
-                                            "arch": "shared_bottom", "arch_options": options, "optimizer": "ew",
-                                            "optimizer_options": {}, "seed": 0},
-                "metrics": {"test": {"a": {"auc": 0.5}}}}
-
-    tab = {"bottom_units": [8]}
-    vit = {"encoder": "vit", "depth": 4}
-    frame = long_frame([rec(0, "x", tab), rec(1, "y", vit), rec(2, "y", {**vit, "depth": 2})])
-    assert dict(zip(frame["run_id"], frame["arch"])) == {"r0": "shared_bottom", "r1": "shared_bottom(depth=4)",
-                                                         "r2": "shared_bottom(depth=2)"}
+    auc = {"ctr": 0.7, "cvr": 0.6}
+    recs = [fake_record("x", "shared_bottom", "ew", 0, auc, arch_options={"bottom_units": [8]}),
+            fake_record("y", "shared_bottom", "ew", 0, auc, arch_options={"encoder": "vit", "depth": 4}),
+            fake_record("y", "shared_bottom", "ew", 0, auc, arch_options={"encoder": "vit", "depth": 2})]
+    frame = long_frame(recs)
+    assert dict(zip(frame["run_id"], frame["arch"])) == {recs[0]["run_id"]: "shared_bottom",
+                                                         recs[1]["run_id"]: "shared_bottom(depth=4)",
+                                                         recs[2]["run_id"]: "shared_bottom(depth=2)"}
