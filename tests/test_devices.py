@@ -189,3 +189,12 @@ def test_auto_picks_the_gpu_when_there_is_one(monkeypatch):
     assert resolve_device("auto") == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") in ("cpu", "mps")
+
+
+def test_val_loss_selection_on_a_second_device():
+    """The other selection criterion sums validation losses on the device."""
+    spec = dataclasses.replace(_spec("mmoe", "ew"), selection="val_loss")
+    with simulated_device():
+        body = train(spec, build(spec, data=_data()))
+    _check(body)
+    assert all(math.isfinite(c["selection_score"]) for c in body["curves"])

@@ -100,7 +100,7 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         for note in (t.note, w.note):
             if note and note not in notes:
                 notes.append(note)
-    floor = stats.holm_wilcoxon_floor(pairs, p_w, ALPHA)
+    floor = stats.holm_wilcoxon_floor(pairs, p_w, ALPHA, alternative="the paired t-test can")
     if floor.note and math.isfinite(floor.floor) and floor.floor >= ALPHA:
         notes.append(floor.note)
     if unranked:

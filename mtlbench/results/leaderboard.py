@@ -279,7 +279,7 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     order = sorted(methods, key=lambda m: (-(delta[m] if delta.get(m) is not None else -math.inf),
                                            mean_rank.get(m, math.inf), m))
     signif, why = _significance(part, order, tasks, metrics_by_task, directions)
-    notes += [f"tests vs the top row: {w}" for w in why]
+    why_top = why
     chosen = base
     if baseline is not None:
         try:
@@ -296,7 +296,12 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     if chosen:
         signif_base, why = _significance(part, [chosen] + [m for m in order if m != chosen], tasks,
                                          metrics_by_task, directions)
-        notes += [f"tests vs the baseline: {w}" for w in why]
+        if why == why_top:
+            notes += [f"tests vs the top row and vs the baseline: {w}" for w in why]
+            why_top = []
+        else:
+            notes += [f"tests vs the baseline: {w}" for w in why]
+    notes += [f"tests vs the top row: {w}" for w in why_top]
     # relative training cost: seconds per epoch (mean over seeds) against single x ew, else shared_bottom x ew
     spe = {m: _mean_or_none(part.loc[part["method"] == m].drop_duplicates("run_id")["seconds_per_epoch"])
            for m in methods}
@@ -353,7 +358,7 @@ def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metric
         out[m][t]["t_p_holm"] = float(pt)
         out[m][t]["wilcoxon_p_holm"] = float(pw)
     notes = []
-    floor = stats.holm_wilcoxon_floor(pairs, raw_w)
+    floor = stats.holm_wilcoxon_floor(pairs, raw_w, alternative="the paired t-test can")
     if math.isfinite(floor.floor) and floor.floor >= alpha:
         notes.append(floor.note)
     return out, notes

@@ -513,14 +513,21 @@ def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True,
     if plots:
         fig = cache.figure(fig_path, repr((ranks, cd.cd, title)), draw) if cache else draw()
     pw = stats.pairwise_wilcoxon_holm(matrix, common)
+    control = next((m for m in common if all(t.baseline == m for t in tables)), None) or min(
+        common, key=lambda m: (ranks[m], m))
+    ctl = stats.control_comparison(matrix, common, control, correction="holm")
+    pw_floor = stats.holm_wilcoxon_floor([len(tables)] * len(pw.rows), unit="tables")
     text = (f"{len(common)} methods on {len(tables)} tables (each scored by its mean rank over metrics): "
             f"Friedman chi2 = {_num(fr.chi2, 3)}, p = {_num(fr.pvalue, 4)}; Iman-Davenport F = "
             f"{_num(fr.f_stat, 3)}, p = {_num(fr.f_pvalue, 4)}; Nemenyi CD = {_num(cd.cd, 3)} (alpha 0.05). "
             + (fr.note or "") + " Average ranks: " + ", ".join(f"{m} {r:.2f}" for m, r in sorted(
-                ranks.items(), key=lambda x: x[1])) + ".")
+                ranks.items(), key=lambda x: x[1])) + ". "
+            + f"Against {control} (Demšar's rank z-tests, Holm): "
+            + ", ".join(f"{r.method} p = {_num(r.p_adjusted, 3)}" for r in ctl.rows) + ". "
+            + " ".join(n[0].upper() + n[1:] + "." for n in (ctl.note, pw_floor.note) if n))
     return {"text": text, "methods": common, "avg_ranks": ranks, "friedman": dataclasses.asdict(fr), "cd": cd.cd,
-            "pairwise": [dataclasses.asdict(r) for r in pw.rows], "figure": fig and f"figures/{Path(fig).name}",
-            "figure_path": fig and Path(fig)}
+            "pairwise": [dataclasses.asdict(r) for r in pw.rows], "vs_control": dataclasses.asdict(ctl),
+            "figure": fig and f"figures/{Path(fig).name}", "figure_path": fig and Path(fig)}
 
 
 def _records_of(obj: Any) -> Any:

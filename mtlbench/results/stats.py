@@ -17,6 +17,11 @@ References
   Commun. Statist. A 9, 571-595.
 - Efron, B., Tibshirani, R. (1993). An Introduction to the Bootstrap. Chapman & Hall.
 - Maninis, K.-K., Radosavovic, I., Kokkinos, I. (2019). Attentive single-tasking of multiple tasks. CVPR.
+- Benjamini, Y., Hochberg, Y. (1995). Controlling the false discovery rate. J. R. Statist. Soc. B 57, 289-300.
+- Benavoli, A., Corani, G., Demšar, J., Zaffalon, M. (2017). Time for a change: a tutorial for comparing multiple
+  classifiers through Bayesian analysis. JMLR 18(77), 1-36 (official code: the ``baycomp`` package).
+- Agarwal, R., Schwarzer, M., Castro, P. S., Courville, A., Bellemare, M. G. (2021). Deep reinforcement learning at
+  the edge of the statistical precipice. NeurIPS (official code: ``rliable``).
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ __all__ = [
     "PairedT", "paired_t",
     "Wilcoxon", "wilcoxon",
     "Holm", "holm", "BH", "benjamini_hochberg", "WilcoxonFloor", "holm_wilcoxon_floor",
-    "merge_close", "tie_ranks",
+    "merge_close", "tie_ranks", "ControlRow", "ControlComparison", "control_comparison", "BayesSignedRank",
+    "bayesian_signed_rank", "StratifiedCI", "iqm", "iqm_ci", "probability_of_improvement",
+    "probability_of_improvement_ci",
     "Friedman", "friedman",
     "NemenyiCD", "nemenyi_cd",
     "PairwiseRow", "PairwiseWilcoxonHolm", "pairwise_wilcoxon_holm",
@@ -371,7 +378,7 @@ class WilcoxonFloor:
 
 
 def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None = None, alpha: float = 0.05,
-                        unit: str = "seeds") -> WilcoxonFloor:
+                        unit: str = "seeds", alternative: str = "") -> WilcoxonFloor:
     """Whether Holm-corrected exact Wilcoxon tests can reject at all: the smallest two-sided exact p with n
     non-zero pairs is 2 / 2^n, and Holm multiplies the smallest p by m, so no outcome goes below
     ``min(1, m * 2 / 2^n_max)``. ``pvalues`` (optional) says which tests produced a p (NaN ones do not count in m).
@@ -387,7 +394,7 @@ def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None 
     if floor >= alpha:
         note = (f"with at most n={n_max} {unit} per comparison and m={m} comparisons, no Holm-corrected Wilcoxon p "
                 f"can fall below {floor:.3g} (m x 2/2^n), so that test cannot reject at alpha={alpha:g}"
-                " (the paired t-test can)")
+                + (f" ({alternative})" if alternative else ""))
     return WilcoxonFloor(floor, m, n_max, alpha, note)
 
 
@@ -847,3 +854,228 @@ def cd_cliques(avg_ranks: Mapping[str, float], cd: float) -> list[tuple[str, ...
             cliques.append(tuple(name for name, _ in items[i:j + 1]))
             reach = j
     return cliques
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Against a control method over data sets (Demšar 2006, section 3.2.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlRow:
+    """One method against the control: average ranks, z, raw and corrected p (two-sided)."""
+
+    method: str
+    rank: float
+    z: float
+    pvalue: float
+    p_adjusted: float
+    significant: bool
+
+
+@dataclass(frozen=True)
+class ControlComparison:
+    """Every method against a control by rank z-tests, corrected by Holm or Bonferroni-Dunn."""
+
+    control: str
+    control_rank: float
+    rows: tuple[ControlRow, ...]
+    n: int
+    k: int
+    correction: str
+    alpha: float
+    min_pvalue: float       # the smallest corrected p any outcome could give (ranks k-1 apart)
+    note: str = ""
+
+
+def control_comparison(matrix: Sequence[Sequence[float]], names: Sequence[str], control: str,
+                       higher_is_better: bool | Sequence[bool] = True, alpha: float = 0.05,
+                       correction: str = "holm") -> ControlComparison:
+    """Compare every method with ``control`` over data sets (rows), as Demšar (2006, section 3.2.2) recommends
+    when one method is the reference: with average ranks R (1 = best, ties averaged within ``REL_TOL``),
+
+        z_i = (R_i - R_control) / sqrt(k (k + 1) / (6 N)),   p_i = 2 (1 - Phi(|z_i|)),
+
+    and the k - 1 p-values corrected by ``correction``: ``"holm"`` (step-down; more powerful) or
+    ``"bonferroni"`` (Bonferroni-Dunn: p (k - 1), equivalent to Demšar's critical difference
+    ``q_alpha sqrt(k (k + 1) / (6 N))`` with ``q_alpha = Phi^-1(1 - alpha / (2 (k - 1)))``). Rows with a NaN are
+    dropped. The note says when even ranks k - 1 apart could not reach ``alpha`` after correction.
+    """
+    _check_confidence(alpha, "alpha")
+    if correction not in ("holm", "bonferroni"):
+        raise ValueError(f"correction must be 'holm' or 'bonferroni', got {correction!r}")
+    x = _matrix(matrix)
+    names = [str(s) for s in names]
+    if len(names) != x.shape[1] or len(set(names)) != len(names):
+        raise ValueError(f"need {x.shape[1]} distinct method names, got {names}")
+    if control not in names:
+        raise ValueError(f"control {control!r} is not among the methods {names}")
+    fr = friedman(x, higher_is_better)
+    n, k = fr.n, fr.k
+    c = names.index(control)
+    if n < 1 or k < 2:
+        return ControlComparison(control, NAN, (), n, k, correction, alpha, NAN,
+                                 _join(fr.note, f"needs at least 2 methods and 1 data set (k={k}, N={n})"))
+    se = math.sqrt(k * (k + 1) / (6.0 * n))
+    ranks = np.asarray(fr.avg_ranks)
+    others = [i for i in range(k) if i != c]
+    z = (ranks[others] - ranks[c]) / se
+    p = 2.0 * sps.norm.sf(np.abs(z))
+    m = len(others)
+    adjusted = (holm(p, alpha).adjusted if correction == "holm" else tuple(np.minimum(1.0, p * m)))
+    p_floor = min(1.0, m * 2.0 * float(sps.norm.sf((k - 1) / se)))
+    note = _join(f"with N={n} data sets and k={k} methods no corrected p can fall below {p_floor:.3g}: the "
+                 f"comparison against {control} cannot reject at alpha={alpha:g}" if p_floor >= alpha else "")
+    rows = tuple(ControlRow(names[i], float(ranks[i]), float(zi), float(pi), float(ai), bool(ai < alpha))
+                 for i, zi, pi, ai in zip(others, z, p, adjusted))
+    return ControlComparison(control, float(ranks[c]), rows, n, k, correction, alpha, p_floor, note)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bayesian signed-rank test with a region of practical equivalence (Benavoli et al. 2017)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BayesSignedRank:
+    """Posterior probabilities that ``a`` is practically better (``p_a``), equivalent within the rope
+    (``p_rope``) or practically worse (``p_b``), and the posterior means of the three masses."""
+
+    p_a: float
+    p_rope: float
+    p_b: float
+    mean_masses: tuple[float, float, float]
+    rope: float
+    n: int
+    n_samples: int
+    prior: float
+    note: str = ""
+
+
+def bayesian_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, prior: float = 0.5,
+                         n_samples: int = 50000, seed: int = 0) -> BayesSignedRank:
+    """Bayesian signed-rank test (Benavoli, Corani, Demšar, Zaffalon 2017, JMLR 18(77), section 5; the Dirichlet
+    process of Benavoli et al., ICML 2014) on paired scores, oriented so that higher is better.
+
+    With z_i = a_i - b_i and a pseudo-observation z_0 = 0 of weight ``prior`` (the authors' ``baycomp`` default,
+    0.5), each posterior sample draws weights w ~ Dirichlet(prior, 1, ..., 1) over (z_0, ..., z_n) and sets
+    ``theta_a = sum_ij w_i w_j H(z_i + z_j - 2 rope)``, ``theta_b`` likewise for ``-(z_i + z_j)``, ``theta_rope``
+    the rest (H: step, 1/2 at 0). The reported probabilities are the share of samples in which each mass is the
+    largest. Samples come from ``numpy.random.RandomState(seed).dirichlet`` (as baycomp draws them), so a seed
+    gives the same numbers. ``rope`` is in the units of the scores (e.g. 0.001 AUC); it must be > 0.
+    """
+    if not rope > 0:
+        raise ValueError(f"rope must be positive, got {rope!r}")
+    x, y, note = _complete_pairs(a, b)
+    n = int(x.size)
+    if n == 0:
+        return BayesSignedRank(NAN, NAN, NAN, (NAN, NAN, NAN), rope, 0, n_samples, prior, _join(note, "no pairs"))
+    z = np.concatenate(([0.0], x - y))
+    sums = z[:, None] + z[None, :]
+
+    def step(v: np.ndarray) -> np.ndarray:
+        return (v > 0).astype(float) + 0.5 * (v == 0)
+
+    above, below = step(sums - 2 * rope), step(-sums - 2 * rope)
+    weights = np.ones(n + 1)
+    weights[0] = prior
+    w = np.random.RandomState(seed).dirichlet(weights, n_samples)
+    t_a = np.einsum("si,ij,sj->s", w, above, w)
+    t_b = np.einsum("si,ij,sj->s", w, below, w)
+    masses = np.stack([t_a, 1.0 - t_a - t_b, t_b], axis=1)
+    share = np.bincount(np.argmax(masses, axis=1), minlength=3) / n_samples   # ties: the first, as baycomp
+    small = f"only n={n} pairs: the prior pseudo-observation at 0 weighs {prior / (n + prior):.0%}" if n < 10 else ""
+    return BayesSignedRank(float(share[0]), float(share[1]), float(share[2]),
+                           tuple(float(v) for v in masses.mean(axis=0)), float(rope), n, n_samples, prior,
+                           _join(note, small))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregate scores over runs and tasks (Agarwal et al. 2021)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StratifiedCI:
+    """A point estimate over a (runs x tasks) score matrix and its stratified bootstrap percentile interval."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_resamples: int
+    note: str = ""
+
+
+def _scores(x: object, name: str) -> np.ndarray:
+    m = np.asarray(x, dtype=float)
+    if m.ndim == 1:
+        m = m[:, None]
+    if m.ndim != 2 or m.shape[0] < 1:
+        raise ValueError(f"{name} must be a (runs x tasks) matrix, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError(f"{name} holds a missing or non-finite score")
+    return m
+
+
+def iqm(scores: object) -> float:
+    """Interquartile mean of every score (runs x tasks, flattened): the mean of the middle 50 %, as rliable's
+    ``metrics.aggregate_iqm`` (``scipy.stats.trim_mean(..., 0.25)``)."""
+    return float(sps.trim_mean(_scores(scores, "scores").ravel(), 0.25))
+
+
+def probability_of_improvement(a: object, b: object) -> float:
+    """P(a > b) averaged over tasks (Agarwal et al. 2021, rliable's ``probability_of_improvement``): per task the
+    Mann-Whitney probability that a random run of ``a`` beats a random run of ``b`` (ties count 1/2), then the
+    mean over tasks. Scores are (runs x tasks), higher = better; the run counts may differ."""
+    x, y = _scores(a, "a"), _scores(b, "b")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"a has {x.shape[1]} tasks, b {y.shape[1]}")
+    return float(np.mean(_pi_per_task(x, y)))
+
+
+def _pi_per_task(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d = x[:, None, :] - y[None, :, :]                       # runs_a x runs_b x tasks
+    return ((d > 0).sum(axis=(0, 1)) + 0.5 * (d == 0).sum(axis=(0, 1))) / (x.shape[0] * y.shape[0])
+
+
+def _stratified_indices(rng: np.random.Generator, n_runs: int, n_tasks: int) -> np.ndarray:
+    """One stratified bootstrap draw: for every task (stratum) its own resample of the runs (runs x tasks)."""
+    return rng.integers(0, n_runs, size=(n_runs, n_tasks))
+
+
+def _percentile(stats_: np.ndarray, estimate: float, confidence: float, n_resamples: int, note: str) -> StratifiedCI:
+    lo, hi = np.percentile(stats_, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return StratifiedCI(estimate, float(lo), float(hi), confidence, n_resamples, note)
+
+
+def iqm_ci(scores: object, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> StratifiedCI:
+    """IQM with a stratified bootstrap percentile interval (Agarwal et al. 2021): each resample draws, for every
+    task independently, as many runs as there are with replacement (``numpy.random.default_rng(seed)``,
+    one ``integers(0, runs, (runs, tasks))`` draw per resample), and recomputes the IQM."""
+    _check_confidence(confidence)
+    m = _scores(scores, "scores")
+    n, t = m.shape
+    rng = np.random.default_rng(seed)
+    cols = np.arange(t)
+    boot = np.array([sps.trim_mean(m[_stratified_indices(rng, n, t), cols].ravel(), 0.25)
+                     for _ in range(n_resamples)])
+    small = f"only {n} runs per task: bootstrap intervals under-cover for small samples" if n < BOOTSTRAP_SMALL_N else ""
+    return _percentile(boot, iqm(m), confidence, n_resamples, small)
+
+
+def probability_of_improvement_ci(a: object, b: object, confidence: float = 0.95, n_resamples: int = 2000,
+                                  seed: int = 0) -> StratifiedCI:
+    """P(a > b) with a stratified bootstrap percentile interval: per resample, ``a``'s runs and then ``b``'s are
+    resampled within each task (``numpy.random.default_rng(seed)``, a's draw first), as rliable does."""
+    _check_confidence(confidence)
+    x, y = _scores(a, "a"), _scores(b, "b")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"a has {x.shape[1]} tasks, b {y.shape[1]}")
+    rng = np.random.default_rng(seed)
+    cols = np.arange(x.shape[1])
+    boot = np.empty(n_resamples)
+    for r in range(n_resamples):
+        xa = x[_stratified_indices(rng, x.shape[0], x.shape[1]), cols]
+        yb = y[_stratified_indices(rng, y.shape[0], y.shape[1]), cols]
+        boot[r] = np.mean(_pi_per_task(xa, yb))
+    n = min(x.shape[0], y.shape[0])
+    small = f"only {n} runs per task: bootstrap intervals under-cover for small samples" if n < BOOTSTRAP_SMALL_N else ""
+    return _percentile(boot, probability_of_improvement(x, y), confidence, n_resamples, small)
