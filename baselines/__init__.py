@@ -1,2 +1,2 @@
 """The methods that ship with mtlbench. Each module registers itself through the public plugin API."""
-from mtlbench.baselines import archs, optimizers  # noqa: F401
+from mtlbench.baselines import archs, merging, optimizers  # noqa: F401

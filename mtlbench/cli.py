@@ -51,12 +51,14 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
     lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
     lb.add_argument("--flat-delta-m", action="store_true", help="Δm%% over every task metric, not just primary")
-    lb.add_argument("--baseline", help="ARCH or ARCH:OPTIMIZER every method is also tested against (default: the "
-                    "single-task baseline of the Δm%% column)")
-    lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html")
+    lb.add_argument("--baseline", help="ARCH or ARCH:OPTIMIZER (options as ARCH(k=v)) every method is also tested "
+                    "against (default: the single-task baseline of the Δm%% column)")
+    lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html "
+                    "(figures are drawn only for md and html)")
+    lb.add_argument("--no-plots", action="store_true", help="draw no figures (tables only)")
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
-    cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew)")
-    cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER")
+    cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew; options as home(expert_norm=false):ew)")
+    cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER, named the same way")
     cmp_.add_argument("--dataset", help="dataset name (needed when the methods share several)")
     cmp_.add_argument("--tasks", help="task set, comma-separated (needed when there are several)")
     cmp_.add_argument("--split", default="test", help="split to compare on (default test)")
@@ -117,7 +119,8 @@ def _options_for(options: dict[str, Any], name: str, all_names: list[str]) -> di
     from mtlbench import registry
 
     if options and all(isinstance(v, dict) for v in options.values()) and set(options) <= set(all_names) | set(
-            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")):
+            registry.names("arch")) | set(registry.names("optimizer")) | set(registry.names("dataset")) | set(
+            registry.names("merger")):
         return dict(options.get(name, {}))
     return dict(options)
 
@@ -130,12 +133,74 @@ def _load_plugins(targets: list[str] | None) -> None:
         registry.load_plugin(t)
 
 
+def _list_cache_key(plugins: list[str], verbose: bool) -> str | None:
+    """A key for `mtlbench list`'s output: the content of every source file of mtlbench (engine, tasks,
+    baselines; about 2 MB, hashed in milliseconds) and of each plugin file, the advertised entry-point plugins and their versions, the flags. None
+    (do not cache) when a plugin is a module name, whose files are not known without importing it."""
+    import hashlib
+    import importlib.metadata
+    import importlib.util
+
+    parts: list[str] = [sys.version, str(verbose)]
+    roots = []
+    for pkg in ("mtlbench", "mtlbench.tasks", "mtlbench.baselines"):
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            return None
+        roots.extend(found.submodule_search_locations)
+    for root in sorted(set(roots)):
+        for path in sorted(Path(root).rglob("*.py")):
+            parts.append(f"{path}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    for target in plugins:
+        path = Path(target)
+        if not path.is_file():
+            return None
+        parts.append(f"plugin {path.resolve()}:{hashlib.sha256(path.read_bytes()).hexdigest()}")
+    for ep in importlib.metadata.entry_points(group="mtlbench.plugins"):
+        dist = getattr(ep, "dist", None)
+        parts.append(f"ep {ep.name}={ep.value} {getattr(dist, 'version', '')}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _list_cache_dir() -> Path:
+    return Path(os.environ.get("MTLBENCH_CACHE_DIR") or Path.home() / ".cache" / "mtlbench") / "list"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    """The registry's contents. The text is a pure function of the source files, so it is cached by their
+    content: a repeated `mtlbench list` answers without importing torch or any method."""
+    import io
+    from contextlib import redirect_stdout
+
+    plugins = (getattr(args, "global_plugins", None) or []) + (args.plugins or [])
+    key = _list_cache_key(plugins, args.verbose)
+    cached = _list_cache_dir() / f"{key}.txt" if key else None
+    if cached is not None and cached.is_file():
+        sys.stdout.write(cached.read_text())
+        return 0
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        _print_list(args.verbose, plugins)
+    text = buf.getvalue()
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only home: list still works, just without the cache
+    sys.stdout.write(text)
+    return 0
+
+
+def _print_list(verbose: bool, plugins: list[str]) -> None:
     from mtlbench import registry
 
-    _load_plugins((getattr(args, "global_plugins", None) or []) + (args.plugins or []))
-    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics"}
-    for kind in ("dataset", "arch", "optimizer", "metric"):
+    _load_plugins(plugins)
+    titles = {"dataset": "Datasets", "arch": "Architectures", "optimizer": "Optimizers", "metric": "Metrics",
+              "merger": "Mergers"}
+    for kind in ("dataset", "arch", "optimizer", "merger", "metric"):
         print(titles[kind])
         entries = registry.entries(kind)
         if kind == "arch":  # an image variant of a tabular arch (same name) is listed after it
@@ -144,8 +209,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             extra = ""
-            if kind == "dataset" and e.obj.task_names():
-                extra = f"  [tasks: {', '.join(e.obj.task_names())}]"
+            if kind == "dataset":
+                from mtlbench.data import offered_tasks
+
+                offered = list(offered_tasks(e.obj, registry.build_options(e.options_class, e.resolve_options({}))))
+                if offered:
+                    shown = offered if len(offered) <= 12 else offered[:10] + [f"... ({len(offered)} in all)"]
+                    extra = f"  [tasks: {', '.join(shown)}]"
             if kind == "dataset" and getattr(e.obj, "modality", "tabular") != "tabular":
                 extra += f"  [{e.obj.modality}s]"
             if kind == "arch" and e.modality != "tabular":
@@ -154,7 +224,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 extra = f"  [{'higher' if e.obj.direction == 'max' else 'lower'} is better]"
             origin = "" if e.builtin else f"  (plugin: {e.module})"
             print(f"  {e.name:<{width}}  {e.description}{extra}{origin}")
-            if not args.verbose:
+            if not verbose:
                 continue
             pad = f"  {'':<{width}}    "
             if kind == "dataset":
@@ -162,7 +232,9 @@ def cmd_list(args: argparse.Namespace) -> int:
                 shown = ", ".join(f"{s.name} {settings.dataset_default(s.name, suggested)}"
                                   for s in settings.SETTINGS if s.default is settings.DATASET)
                 print(f"{pad}training defaults: {shown}")
-                aliases = getattr(e.obj, "task_aliases", {}) or {}
+                from mtlbench.data import offered_task_sets
+
+                aliases = offered_task_sets(e.obj, registry.build_options(e.options_class, e.resolve_options({})))
                 for alias, tasks in sorted(aliases.items()):
                     print(f"{pad}task set {alias} = {','.join(tasks)}")
             if e.options_class is not None:
@@ -175,7 +247,6 @@ def cmd_list(args: argparse.Namespace) -> int:
                 for left, help_text in rows:
                     print(f"{pad}{left:<{w}}  {help_text}".rstrip())
         print()
-    return 0
 
 
 def _fmt(v: Any) -> str:
@@ -225,9 +296,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not st["dry_run"]:  # a dry run only reads the store
         ensure_writable(st["results_dir"])
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
+    training = {s.name: st[s.name] for s in settings.spec_settings()}
+    if st["merger"]:
+        return _run_merges(st, data_dir, training)
     switches = _check_ablation(st["ablate"], st["arch"])
     jobs = st["jobs"] or max(1, min(total, available_cores()))
-    training = {s.name: st[s.name] for s in settings.spec_settings()}
 
     def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
         arch_options = _options_for(st["arch_options"], arch, st["arch"])
@@ -251,8 +324,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MtlbenchError(reasons[0] if len(reasons) == 1 else "every combination of the grid is incompatible: "
                             + "; ".join(reasons))
     quiet = st["quiet"]
-    for spec, reason in skipped:
-        print(f"skipped (incompatible): {spec.arch} x {spec.optimizer}: {reason}", file=sys.stderr)
+    pairs: dict[tuple[str, str, str], int] = {}
+    for spec, reason in skipped:  # one line per incompatible arch x optimizer, however many seeds and task sets
+        key = (spec.arch, spec.optimizer, reason)
+        pairs[key] = pairs.get(key, 0) + 1
+    for (arch, optimizer, reason), n in pairs.items():
+        print(f"skipped (incompatible): {arch} x {optimizer} ({n} run{'s' if n > 1 else ''}): {reason}",
+              file=sys.stderr)
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
         return _single_run(specs[0], st, data_dir)
     if not quiet:
@@ -267,6 +345,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     return 1 if result.failed else 0
+
+
+def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
+    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
+    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
+    with the same settings is the same protocol at the same total fine-tuning budget."""
+    from mtlbench import registry
+    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
+    from mtlbench.merging import merger_declaration
+    from mtlbench.spec import build_spec
+
+    archs = ["minilm"] if st["arch"] == settings.BY_NAME["arch"].default else st["arch"]
+    mergers = [(m, registry.get("merger", m).resolve_options(_options_for(st["merger_options"], m, st["merger"])))
+               for m in st["merger"]]
+    if st["no_task_id"]:
+        need = [m for m, o in mergers if merger_declaration(m, o)["needs_task_id"]]
+        if need:
+            ok = [m for m, _ in mergers if m not in need]
+            raise MtlbenchError(f"merger(s) {', '.join(need)} need the task id at inference (one set of weights per "
+                                f"task), which --no-task-id rules out (of those given, usable: {', '.join(ok) or 'none'})")
+    recipes = [build_spec(dataset=d, tasks=t, arch=a, optimizer="ew", seed=seed,
+                          dataset_options=_options_for(st["dataset_options"], d, st["dataset"]),
+                          arch_options=_options_for(st["arch_options"], a, archs), jobs=1, **training)
+               for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
+    if st["dry_run"]:
+        from mtlbench.results.store import finished_record
+
+        specs = [build_merge_spec(r, m, o) for r in recipes for m, o in mergers]
+        todo = 0
+        for spec in specs:
+            done = not st["force"] and finished_record(st["results_dir"], merge_run_id(spec)) is not None
+            todo += not done
+            print(f"{'done  ' if done else 'to run'}  {merge_run_id(spec)}  {label(spec)}")
+        print(f"dry run: {len(specs)} merges, {len(specs) - todo} already done, {todo} to run; records in "
+              f"{st['results_dir']}")
+        return 0
+    if recipes:
+        import torch
+
+        torch.set_num_threads(int(recipes[0].threads))  # part of the recipe: results differ between thread counts
+    log = None if st["quiet"] else (lambda msg: print(msg, file=sys.stderr))
+    done, skipped, failed = run_merges(recipes, mergers, st["results_dir"], data_dir=data_dir, force=st["force"],
+                                       zoo=st["zoo_dir"], log=log)
+    print(f"merges: {done} done, {skipped} already done, {failed} failed; records in {st['results_dir']}")
+    return 1 if failed else 0
 
 
 def _single_run(spec, st: dict[str, Any], data_dir: str | None) -> int:
@@ -348,8 +471,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
+    stores: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
-                                tables_out=tables, baseline=args.baseline)
+                                tables_out=tables, baseline=args.baseline, store_out=stores,
+                                plots=False if args.no_plots else None)
+    _say_skipped(stores)
     for line in summary_lines(tables):
         print(line)
     for fmt, path in written.items():
@@ -360,9 +486,23 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mtlbench.results.compare import compare
 
-    print(compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
-                  split=args.split))
+    if not Path(args.results_dir).is_dir():
+        raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
+    stores: list = []
+    try:
+        text = compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
+                       split=args.split, store_out=stores)
+    finally:
+        _say_skipped(stores)
+    print(text)
     return 0
+
+
+def _say_skipped(stores: list) -> None:
+    """One line on stderr per record file left out (invalid, newer schema, duplicate)."""
+    for store in stores:
+        for line in store.skipped:
+            print(f"mtlbench: skipped {line}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""One registry for datasets, architectures, MTL optimizers and metrics.
+"""One registry for datasets, architectures, MTL optimizers, model mergers and metrics.
 
 Built-in methods and a user's plugin register through the same decorators::
 
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from mtlbench.errors import MtlbenchError, unknown
 
-KINDS = ("dataset", "arch", "optimizer", "metric")
+KINDS = ("dataset", "arch", "optimizer", "metric", "merger")
 ENTRY_POINT_GROUP = "mtlbench.plugins"
 BUILTIN_MODULES = ("mtlbench.metrics", "mtlbench.tasks", "mtlbench.baselines")
 
@@ -198,6 +198,11 @@ def register_optimizer(name: str, description: str | None = None):
 
 def register_metric(name: str, description: str | None = None):
     return register("metric", name, description)
+
+
+def register_merger(name: str, description: str | None = None):
+    """A model-merging method (see :mod:`mtlbench.merging`): acts on a pretrained model and fine-tuned experts."""
+    return register("merger", name, description)
 
 
 def load_builtins() -> None:

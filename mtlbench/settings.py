@@ -36,7 +36,7 @@ DATASET: Any = _Dataset()
 _MISSING: Any = object()
 
 # the fallback of a dataset that suggests no training setting of its own
-FALLBACK_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3}
+FALLBACK_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3, "embed_dim": 16}
 MAX_SEEDS = 10_000      # seeds per sweep: a count beyond this is a typo, refused before anything is expanded
 MAX_RUNS = 100_000      # runs per sweep (the product of the grid's axes)
 SELECTIONS = ("mean_primary", "val_loss")
@@ -137,7 +137,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("weight_decay", "float", 1e-6, "Adam weight decay", spec=True, protocol=True, minimum=0),
     Setting("patience", "int", 3, "early stopping: epochs without a better validation score (0: never stop "
             "early)", spec=True, protocol=True, minimum=0),
-    Setting("embed_dim", "int", 16, "embedding width shared by all archs", spec=True, protocol=True, minimum=1),
+    Setting("embed_dim", "int", DATASET, "embedding width shared by all archs: each categorical field's embedding "
+            "and the one projection of the dense features (a dense-only table's input layer)", spec=True,
+            protocol=True, minimum=1),
     Setting("device", "str", "auto", "auto (a GPU when there is one), cpu, cuda, cuda:N or mps; the run id "
             "names the device (cuda and cuda:0 are one)", spec=True),
     Setting("selection", "str", "mean_primary", "model selection on validation: mean_primary (mean primary "
@@ -153,6 +155,14 @@ SETTINGS: tuple[Setting, ...] = (
             metavar="KEY=VALUE"),
     Setting("dataset_options", "options", {}, "dataset option", flags=("-D", "--dataset-option"),
             metavar="KEY=VALUE"),
+    # model merging (`mtlbench list` shows the mergers): merge a cached zoo of fine-tuned experts
+    Setting("merger", "names", [], "model merger(s), comma-separated: merge one fine-tuned expert per task "
+            "(trained with the settings above and cached on first use) instead of training jointly"),
+    Setting("merger_options", "options", {}, "merger option", flags=("-M", "--merger-option"), metavar="KEY=VALUE"),
+    Setting("zoo_dir", "str", None, "where fine-tuned experts are cached (default: $MTLBENCH_ZOO_DIR, else "
+            "~/.cache/mtlbench/zoo)"),
+    Setting("no_task_id", "bool", False, "the deployment has no task id at inference: refuse mergers that need "
+            "one (TALL-masks)"),
     # how runs are executed and stored (not part of a result)
     Setting("results_dir", "str", os.path.join("results", "runs"), "where records go"),
     Setting("data_dir", "str", None, "data directory (default: $MTLBENCH_DATA_DIR)"),
@@ -288,7 +298,7 @@ def _names(v: Any, where: str, allow_empty: bool) -> list[str]:
 
 
 def _check_names(s: Setting, v: Any, where: str) -> list[str]:
-    return _names(v, where, allow_empty=s.name in ("ablate", "log"))
+    return _names(v, where, allow_empty=s.default == [])  # a list that may be empty by default may be given empty
 
 
 def _check_tasksets(s: Setting, v: Any, where: str) -> list[list[str]]:
@@ -430,7 +440,7 @@ def from_flags(args: Any, base: dict[str, Any]) -> dict[str, Any]:
         elif s.kind == "paths":
             out[s.name] = base[s.name] + s.check(raw, s.flag)
         elif s.kind == "names" and isinstance(raw, str) and not raw.strip(",").strip():
-            out[s.name] = s.check([""], s.flag) if s.name not in ("ablate", "log") else []
+            out[s.name] = s.check([""], s.flag) if s.default != [] else []
         else:
             out[s.name] = s.parse_flag(raw)
     return out

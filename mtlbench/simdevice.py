@@ -53,6 +53,7 @@ class SimTensor(torch.Tensor):
         return f"SimTensor({self.elem!r})"
 
     def tolist(self):  # torch refuses .tolist() on subclasses; on a real device it copies to the host
+        _note_host_read("tolist")
         return self.elem.tolist()
 
     @classmethod
@@ -95,6 +96,13 @@ def _wrap(v):
     return v
 
 
+HOST_READS: list[str] = []  # every copy from the simulated device to the host (a sync on a real device)
+
+
+def _note_host_read(what: str) -> None:
+    HOST_READS.append(what)
+
+
 class SimulationHole(RuntimeError):
     """A tensor reached the device without passing through the simulation (its values are lost): a gap in this
     harness, not in the code under test."""
@@ -121,6 +129,9 @@ def _dispatch(func, args, kwargs):
         to_sim = _is_sim_device(kwargs["device"]) or (kwargs["device"] is None and sim_in)
         if _is_sim_device(kwargs["device"]):
             kwargs = {**kwargs, "device": torch.device("cpu")}
+    if sim_in and (name == "aten::_local_scalar_dense" or (name == "aten::_to_copy" and not to_sim)
+                   or (name == "aten::copy_" and not isinstance(args[0], SimTensor))):
+        _note_host_read(name)  # a device-to-host copy
     out = func(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()}) if sim_in else func(*args, **kwargs)
     returns = func._schema.returns
     if returns and returns[0].alias_info is not None and returns[0].alias_info.is_write and args:

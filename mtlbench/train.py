@@ -32,13 +32,15 @@ from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible, present_tasks
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
-from mtlbench.results.store import RECORD_SCHEMA
+from mtlbench.results.record import make_record
 from mtlbench.vision.dense import DenseAccumulator
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
 # archs with big per-row intermediates dearly (DTRN's attention over T x S sequences: 97 / 126 / 188 us/row at
 # 1024 / 2048 / 8192 rows), so a moderate size serves both.
 EVAL_BATCH = 2048
+# Training steps between checks of the non-finite flags (each check is one host sync; see FiniteWatch).
+CHECK_EVERY = 64
 PROGRESS_EVERY_S = 30.0   # without a terminal, a progress line at most this often within an epoch
 DIVERGENCE_FACTOR = 100.0  # an epoch's mean training loss this many times the first step's: warned in the record
 
@@ -59,7 +61,7 @@ def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None
     if data is None:
         adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
         data = adapter.load(spec.seed)
-    data = data.select_tasks(spec.tasks)
+    data = data.validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -94,7 +96,8 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
         if i in dense:
             result[task.name] = dense[i].compute()
             continue
-        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i])
+        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i],
+                                          task.label_scale)
     return result
 
 
@@ -102,6 +105,11 @@ def eval_batch_size(model: torch.nn.Module) -> int:
     """Rows per evaluation batch: the arch's ``eval_batch_size`` (image archs: big per-row activations), else
     EVAL_BATCH."""
     return int(getattr(model, "eval_batch_size", EVAL_BATCH))
+
+
+def accumulator_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 for sums kept on the device (losses over an epoch), float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
@@ -137,12 +145,12 @@ def _val_losses(model, data: MultiTaskData, split: Split, device: str) -> dict[s
     """Each optimised task's loss (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
     names = tuple(model.loss_tasks())
-    total, rows = torch.zeros(len(names), dtype=torch.float64, device=device), 0
+    total, rows = torch.zeros(len(names), dtype=accumulator_dtype(device), device=device), 0
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
             losses = model.task_losses(model(batch).outputs, batch)
-            total += torch.stack([l.detach() for l in losses]).double() * n  # no sync per batch
+            total += torch.stack([l.detach() for l in losses]).to(total.dtype) * n  # no sync per batch
             rows += n
     return {t: float(v) / max(rows, 1) for t, v in zip(names, total.cpu())}
 
@@ -189,12 +197,31 @@ class _PerTaskSelection:
 
 
 def environment(device: str) -> dict[str, Any]:
+    """Where the run ran. The device fields (``device``, ``device_name``, ``accelerator_runtime``) are the only
+    parts of a record, besides timings and the spec's device, that differ between a CPU and a GPU run."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "mtlbench": mtlbench.__version__,
            "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
            "git_sha": _git_sha()}
-    if device.startswith("cuda"):
+    kind = torch.device(device).type
+    if kind == "cuda":
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        env["accelerator_runtime"] = (f"cuda {torch.version.cuda}" if torch.version.cuda
+                                      else f"hip {getattr(torch.version, 'hip', None)}")
+    elif kind == "mps":
+        env["device_name"] = "Apple MPS"
+    elif kind == "cpu":
+        env["device_name"] = _cpu_name()
     return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_sha() -> str | None:
@@ -232,9 +259,12 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
 
     loss_names = tuple(model.loss_tasks())
+    train_masks = data.splits["train"].tensors.get("masks")
+    some_unlabelled = train_masks is not None and not bool(train_masks.all())  # once per run
     groups = model.selection_groups() if hasattr(model, "selection_groups") else None
     per_task = _PerTaskSelection(model, groups, spec.patience) if groups else None
     first_loss: torch.Tensor | None = None
+    watch = FiniteWatch(loss_names, spec.optimizer, device)
 
     def losses_of(batch):
         out = model(batch)
@@ -242,8 +272,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
 
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        sums = torch.zeros(len(loss_names), dtype=torch.float64)
-        counts = torch.zeros(len(loss_names), dtype=torch.float64)  # steps in which each task had labels
+        sums = torch.zeros(len(loss_names), dtype=accumulator_dtype(device), device=device)
+        counts = torch.zeros_like(sums)  # steps in which each task had labelled rows
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
@@ -260,41 +290,50 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
                 next_note = time.perf_counter() + PROGRESS_EVERY_S
                 log(f"epoch {epoch}/{spec.epochs}: {n_steps}/{len(train_loader)} batches, "
                     f"{time.perf_counter() - t0:.0f} s")
-            if not bool(torch.isfinite(stacked).all()):
-                bad = [t for t, v in zip(loss_names, stacked.tolist()) if not math.isfinite(v)]
-                raise RunFailed(f"non-finite loss in epoch {epoch}, step {step + 1}, task(s) {', '.join(bad)}")
+            watch.losses(stacked)
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
-            present = present_tasks(ctx)  # None: every task has labelled rows in this batch
+            # a task with no labelled row here is left out of this step (one host copy of T counts; skipped
+            # when the training split labels every task on every row)
+            present = present_tasks(ctx) if some_unlabelled else None
             if present is not None and not present:
                 continue  # no task has a label here: nothing to learn from this batch
             view = ctx if present is None else ctx.restrict(present)
             with method.only(present):
-                method.step(view)
-                _check_grads(params, epoch, step + 1, spec.optimizer)
+                try:
+                    method.step(view)
+                except Exception:
+                    watch.check(epoch)  # a non-finite loss earlier is the cause (e.g. a host solver fed NaN)
+                    raise
+                watch.grads(params)
                 optimizer.step()
                 method.after_step(view)
             if present is None:
-                sums += stacked.cpu().double()
+                sums += stacked.to(sums.dtype)
                 counts += 1
             else:
-                mask = torch.zeros(len(loss_names), dtype=torch.float64)
+                mask = torch.zeros_like(sums)
                 mask[present] = 1.0
-                sums += stacked.cpu().double() * mask
+                sums += stacked.to(sums.dtype) * mask
                 counts += mask
             if method.last_weights is not None:
-                w = method.last_weights.detach().double().cpu()
-                weight_sums = w if weight_sums is None else weight_sums + w
+                w = method.last_weights.detach()  # summed where the method keeps it: no copy
+                w = w.to(accumulator_dtype(w.device))
+                weight_sums = w if weight_sums is None else weight_sums + w.to(weight_sums.device)
+            if (step + 1) % CHECK_EVERY == 0:
+                watch.check(epoch)
             n_steps += 1
             step += 1
             train_rows += batch["labels"].shape[0]
             if progress and n_steps % 20 == 0:
                 bar.set_postfix(loss=f"{float(stacked.sum()):.4f}")
         bar.close()
+        watch.check(epoch)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
         # each task's mean over the steps where it had labels (NaN if none: methods treat it as unknown)
-        train_losses = {t: float(s) / float(c) if c > 0 else math.nan for t, s, c in zip(loss_names, sums, counts)}
+        sums_h, counts_h = sums.cpu().tolist(), counts.cpu().tolist()  # one copy per epoch
+        train_losses = {t: s / c if c > 0 else math.nan for t, s, c in zip(loss_names, sums_h, counts_h)}
         method.end_epoch(epoch, train_losses)
         val = evaluate(model, data, val_split, device)
         val_losses = _val_losses(model, data, val_split, device) if spec.selection == "val_loss" else None
@@ -340,7 +379,9 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    return {"metrics": metrics, "selected_epoch": best_epoch, **extra, "epochs_run": len(curves), "curves": curves,
+    extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, **extra, "epochs_run": len(curves),
+            "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
             "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
@@ -360,11 +401,41 @@ def divergence_warnings(first_loss: float | None, curves: list[dict[str, Any]]) 
     return []
 
 
-def _check_grads(params: list[torch.Tensor], epoch: int, step: int, method: str) -> None:
-    """Fail the run on a NaN or infinite gradient (one host sync per step)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-        raise RunFailed(f"non-finite gradient in epoch {epoch}, step {step} (optimizer '{method}')")
+class FiniteWatch:
+    """Fails the run on a NaN or infinite loss or gradient without a host sync per step.
+
+    Each step only updates device tensors (the first step at which each task's loss, or any gradient, was not
+    finite; a step counter on the device); :meth:`check` reads them (one sync) every CHECK_EVERY steps, at the
+    end of each epoch, and when a method's step raises, and names the epoch, the first bad step and the tasks.
+    Up to CHECK_EVERY - 1 steps may run after the first bad one: the run is failed all the same, with the same
+    reason as an eager check would give. (A sync per step to read the loss costs more than the step itself on a
+    GPU at recommendation-model sizes.)"""
+
+    def __init__(self, loss_names: tuple[str, ...], method: str, device: str | torch.device) -> None:
+        self.loss_names, self.method = loss_names, method
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros(len(loss_names), dtype=torch.long, device=device)  # 0: none yet
+        self.bad_grad = torch.zeros((), dtype=torch.long, device=device)
+
+    def losses(self, stacked: torch.Tensor) -> None:
+        self.count += 1
+        new = ~torch.isfinite(stacked) & (self.bad_loss == 0)
+        self.bad_loss = torch.where(new, self.count, self.bad_loss)
+
+    def grads(self, params: list[torch.Tensor]) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+            self.bad_grad = torch.where(~ok & (self.bad_grad == 0), self.count, self.bad_grad)
+
+    def check(self, epoch: int) -> None:
+        bad_loss, bad_grad = self.bad_loss.tolist(), int(self.bad_grad)  # the one sync
+        first_loss = min((s for s in bad_loss if s), default=0)
+        if first_loss and (not bad_grad or first_loss <= bad_grad):
+            tasks = [t for t, s in zip(self.loss_names, bad_loss) if s == first_loss]
+            raise RunFailed(f"non-finite loss in epoch {epoch}, step {first_loss}, task(s) {', '.join(tasks)}")
+        if bad_grad:
+            raise RunFailed(f"non-finite gradient in epoch {epoch}, step {bad_grad} (optimizer '{self.method}')")
 
 
 STATE_TENSOR_LIMIT = 4096  # larger state tensors (e.g. per-task gradient EMAs) are summarised, not stored
@@ -389,11 +460,11 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
     torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
-    record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
-                              "status": "running",
-                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    created = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"status": "running", "option_defaults": _option_defaults(spec)}
     try:
         built = build(spec, data_dir)
+        record["directions"] = {m: metric(m).direction for t in built.data.tasks for m in t.metrics}
         record["dataset"] = built.data.describe()
         record["parameters"] = built.model.parameter_counts()
         record["arch_info"] = built.model.describe()
@@ -404,6 +475,10 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if log:
             p = record["parameters"]
             log(f"parameters: {p['total']:,} ({p['shared']:,} shared)")
+            if "rows_without_labels_dropped" in built.data.info:
+                d = built.data.info["rows_without_labels_dropped"]
+                log("dropped rows with no label for any selected task: "
+                    + ", ".join(f"{s} {n:,}" for s, n in d.items()))
         body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None)
     except KeyboardInterrupt:
         raise
@@ -412,6 +487,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
             raise  # bad input: one line, nothing stored
         record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
@@ -419,13 +495,35 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
+    record["arch_info"] = {**record.get("arch_info", {}), **body.pop("arch_extras", {})}
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    record = _made(spec, created, record)
     if trackers:
         trackers.finish(record)
     return record
+
+
+def _made(spec: RunSpec, created: datetime, body: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of the record, made and validated by the one record constructor."""
+    fields = {k: v for k, v in body.items() if k not in ("status", "error")}
+    return make_record(spec.to_dict(), spec.run_id, body["status"], created=created, error=body.get("error"),
+                       **fields).to_dict()
+
+
+def _option_defaults(spec: RunSpec) -> dict[str, Any]:
+    """The arch's and optimizer's default option values, so the leaderboard can tell the full method from an
+    ablation variant (None for a side whose options have no defaults)."""
+    out: dict[str, Any] = {}
+    for kind, name in (("arch", spec.arch), ("optimizer", spec.optimizer)):
+        try:
+            out[kind] = registry.resolve_options(registry.get(kind, name).options_class, {}, f"{kind} '{name}'")
+        except MtlbenchError:
+            out[kind] = None
+    return out
 
 
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,

@@ -123,8 +123,8 @@ def test_cgc_is_ple_with_one_level(small_data):
 
 
 @pytest.mark.parametrize("arch,options,match", [
-    ("ple", {"levels": 0}, "levels must be at least 1"),
-    ("ple", {"levels": -2}, "levels must be at least 1"),
+    ("ple", {"levels": 0}, "option 'levels' must be >= 1"),
+    ("ple", {"levels": -2}, "option 'levels' must be >= 1"),
     ("ple", {"shared_experts": 0}, "shared_experts"),
     ("ple", {"task_experts": 0}, "task_experts"),
     ("ple", {"expert_units": []}, "expert_units"),

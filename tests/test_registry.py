@@ -1,6 +1,7 @@
 """The registry: built-ins, plugin files, duplicate names, one-line errors and command-line value parsing."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import textwrap
 
@@ -318,3 +319,32 @@ def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
     registry.load_entry_point_plugins()
     entry = registry.get("optimizer", name)
     assert not entry.builtin and entry.module == f"{name}_mod"
+
+
+def _ranged_options():
+    out = []
+    for kind in ("arch", "optimizer", "dataset"):
+        for e in registry.entries(kind):
+            variants = registry.variants(e.name).values() if kind == "arch" else [e]
+            for v in variants:
+                for f in dataclasses.fields(v.options_class) if v.options_class is not None else ():
+                    if f.metadata.get("range") is not None:
+                        out.append(pytest.param(v, f, id=f"{kind}:{e.name}:{v.modality}:{f.name}"))
+    return out
+
+
+@pytest.mark.parametrize("entry,field", _ranged_options())
+def test_every_declared_range_is_enforced_before_anything_loads(entry, field):
+    """Issue 15: `-A expert_units=-5`, `-A dropout=1.5`: refused by the options class in one line naming the
+    option, the value and the range (no torch message, no failed record)."""
+    rng = field.metadata["range"]
+    bad = rng.minimum - 1 if rng.minimum is not None else rng.maximum + 1
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    value = (bad,) if isinstance(default, tuple) else bad
+    with pytest.raises(MtlbenchError) as info:
+        entry.resolve_options({field.name: value})
+    msg = str(info.value)
+    assert "\n" not in msg and field.name in msg and rng.text() in msg and str(bad) in msg
+    if rng.maximum is not None and rng.open_maximum:
+        with pytest.raises(MtlbenchError):
+            entry.resolve_options({field.name: (rng.maximum,) if isinstance(default, tuple) else rng.maximum})

@@ -50,9 +50,9 @@ def test_run_help_says_where_dataset_defaults_are(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for flag in ("--batch-size", "--lr", "--epochs"):
+    for flag in ("--batch-size", "--lr", "--epochs", "--embed-dim"):
         assert flag in out
-    assert out.count("default: the dataset's (`mtlbench list -v` shows them)") == 3
+    assert out.count("default: the dataset's (`mtlbench list -v` shows them)") == 4
 
 
 def test_list_verbose_shows_help_ranges_and_training_defaults(capsys):
@@ -257,3 +257,43 @@ def test_divergence_warning_rule():
     (w,) = divergence_warnings(0.7, curve(0.6, 4e12))
     assert "epoch 2" in w and "diverged" in w
     assert divergence_warnings(None, curve(4e12)) == []                   # nothing to compare against
+
+
+def test_list_is_cached_by_source_and_answers_without_torch(tmp_path):
+    """`mtlbench list` is a pure function of the source files: the second call reads its cached text (no torch
+    import, well under a second on an idle machine); editing a plugin file makes it list afresh."""
+    import os
+
+    plugin = tmp_path / "listed_plugin.py"
+    plugin.write_text("from mtlbench import register_optimizer, MTLOptimizer\n\n@register_optimizer('listed_a')\n"
+                      "class A(MTLOptimizer):\n    '''First.'''\n    def step(self, ctx):\n        ctx.backward()\n")
+    code = ("import sys; from mtlbench.cli import main; rc = main(['list', '-v', '--plugin', %r]); "
+            "print('TORCH', 'torch' in sys.modules)" % str(plugin))
+    env = {**os.environ, "MTLBENCH_CACHE_DIR": str(tmp_path / "cache")}
+
+    def listing():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        text, _, torch_line = out.stdout.rpartition("TORCH")
+        return text, torch_line.strip()
+
+    first, imported = listing()
+    assert imported == "True" and "listed_a" in first and "number of experts (>= 1)" in first
+    second, imported = listing()
+    assert second == first and imported == "False"
+    plugin.write_text(plugin.read_text().replace("listed_a", "listed_b"))
+    third, imported = listing()
+    assert imported == "True" and "listed_b" in third and "listed_a" not in third
+
+
+def test_a_redirected_run_logs_progress_within_epochs(tmp_path, monkeypatch, capsys):
+    """Issue 15: a run whose output goes to a file is not silent through a long epoch."""
+    from mtlbench import train
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)  # every 16 steps, instead of at most every 30 s
+    assert main(["run", "--arch", "shared_bottom", "--tasks", "ctr", "-D", "n_rows=3000", "-D", "n_users=200",
+                 "-D", "n_items=100", "--epochs", "1", "--batch-size", "64",
+                 "--results-dir", str(tmp_path)]) == 0  # capsys: stderr is not a terminal
+    err = capsys.readouterr().err
+    assert "epoch 1/1: 16/" in err and "batches" in err
+    assert "epoch 1/1  train loss" in err  # and the per-epoch line

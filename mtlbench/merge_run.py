@@ -1,0 +1,308 @@
+"""One merge run: recipe + merger -> zoo (cached) -> merged encoder(s) -> the same evaluator -> a run record.
+
+The *recipe* is an ordinary :class:`RunSpec` (dataset, task set, arch, epochs, batch size, lr, ..., seed): it
+fixes how every expert is fine-tuned, and it is the protocol of the leaderboard table, so joint multi-task
+fine-tuning with the same settings (``mtlbench run --arch minilm --optimizer ew``) lands in the same table at the
+same total fine-tuning budget (E epochs over each task's rows = E epochs over all rows). A merge spec is the
+recipe's fields plus ``merger`` and its resolved ``merger_options``; its hash is the run id.
+
+Metrics: per-task accuracy on val and test; the record's ``merge`` block adds mean accuracy, normalised accuracy
+(merged / same-seed expert, per task and mean, as tall_masks' ``avg_normalized_top1``), the merger's declared data
+access and task-id need, what it chose (λ, masks...), and the cost split into zoo cost (the experts' fine-tuning
+wall time, amortised over every merger) and merge cost (the merger's own time, validation evaluations,
+unlabelled samples).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mtlbench import registry
+from mtlbench.errors import MtlbenchError, RunFailed
+from mtlbench.merging import MergeContext, MergeOutput, TaskVectors
+from mtlbench.spec import RunSpec
+
+MERGE_SPEC_VERSION = 1
+EVAL_BATCH = 256
+
+
+def build_merge_spec(recipe: RunSpec, merger: str, merger_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved merge spec (a dict: the recipe's fields + merger, its options and declarations)."""
+    from mtlbench.merging import merger_declaration
+
+    entry = registry.get("merger", merger)
+    arch = registry.get("arch", recipe.arch)
+    if not getattr(arch.obj, "mergeable", False):
+        mergeable = [e.name for e in registry.entries("arch") if getattr(e.obj, "mergeable", False)]
+        raise MtlbenchError(f"arch '{recipe.arch}' has no pretrained encoder to merge (mergeable archs: "
+                            f"{', '.join(mergeable) or 'none'})")
+    options = entry.resolve_options(merger_options)
+    spec = recipe.to_dict()
+    spec.update(merger=merger, merger_options=options, merge_spec_version=MERGE_SPEC_VERSION,
+                **merger_declaration(merger, options))
+    if h := entry.source_hash():
+        spec["plugin_sources"] = {**spec["plugin_sources"], f"merger:{merger}": h}
+    return spec
+
+
+def merge_run_id(spec: dict[str, Any]) -> str:
+    """The hash of the recipe's canonical form (the run-id conventions of :class:`RunSpec`) plus the merger."""
+    names = {f.name for f in fields(RunSpec)}
+    canon = json.loads(recipe_of(spec).canonical_json())
+    canon.update({k: v for k, v in spec.items() if k not in names})
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+def recipe_of(spec: dict[str, Any]) -> RunSpec:
+    names = {f.name for f in fields(RunSpec)}
+    return RunSpec.from_dict({k: v for k, v in spec.items() if k in names})
+
+
+def label(spec: dict[str, Any]) -> str:
+    return f"{spec['arch']} × merge:{spec['merger']} on {spec['dataset']} [{', '.join(spec['tasks'])}], seed {spec['seed']}"
+
+
+# --------------------------------------------------------------------------------------------- the bench
+
+@dataclass
+class Bench:
+    """Everything one (recipe, seed) shares across mergers: data, the θ0 model, the zoo's task vectors and the
+    experts' reference accuracies."""
+
+    recipe: RunSpec
+    data: Any
+    model: Any
+    tv: TaskVectors
+    experts: list
+    expert_acc: dict[str, dict[str, float]]   # split -> task -> accuracy of each task's own expert
+    splits: dict[str, dict[str, Any]]         # split -> task -> tensors of that task's rows, sorted by length
+    device: str
+
+    # -- weights -----------------------------------------------------------------------------------------
+    def set_delta(self, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            params = dict(self.model.shared["encoder"].named_parameters())
+            for k, v in self.tv.unflatten(self.tv.base + delta).items():
+                params[k].copy_(v)
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    def _accuracy(self, rows: dict[str, torch.Tensor], j: int) -> float:
+        self.model.eval()
+        correct = torch.zeros((), dtype=torch.long)
+        n = rows["labels"].shape[0]
+        with torch.no_grad():
+            for lo in range(0, n, EVAL_BATCH):
+                b = {k: v[lo:lo + EVAL_BATCH].to(self.device) for k, v in rows.items()}
+                z = self.model.encode(b)
+                logits = self.model.decode(tuple(z), b)[j]
+                correct += (logits.argmax(1).cpu() == b["labels"][:, j].long().cpu()).sum()
+        return float(correct) / max(n, 1)
+
+    def accuracy(self, delta: torch.Tensor, split: str) -> dict[str, float]:
+        """Per-task accuracy of θ0 + δ (δ ``[D]``) or of θ0 + δt per task (δ ``[T, D]``)."""
+        out = {}
+        if delta.dim() == 1:
+            self.set_delta(delta)
+        for j, t in enumerate(self.tv.tasks):
+            if delta.dim() == 2:
+                self.set_delta(delta[j])
+            out[t] = self._accuracy(self.splits[split][t], j)
+        return out
+
+    # -- unlabelled inputs and the functional forward (AdaMerging) ------------------------------------------
+    def batch_fn(self, split: str) -> Callable[[str, int, torch.Generator], dict[str, torch.Tensor]]:
+        def draw(task: str, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+            rows = self.splits[split][task]
+            idx = torch.randperm(rows["input_ids"].shape[0], generator=gen)[:n]
+            j = self.tv.tasks.index(task)
+            return {"input_ids": rows["input_ids"][idx].to(self.device),
+                    "attention_mask": rows["attention_mask"][idx].to(self.device),
+                    "task_index": torch.full((len(idx),), j, dtype=torch.long, device=self.device)}
+        return draw
+
+    def logits(self, delta: torch.Tensor, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One functional forward of θ0 + δ for the rows of every task; each task's rows through its own head."""
+        params = {f"shared.encoder.{k}": v for k, v in self.tv.unflatten(self.tv.base + delta).items()}
+        self.model.eval()
+        out = torch.func.functional_call(self.model, params, (batch,))
+        own = batch["task_index"]
+        return [out.outputs[j][own == j] for j in range(self.tv.n_tasks)]
+
+
+def _task_rows(data, split: str) -> dict[str, dict[str, torch.Tensor]]:
+    sp = data.splits[split]
+    own = sp["masks"].float().argmax(1)
+    out = {}
+    for j, t in enumerate(data.task_names):
+        idx = (own == j).nonzero().flatten()
+        lengths = sp["attention_mask"][idx].sum(1)
+        idx = idx[torch.argsort(lengths, stable=True)]  # similar lengths per batch: less padding
+        out[t] = {k: v[idx] for k, v in sp.tensors.items() if k != "masks"}
+    return out
+
+
+def prepare(recipe: RunSpec, data_dir: str | None = None, zoo: str | None = None, dtype: str = "float16",
+            log: Callable[[str], None] | None = None, train_missing: bool = True) -> Bench:
+    """Load the data and θ0, make sure the zoo has every expert of ``recipe.seed``, stack the task vectors."""
+    from mtlbench.registry import build_options
+    from mtlbench.zoo import ensure_experts, load_task_vector
+
+    ds = registry.get("dataset", recipe.dataset)
+    data = ds.obj(build_options(ds.options_class, recipe.dataset_options), data_dir=data_dir).load(recipe.seed)
+    data = data.select_tasks(recipe.tasks)
+    ar = registry.get("arch", recipe.arch)
+    torch.manual_seed(recipe.seed)
+    model = ar.obj(data.schema, data.tasks, recipe.embed_dim, build_options(ar.options_class, recipe.arch_options))
+    model = model.to(recipe.device)
+    keys = model.merged_keys()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    enc = model.shared["encoder"].state_dict()
+    base = {k: enc[k].detach().float().cpu().clone() for k in keys}
+    sha = model.backbone_sha256
+    experts = ensure_experts(recipe, data.task_names, base, keys, sha, data_dir=data_dir, directory=zoo,
+                             dtype=dtype, train_missing=train_missing, log=log)
+    shapes = {k: tuple(v.shape) for k, v in base.items()}
+    rows = []
+    for e in experts:
+        vec = load_task_vector(e.path, task=e.task, backbone_sha256=sha, shapes=shapes)
+        rows.append(torch.cat([vec[k].float().reshape(-1) for k in keys]))
+    tv = TaskVectors(data.task_names, tuple(keys), tuple(shapes[k] for k in keys), torch.stack(rows).to(recipe.device),
+                     torch.cat([base[k].reshape(-1) for k in keys]).to(recipe.device))
+    splits = {s: _task_rows(data, s) for s in ("val", "test", "adapt")}
+    bench = Bench(recipe, data, model, tv, experts, {}, splits, recipe.device)
+    bench.expert_acc = {s: bench.accuracy(tv.matrix, s) for s in ("val", "test")}
+    bench.set_delta(torch.zeros_like(tv.base))
+    return bench
+
+
+def run_merge(spec: dict[str, Any], bench: Bench, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Merge with ``spec['merger']`` on a prepared bench and return the record (ok, or failed with the reason)."""
+    from mtlbench.results.record import make_record
+    from mtlbench.train import environment
+
+    started = time.time()
+    name = spec["merger"]
+    created = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"status": "running", "directions": {"accuracy": "max"},
+                              "dataset": bench.data.describe(), "parameters": bench.model.parameter_counts(),
+                              "arch_info": bench.model.describe(), "environment": environment(bench.device)}
+
+    def made(body: dict[str, Any]) -> dict[str, Any]:  # the one record constructor (mtlbench.results.record)
+        rest = {k: v for k, v in body.items() if k not in ("status", "error")}
+        return make_record(spec, merge_run_id(spec), body["status"], created=created, error=body.get("error"),
+                           **rest).to_dict()
+
+    entry = registry.get("merger", name)
+    merger = entry.obj(registry.build_options(entry.options_class, spec["merger_options"]))
+    access = merger.access
+    adapt_split = "test" if access == "test_inputs" else "adapt"
+    ctx = MergeContext(access, bench.tv.tasks, expert_val=bench.expert_acc["val"],
+                       val=lambda d: bench.accuracy(d, "val"), val_per_task=lambda d: bench.accuracy(d, "val"),
+                       batch=bench.batch_fn(adapt_split), logits=bench.logits,
+                       generator=torch.Generator().manual_seed(spec["seed"]), log=log, merger=name)
+    try:
+        t0 = time.perf_counter()
+        torch.manual_seed(spec["seed"])
+        out: MergeOutput = merger.merge(bench.tv, ctx)
+        merge_seconds = time.perf_counter() - t0
+        delta = out.shared if out.shared is not None else out.per_task
+        if not bool(torch.isfinite(delta).all()):
+            raise RunFailed(f"merger '{name}' produced non-finite weights")
+        t1 = time.perf_counter()
+        metrics = {s: {t: {"accuracy": a} for t, a in bench.accuracy(delta, s).items()} for s in ("val", "test")}
+        eval_seconds = time.perf_counter() - t1
+    except KeyboardInterrupt:
+        raise
+    except MtlbenchError as exc:
+        if not isinstance(exc, RunFailed):
+            raise
+        record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
+                      wall_seconds=time.time() - started)
+        return made(record)
+    except Exception as exc:
+        record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
+                                              "traceback": traceback.format_exc(limit=8)},
+                      wall_seconds=time.time() - started)
+        return made(record)
+    finally:
+        bench.set_delta(torch.zeros_like(bench.tv.base))
+    tasks = bench.tv.tasks
+    test = {t: metrics["test"][t]["accuracy"] for t in tasks}
+    norm = {t: test[t] / bench.expert_acc["test"][t] if bench.expert_acc["test"][t] > 0 else math.nan for t in tasks}
+    expert_steps = [len(e.record.get("curves", [])) for e in bench.experts]
+    record.update(
+        status="ok", error=None, metrics=metrics, selected_epoch=None, epochs_run=None,
+        merge={
+            "merger": name, "data_access": access, "needs_task_id": bool(merger.needs_task_id),
+            "info": _jsonable(out.info),
+            "mean_accuracy": sum(test.values()) / len(tasks),
+            "normalized_accuracy": {**norm, "mean": sum(norm.values()) / len(tasks)},
+            "expert_accuracy": bench.expert_acc,
+            "zoo": [{"task": e.task, "key": e.key, "cached": e.cached, "wall_seconds": e.record.get("wall_seconds"),
+                     "train_seconds": e.record.get("train_seconds"), "selected_epoch": e.record.get("selected_epoch"),
+                     "epochs_run": n} for e, n in zip(bench.experts, expert_steps)],
+            "cost": {"zoo_seconds": sum(float(e.record.get("wall_seconds") or 0) for e in bench.experts),
+                     "merge_seconds": merge_seconds, "eval_seconds": eval_seconds,
+                     "val_evaluations": ctx.evaluations, "unlabelled_samples": ctx.samples_seen,
+                     "threads": torch.get_num_threads()},
+        },
+        wall_seconds=time.time() - started)
+    return made(record)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= 4096 else {"tensor_shape": list(obj.shape)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def run_merges(recipes: list[RunSpec], mergers: list[tuple[str, dict[str, Any]]], results_dir: str,
+               data_dir: str | None = None, force: bool = False, zoo: str | None = None, dtype: str = "float16",
+               log: Callable[[str], None] | None = None) -> tuple[int, int, int]:
+    """Every merger on every recipe (one zoo per recipe, shared by its mergers); records stored atomically, a
+    failed merge is stored as failed and the sweep goes on. Returns (done, skipped, failed)."""
+    from mtlbench.results.store import finished_record, store_run
+
+    specs = [[build_merge_spec(r, m, o) for m, o in mergers] for r in recipes]  # every bad input before any work
+    done = skipped = failed = 0
+    for recipe, row in zip(recipes, specs):
+        todo = [s for s in row if force or finished_record(results_dir, merge_run_id(s)) is None]
+        skipped += len(row) - len(todo)
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        bench = prepare(recipe, data_dir, zoo, dtype, log)
+        if log:
+            log(f"zoo ready for seed {recipe.seed} in {time.perf_counter() - t0:.1f} s "
+                f"({sum(e.cached for e in bench.experts)}/{len(bench.experts)} experts cached)")
+        for spec in todo:
+            if log:
+                log(f"merge {merge_run_id(spec)}: {label(spec)}")
+            record = run_merge(spec, bench, log)
+            store_run(results_dir, record)
+            if record["status"] == "ok":
+                done += 1
+                m = record["merge"]
+                if log:
+                    log(f"  test mean accuracy {m['mean_accuracy']:.4f}, normalised {m['normalized_accuracy']['mean']:.4f}"
+                        f" ({m['cost']['merge_seconds']:.1f} s merge)")
+            else:
+                failed += 1
+                print(f"mtlbench: merge failed: {label(spec)}: {record['error']['reason']} (recorded as failed)",
+                      file=sys.stderr)
+    return done, skipped, failed
