@@ -95,7 +95,8 @@ def test_training_with_a_task_absent_from_many_batches(name, tmp_path):
     """Small batches leave cvr (labelled on clicks only) out of many batches; the run must not treat it as a
     task with loss 0 (FAMO excluded such tasks with a min_loss warning and collapsed on 139 tasks)."""
     rec = short_run(tmp_path, name, epochs=1, extra=["--batch-size", "16"])
-    assert not any("min_loss" in w for w in rec["optimizer_warnings"]), rec["optimizer_warnings"]
+    warned = rec.get("optimizer_warnings", [])  # written only when not empty
+    assert not any("min_loss" in w for w in warned), warned
     losses = rec["curves"][0]["train_loss"]
     assert all(v is not None and math.isfinite(v) and v > 0 for v in losses.values()), losses
 
