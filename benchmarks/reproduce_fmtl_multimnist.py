@@ -10,8 +10,9 @@ MultiMNIST accuracy).
 Protocol (every setting pinned below): `multimnist` from the real MNIST test set (source digits split before
 pairing), left and right digit; the same shared encoder for both methods (`shared_bottom` with a small ResNet,
 width 8, depth 2, pooled two-layer heads), Adam, model selection on validation; `ew` against `fmtl` with
-`aggregator=ew` (its defaults otherwise: rho 2, adaptive, decomposed), seeds 0-2. Smaller than the paper's (a
-LeNet-style net for 100 epochs on 120k pairs): a CPU budget, stated. The summary prints test accuracy per task
+`aggregator=ew` (its defaults otherwise: rho 2, adaptive, decomposed), seeds 0-2; 1,000 training pairs, 4 epochs.
+Far smaller than the paper's (a LeNet-style net for 100 epochs on 120k pairs): the budget one shared 2-core
+machine allowed in the session that ran it, stated, not a reproduction of the paper's accuracies. The summary prints test accuracy per task
 (mean ± std over seeds), the paired per-seed difference and a paired t-test; it agrees or not with the paper,
 and says which.
 """
@@ -29,14 +30,14 @@ from mtlbench.results.leaderboard import load_store
 
 NAME = "fmtl_multimnist"
 DEFAULT_RESULTS_DIR = "results/reproductions/fmtl_multimnist"
-DATA = {"train": 4000, "val": 1000, "test": 2000, "size": 36}
-TRAINING = {"epochs": 6, "batch_size": 128, "lr": 1e-3, "weight_decay": 1e-6, "patience": 3}
+DATA = {"train": 1000, "val": 300, "test": 1000, "size": 36}
+TRAINING = {"epochs": 4, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-6, "patience": 3}
 ARCH_OPTIONS = {"encoder": "resnet", "width": 8, "depth": 2}
 METHODS = ("ew", "fmtl")
 
 
 def sweep(results_dir: str, seeds: str, quick: bool, jobs: int | None, data_dir: str | None) -> list[str]:
-    data = dict(DATA, train=1000, val=200, test=400) if quick else DATA
+    data = dict(DATA, train=256, val=128, test=256) if quick else DATA
     epochs = 1 if quick else TRAINING["epochs"]
     argv = ["run", "--dataset", "multimnist", "--tasks", "left,right", "--arch", "shared_bottom",
             "--optimizer", ",".join(METHODS), "--seeds", seeds, "--epochs", str(epochs),
