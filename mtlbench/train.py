@@ -31,7 +31,7 @@ from mtlbench.objectives import predict
 from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
-from mtlbench.results.store import RECORD_SCHEMA
+from mtlbench.results.record import make_record
 from mtlbench.vision.dense import DenseAccumulator
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
@@ -60,7 +60,7 @@ def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None
     if data is None:
         adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
         data = adapter.load(spec.seed)
-    data = data.select_tasks(spec.tasks)
+    data = data.validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -95,7 +95,8 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
         if i in dense:
             result[task.name] = dense[i].compute()
             continue
-        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i])
+        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i],
+                                          task.label_scale)
     return result
 
 
@@ -103,6 +104,11 @@ def eval_batch_size(model: torch.nn.Module) -> int:
     """Rows per evaluation batch: the arch's ``eval_batch_size`` (image archs: big per-row activations), else
     EVAL_BATCH."""
     return int(getattr(model, "eval_batch_size", EVAL_BATCH))
+
+
+def accumulator_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 for sums kept on the device (losses over an epoch), float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
@@ -122,11 +128,11 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
 def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
     """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, rows = torch.zeros((), dtype=torch.float64, device=device), 0
+    total, rows = torch.zeros((), dtype=accumulator_dtype(device), device=device), 0
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
-            total += sum(model.task_losses(model(batch).outputs, batch)).double() * n  # no sync per batch
+            total += sum(model.task_losses(model(batch).outputs, batch)).to(total.dtype) * n  # no sync per batch
             rows += n
     return float(total) / max(rows, 1)
 
@@ -203,7 +209,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
 
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        sums = torch.zeros(len(loss_names), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(loss_names), dtype=accumulator_dtype(device), device=device)
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
@@ -231,9 +237,10 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             watch.grads(params)
             optimizer.step()
             method.after_step(ctx)
-            sums += stacked.double()
+            sums += stacked.to(sums.dtype)
             if method.last_weights is not None:
-                w = method.last_weights.detach().double()  # summed where the method keeps it: no copy
+                w = method.last_weights.detach()  # summed where the method keeps it: no copy
+                w = w.to(accumulator_dtype(w.device))
                 weight_sums = w if weight_sums is None else weight_sums + w.to(weight_sums.device)
             if (step + 1) % CHECK_EVERY == 0:
                 watch.check(epoch)
@@ -273,7 +280,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+    extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
             "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
@@ -352,11 +360,11 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
     torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
-    record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
-                              "status": "running",
-                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    created = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"status": "running", "option_defaults": _option_defaults(spec)}
     try:
         built = build(spec, data_dir)
+        record["directions"] = {m: metric(m).direction for t in built.data.tasks for m in t.metrics}
         record["dataset"] = built.data.describe()
         record["parameters"] = built.model.parameter_counts()
         record["arch_info"] = built.model.describe()
@@ -367,6 +375,10 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if log:
             p = record["parameters"]
             log(f"parameters: {p['total']:,} ({p['shared']:,} shared)")
+            if "rows_without_labels_dropped" in built.data.info:
+                d = built.data.info["rows_without_labels_dropped"]
+                log("dropped rows with no label for any selected task: "
+                    + ", ".join(f"{s} {n:,}" for s, n in d.items()))
         body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None)
     except KeyboardInterrupt:
         raise
@@ -375,6 +387,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
             raise  # bad input: one line, nothing stored
         record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
@@ -382,13 +395,35 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
+    record["arch_info"] = {**record.get("arch_info", {}), **body.pop("arch_extras", {})}
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    record = _made(spec, created, record)
     if trackers:
         trackers.finish(record)
     return record
+
+
+def _made(spec: RunSpec, created: datetime, body: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of the record, made and validated by the one record constructor."""
+    fields = {k: v for k, v in body.items() if k not in ("status", "error")}
+    return make_record(spec.to_dict(), spec.run_id, body["status"], created=created, error=body.get("error"),
+                       **fields).to_dict()
+
+
+def _option_defaults(spec: RunSpec) -> dict[str, Any]:
+    """The arch's and optimizer's default option values, so the leaderboard can tell the full method from an
+    ablation variant (None for a side whose options have no defaults)."""
+    out: dict[str, Any] = {}
+    for kind, name in (("arch", spec.arch), ("optimizer", spec.optimizer)):
+        try:
+            out[kind] = registry.resolve_options(registry.get(kind, name).options_class, {}, f"{kind} '{name}'")
+        except MtlbenchError:
+            out[kind] = None
+    return out
 
 
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,
