@@ -72,13 +72,20 @@ class MethodId:
 def labels(methods: Iterable[MethodId]) -> dict[MethodId, str]:
     """A readable, unique label per method: names plus the options that vary among these methods' variants."""
     methods = sorted(set(methods), key=lambda m: (m.arch, m.arch_options, m.optimizer, m.optimizer_options))
-    vary_arch = _varying({m.arch: [] for m in methods}, [(m.arch, m.arch_opts) for m in methods])
+    vary_arch = _varying({_variant(m): [] for m in methods}, [(_variant(m), m.arch_opts) for m in methods])
     vary_opt = _varying({m.optimizer: [] for m in methods}, [(m.optimizer, m.optimizer_opts) for m in methods])
-    return {m: _part(m.arch, m.arch_opts, vary_arch[m.arch]) + SEP
+    return {m: _part(m.arch, m.arch_opts, vary_arch[_variant(m)]) + SEP
             + _part(m.optimizer, m.optimizer_opts, vary_opt[m.optimizer]) + m.tag for m in methods}
 
 
-def _varying(groups: dict[str, list], items: list[tuple[str, dict[str, Any]]]) -> dict[str, set[str]]:
+def _variant(m: MethodId) -> tuple[str, str]:
+    """One arch name may hold a tabular and an image variant (``shared_bottom``, ``single``, ``mmoe``...) with
+    different option sets (image archs have an ``encoder``): a label compares a method's options with those of the
+    same variant only, so image runs never relabel the tabular tables."""
+    return m.arch, "image" if "encoder" in m.arch_opts else "tabular"
+
+
+def _varying(groups: dict[Any, list], items: list[tuple[str, dict[str, Any]]]) -> dict[str, set[str]]:
     for name, opts in items:
         groups[name].append(opts)
     out = {}

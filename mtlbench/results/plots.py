@@ -288,36 +288,40 @@ def plot_expert_usage(table: Table, records: list[RunRecord], frame: pd.DataFram
     methods = [m for m in table.methods if m in by_method]
     tasks = list(by_method[methods[0]][0]["tasks"])
     n_blocks = max(len(u["tasks"][t]) for m in methods for u in by_method[m] for t in u["tasks"])
-    n_cols = max(len(row["experts"]) + 1 for m in methods for u in by_method[m] for t in u["tasks"]
-                 for row in u["tasks"][t])
-    fig, axes = plt.subplots(len(methods), n_blocks, figsize=(0.42 * n_cols * n_blocks + 2.6 * n_blocks,
-                                                              0.35 * len(tasks) * len(methods) + 1.0 * len(methods)),
-                             squeeze=False)
+    width = max(len(row["experts"]) + 1 for m in methods for u in by_method[m] for t in u["tasks"]
+                for row in u["tasks"][t])
+    fig, axes = plt.subplots(len(methods), n_blocks, figsize=(n_blocks * (0.32 * width + 3.2),
+                                                              0.3 * len(tasks) * len(methods) + 0.9 * len(methods) + 0.4),
+                             squeeze=False, layout="constrained")
     for i, m in enumerate(methods):
         for b in range(n_blocks):
             ax = axes[i][b]
-            grid = np.full((len(tasks), n_cols), np.nan)
-            ent, ent_max, block = [], [], None
+            rows_of = {t: [u["tasks"][t][b] for u in by_method[m] if t in u["tasks"] and b < len(u["tasks"][t])]
+                       for t in tasks}
+            if not any(rows_of.values()):
+                ax.set_axis_off()  # this variant taps fewer blocks
+                continue
+            k = max(len(r["experts"]) for rows in rows_of.values() for r in rows)
+            grid = np.full((len(tasks), k + 1), np.nan)
+            labels, block = [], None
             for j, t in enumerate(tasks):
-                rows = [u["tasks"][t][b] for u in by_method[m] if t in u["tasks"] and b < len(u["tasks"][t])]
+                rows = rows_of[t]
                 if not rows:
-                    ent.append(np.nan), ent_max.append(np.nan)
+                    labels.append(t)
                     continue
                 block = rows[0]["block"]
-                k = len(rows[0]["experts"])
-                grid[j, :k] = np.mean([r["experts"] for r in rows], axis=0)
+                grid[j, :len(rows[0]["experts"])] = np.mean([r["experts"] for r in rows], axis=0)
                 mem = [r["memory"] for r in rows if r["memory"] is not None]
                 if mem:
-                    grid[j, n_cols - 1] = float(np.mean(mem))
-                ent.append(float(np.mean([r["entropy"] for r in rows])))
-                ent_max.append(float(rows[0]["max_entropy"]))
-            im = ax.imshow(grid, vmin=0.0, vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0,
-                                                    1e-6), cmap="viridis", aspect="auto")
-            ax.set_xticks(range(n_cols), [f"E{c + 1}" for c in range(n_cols - 1)] + ["mem"], fontsize=6)
-            ax.set_yticks(range(len(tasks)), [f"{t} (H {e:.2f}/{em:.2f})" for t, e, em in zip(tasks, ent, ent_max)],
-                          fontsize=6)
-            ax.set_title(f"{m}, block {block}", fontsize=7)
-            fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).ax.tick_params(labelsize=6)
-    fig.suptitle(f"{table.title}: mean gate weight per task and expert on test (mean over seeds); "
-                 "H: gate entropy (nats) / its maximum", fontsize=8)
+                    grid[j, k] = float(np.mean(mem))
+                labels.append(f"{t} H {float(np.mean([r['entropy'] for r in rows])):.2f}/"
+                              f"{float(rows[0]['max_entropy']):.2f}")
+            im = ax.imshow(grid, vmin=0.0, vmax=max(float(np.nanmax(grid)), 1e-6), cmap="viridis", aspect="auto")
+            ax.set_xticks(range(k + 1), [f"E{c + 1}" for c in range(k)] + ["mem"], fontsize=6)
+            ax.set_yticks(range(len(tasks)), labels, fontsize=6)
+            ax.set_title(f"{m}\nblock {block}", fontsize=6)
+            fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=5)
+    fig.suptitle(f"{table.title}: mean gate weight per task and expert on test (mean over seeds; blank = not "
+                 "gated: no memory at the first module, or without the memory)\nH: mean per-token gate entropy "
+                 "(nats) / its maximum", fontsize=7)
     return _fig_save(fig, path)
