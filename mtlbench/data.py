@@ -15,6 +15,9 @@ under ``TaskSpec.target`` (and validity maps under ``TaskSpec.valid``); their ``
 their ``masks`` column says whether the row is labelled.
 
 Label masks are how a funnel is expressed: CVR is defined only on clicked impressions, so its mask is the click.
+
+What an adapter returns is checked once before training (:meth:`MultiTaskData.validate`: every bad tensor is one
+line naming it and what was expected). ``mtlbench.tasks.helpers.from_arrays`` builds a valid one from numpy arrays.
 """
 from __future__ import annotations
 

@@ -347,3 +347,18 @@ def test_the_suggested_embed_dim_is_a_default_not_an_override():
     assert build_spec(dataset="mmoe_synthetic", tasks=None, arch="mmoe", optimizer="ew",
                       embed_dim=8).embed_dim == 8
     assert build_spec(dataset="ecommerce", tasks=None, arch="mmoe", optimizer="ew").embed_dim == 16
+
+
+def test_task_names_overrides_without_options_still_work():
+    from mtlbench import DatasetAdapter
+    from mtlbench.data import offered_task_sets, offered_tasks
+
+    class Old(DatasetAdapter):  # written before task_names took the options
+        task_aliases = {"both": ("a", "b")}
+
+        @classmethod
+        def task_names(cls):
+            return ("a", "b")
+
+    assert offered_tasks(Old, object()) == ("a", "b")
+    assert offered_task_sets(Old, None) == {"both": ("a", "b")}
