@@ -300,7 +300,9 @@ def test_139_tasks_leaderboard_bounded_names_compact_table(tmp_path, capsys):
     assert figures and max(len(f) for f in figures) < 100
     md = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "per-task columns are left out here" in md and "leaderboard.csv" in md
-    assert len(md) < 20_000
+    assert len(md) < 20_000 and len((tmp_path / "lb" / "leaderboard.tex").read_text()) < 20_000
+    html_text = (tmp_path / "lb" / "leaderboard.html").read_text()
+    assert "better / worse" in html_text and html_text.count("<tr>") < 50
     assert len(pd.read_csv(tmp_path / "lb" / "leaderboard.csv")) == 4 * 3 * 139 * 2    # every metric in the CSV
 
 

@@ -432,6 +432,20 @@ def _significance_html(table: Table) -> list[str]:
     if table.baseline and table.significance_baseline:
         sections.append((table.significance_baseline, f"the baseline ({table.baseline})"))
     out = []
+    shown, _ = shown_columns(table)
+    if len(shown) < len(table.columns):  # many tasks: one row per method, as in the Markdown
+        for results, against in sections:
+            out += [f"<details><summary>Significance vs {e(against)}: tasks where the method is significantly "
+                    "better / worse (paired t-test, Holm-corrected), or not</summary>",
+                    '<table class="sig"><thead><tr><th>method</th><th>tasks</th><th>better</th><th>worse</th>'
+                    "<th>n.s.</th></tr></thead><tbody>"]
+            for m in table.methods:
+                if m in results:
+                    b, w, ns = significance_counts(results[m])
+                    out.append(f"<tr><td>{e(m)}</td><td>{len(results[m])}</td><td>{b}</td><td>{w}</td><td>{ns}</td>"
+                               "</tr>")
+            out.append("</tbody></table></details>")
+        return out
     for results, against in sections:
         out += [f"<details><summary>Significance vs {e(against)}; mean diff = method minus it, positive = better"
                 "</summary>", '<table class="sig"><thead><tr><th>method</th><th>task</th><th>n</th>'
