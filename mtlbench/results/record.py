@@ -91,6 +91,7 @@ class RunRecord:
     option_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)   # {"arch": {...}, "optimizer": {...}}
     extra: dict[str, Any] = field(default_factory=dict)
     schema: str = RECORD_SCHEMA
+    given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)  # the optional fields stored
 
     # ------------------------------------------------------------------------------------------- reading
 
@@ -104,19 +105,19 @@ class RunRecord:
         if version == 1:
             d = _upgrade_from_1(d)
         _check(d, every_direction=version >= 2)
-        known = {f.name for f in fields(cls)} - {"extra", "schema"}
+        known = {f.name for f in fields(cls)} - {"extra", "schema", "given"}
         kwargs = {k: v for k, v in d.items() if k in known and (v is not None or k in _NULLABLE)}
-        return cls(extra={k: v for k, v in d.items() if k not in known and k != "schema"}, **kwargs)
+        return cls(extra={k: v for k, v in d.items() if k not in known and k not in ("schema", "given")},
+                   given=frozenset(k for k in d if k in known), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object stored on disk (fields in a fixed order, extras last)."""
         out: dict[str, Any] = {"schema": self.schema, "run_id": self.run_id, "spec": self.spec,
                                "status": self.status, "created": self.created}
-        for f in fields(self):   # optional fields left unset (None or empty) are not written
-            value = getattr(self, f.name)
-            always = f.name in ("error", "directions")
-            if f.name not in out and f.name != "extra" and (always or value not in (None, {}, [])):
-                out[f.name] = value
+        for f in fields(self):   # the optional fields the writer gave (a failed run has no metrics, curves...)
+            if f.name not in out and f.name not in ("extra", "given") and (
+                    f.name in ("error", "directions") or f.name in self.given):
+                out[f.name] = getattr(self, f.name)
         out.update(self.extra)
         return out
 
