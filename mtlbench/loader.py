@@ -23,6 +23,10 @@ class BatchLoader:
                  generator: torch.Generator | None = None, device: torch.device | str | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        # labelled rows per task of the batch last yielded, counted on the host copy of the masks (no device sync)
+        self._host_masks = split.tensors.get("masks")
+        self._host_masks = None if self._host_masks is None else self._host_masks.cpu()
+        self.host_label_counts: torch.Tensor | None = None
         self.split = split if device is None else split.to(device)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -44,9 +48,12 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         tensors = self.split.tensors
+        host = self._host_masks
         if self.shuffle:
-            perm = torch.randperm(len(self.split), generator=self.generator)
-            perm = perm.to(next(iter(tensors.values())).device)
+            perm_host = torch.randperm(len(self.split), generator=self.generator)
+            perm = perm_host.to(next(iter(tensors.values())).device)
             tensors = {k: v.index_select(0, perm) for k, v in tensors.items()}
+            host = None if host is None else host.index_select(0, perm_host)
         for lo, hi in self.bounds():
+            self.host_label_counts = None if host is None else host[lo:hi].sum(0)
             yield {k: v[lo:hi] for k, v in tensors.items()}

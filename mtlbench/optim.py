@@ -174,12 +174,18 @@ class StepContext:
                     _accumulate(p, g * w)
 
 
-def present_tasks(ctx: StepContext) -> list[int] | None:
-    """Indices of the tasks with at least one labelled row in this batch, or None when every task has one (one
-    host copy of T counts per step). Tasks whose loss is not tied to one label column (none here) count as present."""
+def present_tasks(ctx: StepContext, host_counts: torch.Tensor | None = None) -> list[int] | None:
+    """Indices of the tasks with at least one labelled row in this batch, or None when every task has one.
+    ``host_counts``: labelled rows per data task counted on the host (the loader's ``host_label_counts``: no
+    device sync); without it the batch's masks are counted on their device (one host copy of T counts)."""
     if "masks" not in ctx.batch:
         return None
-    counts = ctx.label_counts.tolist()
+    if host_counts is not None:
+        names = tuple(getattr(ctx.model, "task_names", ctx.task_names))
+        idx = [names.index(t) for t in ctx.task_names] if names != ctx.task_names else list(range(len(names)))
+        counts = host_counts[idx].tolist()
+    else:
+        counts = ctx.label_counts.tolist()
     if all(c > 0 for c in counts):
         return None
     return [i for i, c in enumerate(counts) if c > 0]

@@ -293,9 +293,9 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             watch.losses(stacked)
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
-            # a task with no labelled row here is left out of this step (one host copy of T counts; skipped
-            # when the training split labels every task on every row)
-            present = present_tasks(ctx) if some_unlabelled else None
+            # a task with no labelled row here is left out of this step (counted on the host copy of the masks:
+            # no device sync; skipped when the training split labels every task on every row)
+            present = present_tasks(ctx, train_loader.host_label_counts) if some_unlabelled else None
             if present is not None and not present:
                 continue  # no task has a label here: nothing to learn from this batch
             view = ctx if present is None else ctx.restrict(present)
