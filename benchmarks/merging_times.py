@@ -26,22 +26,50 @@ from pathlib import Path
 GOAL_SECONDS = 15 * 60
 
 
-def load(results_dir: Path, dataset: str) -> list[dict]:
-    out = []
+def load(results_dir: Path, dataset: str) -> tuple[list[dict], list[dict]]:
+    """The ok merge records and the ok joint-training records of ``dataset``."""
+    merges, joint = [], []
     for p in sorted(results_dir.glob("*.json")):
         try:
             rec = json.loads(p.read_text())
         except ValueError:
             continue
-        if rec.get("status") == "ok" and rec.get("spec", {}).get("merger") and rec["spec"]["dataset"] == dataset:
-            out.append(rec)
-    return out
+        if rec.get("status") != "ok" or rec.get("spec", {}).get("dataset") != dataset:
+            continue
+        (merges if rec["spec"].get("merger") else joint).append(rec)
+    return merges, joint
 
 
-def report(records: list[dict]) -> str:
+def _label(rec: dict) -> str:
+    spec = rec["spec"]
+    if not spec.get("merger"):
+        return f"joint {spec['optimizer']}" + (" (rep)" if spec["optimizer_options"].get("rep") else "")
+    o = spec["merger_options"]
+    extra = f" {o['granularity']}-wise{'++' if o['ties'] else ''}" if spec["merger"] == "adamerging" else ""
+    return f"{spec['merger']}{extra} [{spec['data_access']}{', task id' if spec['needs_task_id'] else ''}]"
+
+
+def accuracy_table(merges: list[dict], joint: list[dict]) -> list[str]:
+    """Mean test accuracy and mean normalised accuracy (/ the same seed's experts) per method, mean over seeds."""
+    experts = {r["spec"]["seed"]: r["merge"]["expert_accuracy"]["test"] for r in merges}
+    rows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for rec in merges + joint:
+        test = {t: m["accuracy"] for t, m in rec["metrics"]["test"].items()}
+        ref = experts.get(rec["spec"]["seed"])
+        norm = statistics.fmean(test[t] / ref[t] for t in test) if ref else float("nan")
+        rows[_label(rec)].append((statistics.fmean(test.values()), norm))
+    out = ["## Test accuracy (%, mean over tasks; normalised = merged / same-seed expert)", "",
+           "| method | seeds | mean accuracy | normalised |", "|---|---|---|---|"]
+    for name, vals in sorted(rows.items(), key=lambda kv: -statistics.fmean(v[0] for v in kv[1])):
+        out.append(f"| {name} | {len(vals)} | {100 * statistics.fmean(v[0] for v in vals):.1f} | "
+                   f"{100 * statistics.fmean(v[1] for v in vals):.1f} |")
+    return out + [""]
+
+
+def report(records: list[dict], joint: list[dict] | None = None) -> str:
     if not records:
         return "no merge records found"
-    lines = ["## Expert zoo: wall time per task (s)", "", "| task | seeds | wall (mean) | training (mean) |",
+    lines = accuracy_table(records, joint or []) + ["## Expert zoo: wall time per task (s)", "", "| task | seeds | wall (mean) | training (mean) |",
              "|---|---|---|---|"]
     zoo: dict[str, dict[str, float]] = defaultdict(dict)
     for rec in records:
@@ -83,7 +111,7 @@ def main() -> None:
     ap.add_argument("--dataset", default="text8")
     ap.add_argument("--out", help="also write the report to this markdown file")
     args = ap.parse_args()
-    text = report(load(Path(args.results_dir), args.dataset))
+    text = report(*load(Path(args.results_dir), args.dataset))
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
