@@ -193,7 +193,8 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} threads, {args.workers} reference workers")
     for arch in args.archs.split(","):
         spec = build_spec(dataset="scenes", tasks=None, arch=arch, optimizer="ew", epochs=1,
-                          batch_size=args.batch_size, device="cpu", dataset_options={"train": args.train})
+                          batch_size=args.batch_size, device="cpu",
+                          dataset_options={"train": args.train, "val": 32, "test": 32})
         ours, data, _ = ours_images_per_s(spec)
         torch.manual_seed(spec.seed)
         e = registry.get("arch", arch, modality="image")

@@ -122,6 +122,12 @@ class MultiTaskArch(nn.Module):
         """Arch facts resolved at build time (e.g. HoME's task groups), stored in the run record."""
         return {}
 
+    def record_extras(self, split: Any, device: str) -> dict[str, Any]:
+        """Facts of the trained, selected model for the run record, merged into its ``arch_info`` (e.g.
+        TaskExpert's expert usage). ``split``: the test split (the one the reported metrics come from); called
+        once after model selection, never during training. Default: nothing."""
+        return {}
+
     def parameter_counts(self) -> dict[str, Any]:
         shared = sum(p.numel() for p in self.shared.parameters())
         task = {t: sum(p.numel() for p in self.heads[t].parameters()) for t in self.heads}

@@ -26,7 +26,7 @@ import torch
 from mtlbench.errors import MtlbenchError, unknown
 
 TaskKind = Literal["binary", "regression", "multiclass", "segmentation", "depth", "normals", "binary_map"]
-DENSE_KINDS = ("segmentation", "depth", "normals", "binary_map")
+from mtlbench.vision.kinds import DENSE_KINDS  # noqa: E402
 SPLITS = ("train", "val", "test")
 
 

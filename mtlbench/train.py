@@ -132,12 +132,31 @@ def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
 
 
 def environment(device: str) -> dict[str, Any]:
+    """Where the run ran. The device fields (``device``, ``device_name``, ``accelerator_runtime``) are the only
+    parts of a record, besides timings and the spec's device, that differ between a CPU and a GPU run."""
     env = {"python": platform.python_version(), "torch": torch.__version__, "mtlbench": mtlbench.__version__,
            "platform": platform.platform(), "device": device, "threads": torch.get_num_threads(),
            "git_sha": _git_sha()}
-    if device.startswith("cuda"):
+    kind = torch.device(device).type
+    if kind == "cuda":
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        env["accelerator_runtime"] = (f"cuda {torch.version.cuda}" if torch.version.cuda
+                                      else f"hip {getattr(torch.version, 'hip', None)}")
+    elif kind == "mps":
+        env["device_name"] = "Apple MPS"
+    elif kind == "cpu":
+        env["device_name"] = _cpu_name()
     return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_sha() -> str | None:
@@ -254,7 +273,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    return {"metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+    extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
             "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
@@ -366,6 +386,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if trackers:
             trackers.finish(record)
         return record
+    record["arch_info"] = {**record.get("arch_info", {}), **body.pop("arch_extras", {})}
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
     if trackers:
         trackers.finish(record)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from mtlbench import (CategoricalField, DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData,
-                      SequenceField, Split, TaskSpec, register_dataset)
+                      SequenceField, Split, TaskSpec, option_field, register_dataset)
 
 FIELDS = ("user_id", "user_segment", "item_id", "item_category", "item_brand", "device", "hour", "position")
 DENSE = ("log_price", "discount", "user_activity", "item_popularity", "user_click_prior")
@@ -120,15 +120,15 @@ class EcommerceSynthetic(DatasetAdapter):
     @dataclass
     class Options:
         n_rows: int = 200_000
-        n_users: int = 5_000
-        n_items: int = 2_000
-        n_categories: int = 100
-        n_brands: int = 400
-        n_segments: int = 20
-        latent_dim: int = 8
-        zipf_exponent: float = 1.05
+        n_users: int = option_field(5_000, "users (Zipf popularity)", minimum=1)
+        n_items: int = option_field(2_000, "items (Zipf popularity)", minimum=1)
+        n_categories: int = option_field(100, "item categories", minimum=1)
+        n_brands: int = option_field(400, "item brands", minimum=1)
+        n_segments: int = option_field(20, "user segments (shared tastes)", minimum=1)
+        latent_dim: int = option_field(8, "width of the latent tastes and appeals", minimum=1)
+        zipf_exponent: float = option_field(1.05, "popularity: P(rank r) ~ r^-zipf_exponent", minimum=0)
         relatedness: float = 0.5
-        signal: float = 2.0
+        signal: float = option_field(2.0, "scale of the taste-appeal term in the logits", minimum=0)
         ctr: float = 0.12
         cvr: float = 0.2
         data_seed: int | None = None

@@ -167,3 +167,30 @@ def test_cli_bad_arch_on_images_is_one_line():
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "arch 'dtrn' works on tabular data only" in err[0] and "Traceback" not in r.stderr
+
+
+def test_cross_stitch_units(tiny_scenes):
+    """Initial alphas follow the paper (0.9 own, 0.1 split over the others); with identity alphas the columns are
+    independent networks (task t's output does not move with column s's weights)."""
+    data = tiny_scenes.select_tasks(("seg", "depth", "normal"))
+    model = build_image_arch("cross_stitch", data, width=2, depth=2)
+    a = model.shared["units"][0].alpha.detach()
+    torch.testing.assert_close(a, torch.tensor([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]]))
+    with torch.no_grad():
+        for u in model.shared["units"]:
+            u.alpha.copy_(torch.eye(3))
+    model.eval()
+    batch = _batch(data, 2)
+    out = model(batch).outputs
+    loss0 = out[0].sum()
+    grads = torch.autograd.grad(loss0, list(model.shared["columns"][1].parameters()), allow_unused=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_mtan_attention_is_per_task(tiny_scenes):
+    data = tiny_scenes.select_tasks(("seg", "depth"))
+    model = build_image_arch("mtan", data, width=2, depth=2)
+    tp = model.task_parameters()
+    assert all(any(p is q for q in tp["seg"]) for p in model.heads["seg"]["enc_att"].parameters())
+    assert len(model.heads["seg"]["enc_att"]) == 2 and len(model.heads["seg"]["dec_att"]) == 2
+    assert [l.tasks for l in model.feature_layouts()] == [("seg",), ("depth",)]

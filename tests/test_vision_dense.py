@@ -154,3 +154,25 @@ def test_hed_balanced_bce():
 
 def test_empty_accumulator_is_nan():
     assert all(math.isnan(v) for v in DenseAccumulator(SEG).compute().values())
+
+
+def test_leaderboard_dense_delta_m_uses_every_metric():
+    """Dense tables: Δm% is the mean over every metric of every task, signed by direction (vision convention)."""
+    from mtlbench.results.leaderboard import build_tables, long_frame
+    from mtlbench.testing import fake_record
+
+    tasks = ({"name": "seg", "kind": "segmentation", "metrics": ["miou", "pixel_acc"]},
+             {"name": "depth", "kind": "depth", "metrics": ["abs_err"]})
+    vals = {"single": {"seg": {"miou": 0.40, "pixel_acc": 0.80}, "depth": {"abs_err": 0.50}},
+            "shared_bottom": {"seg": {"miou": 0.44, "pixel_acc": 0.80}, "depth": {"abs_err": 0.55}}}
+    recs = []
+    for arch, v in vals.items():
+        for seed in (0, 1):
+            r = fake_record("scenes", arch, "ew", seed, {"seg": 0.5, "depth": 0.5}, tasks=tasks)
+            for split in ("train", "val", "test"):
+                r["metrics"][split] = v
+            recs.append(r)
+    (table,) = build_tables(long_frame(recs))
+    expect = 100 * (0.04 / 0.40 + 0.0 - 0.05 / 0.50) / 3
+    assert table.delta_m["shared_bottom × ew"] == pytest.approx(expect)
+    assert "every task" in table.delta_m_note and "Vandenhende" in table.delta_m_note

@@ -7,6 +7,9 @@ For every method, task and metric the table reports the mean and standard deviat
 metric (the model having been selected on validation), and n. Δm% follows Maninis et al. (CVPR 2019): the mean
 over tasks of the signed relative change of each task's primary metric against the single-task baseline (the
 ``single`` arch's runs under the same protocol), positive = better. A missing baseline is said, never faked.
+Tables with dense (per-pixel) tasks follow the vision convention instead (Maninis et al. 2019; Vandenhende et al.,
+TPAMI 2021; as MTAN-line papers and LibMTL report NYUv2): the mean over *every* metric of every task, each signed
+by its direction; the table's Δm% note says which convention it uses.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import pandas as pd
 
 from mtlbench import settings
 from mtlbench.results.store import read_record
+from mtlbench.vision.kinds import DENSE_DIRECTIONS, DENSE_METRIC_NAMES
 
 # what a table's runs must share: declared with the run settings (mtlbench/settings.py, torch-free)
 PROTOCOL_KEYS = settings.protocol_keys()
@@ -135,7 +139,8 @@ def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 #: The directions of the metrics built in when records did not store them (schema 1); later records carry their own.
-BUILTIN_DIRECTIONS = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min"}
+BUILTIN_DIRECTIONS = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min",
+                      **DENSE_DIRECTIONS}
 
 
 def _direction(metric: str) -> str:
@@ -216,12 +221,16 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     base_methods = [m for m in methods if m.split(" × ")[0].split("(")[0] == BASELINE_ARCH]
     base = sorted(base_methods, key=lambda m: (not m.endswith("× ew"), m))[0] if base_methods else None
     delta: dict[str, float | None] = {}
+    dense = any(c[1] in DENSE_METRIC_NAMES for c in columns)  # per-pixel tasks: every metric counts (vision papers)
+    flat = flat or dense
     cols_for_delta = columns if flat else [(t, metrics_by_task[t][0]) for t in tasks if metrics_by_task.get(t)]
     if base is None:
         note = "Δm% n/a: no single-task (`single`) runs under this protocol"
         delta = {m: None for m in methods}
     else:
-        note = (f"Δm% (Maninis et al. 2019): mean over {'all task metrics' if flat else 'tasks of the primary metric'}"
+        what = ("all metrics of every task (the dense-prediction convention, Maninis et al. 2019 / Vandenhende et "
+                "al. 2021)" if dense else "all task metrics" if flat else "tasks of the primary metric")
+        note = (f"Δm% (Maninis et al. 2019): mean over {what}"
                 f" of the signed relative change vs `{base}`, in %, positive = better")
         for m in methods:
             ms = [table_stats[m].get(c, {}).get("mean", float("nan")) for c in cols_for_delta]

@@ -218,3 +218,66 @@ def critical_difference_diagram(avg_ranks: Mapping[str, float], cd: float, path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format=fmt, dpi=150)
     return path
+
+
+def _usage_of(record: dict[str, Any]) -> dict[str, Any] | None:
+    info = record.get("arch_info")
+    usage = info.get("expert_usage") if isinstance(info, dict) else None
+    return usage if isinstance(usage, dict) and isinstance(usage.get("tasks"), dict) else None
+
+
+def plot_expert_usage(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame, path: Path) -> Path | None:
+    """Mixture-of-experts gate usage (records whose ``arch_info`` holds an ``expert_usage``, e.g. TaskExpert's):
+    one heat map per method and tapped block, rows = tasks, columns = experts and the memory, cells = mean gate
+    weight on the test split (mean over seeds); each row is labelled with its mean per-token gate entropy over its
+    maximum. Gates that specialise show as rows that differ; a uniform gate as a flat row at entropy = max. None
+    when no record of the table stores expert usage."""
+    method_of = dict(zip(frame["run_id"], frame["method"]))
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in table_records(table, records):
+        u = _usage_of(r)
+        if u is not None and r["run_id"] in method_of:
+            by_method.setdefault(method_of[r["run_id"]], []).append(u)
+    if not by_method:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in table.methods if m in by_method]
+    tasks = list(by_method[methods[0]][0]["tasks"])
+    n_blocks = max(len(u["tasks"][t]) for m in methods for u in by_method[m] for t in u["tasks"])
+    n_cols = max(len(row["experts"]) + 1 for m in methods for u in by_method[m] for t in u["tasks"]
+                 for row in u["tasks"][t])
+    fig, axes = plt.subplots(len(methods), n_blocks, figsize=(0.42 * n_cols * n_blocks + 2.6 * n_blocks,
+                                                              0.35 * len(tasks) * len(methods) + 1.0 * len(methods)),
+                             squeeze=False)
+    for i, m in enumerate(methods):
+        for b in range(n_blocks):
+            ax = axes[i][b]
+            grid = np.full((len(tasks), n_cols), np.nan)
+            ent, ent_max, block = [], [], None
+            for j, t in enumerate(tasks):
+                rows = [u["tasks"][t][b] for u in by_method[m] if t in u["tasks"] and b < len(u["tasks"][t])]
+                if not rows:
+                    ent.append(np.nan), ent_max.append(np.nan)
+                    continue
+                block = rows[0]["block"]
+                k = len(rows[0]["experts"])
+                grid[j, :k] = np.mean([r["experts"] for r in rows], axis=0)
+                mem = [r["memory"] for r in rows if r["memory"] is not None]
+                if mem:
+                    grid[j, n_cols - 1] = float(np.mean(mem))
+                ent.append(float(np.mean([r["entropy"] for r in rows])))
+                ent_max.append(float(rows[0]["max_entropy"]))
+            im = ax.imshow(grid, vmin=0.0, vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0,
+                                                    1e-6), cmap="viridis", aspect="auto")
+            ax.set_xticks(range(n_cols), [f"E{c + 1}" for c in range(n_cols - 1)] + ["mem"], fontsize=6)
+            ax.set_yticks(range(len(tasks)), [f"{t} (H {e:.2f}/{em:.2f})" for t, e, em in zip(tasks, ent, ent_max)],
+                          fontsize=6)
+            ax.set_title(f"{m}, block {block}", fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).ax.tick_params(labelsize=6)
+    fig.suptitle(f"{table.title}: mean gate weight per task and expert on test (mean over seeds); "
+                 "H: gate entropy (nats) / its maximum", fontsize=8)
+    return _fig_save(fig, path)

@@ -20,7 +20,8 @@ import pandas as pd
 
 from mtlbench.results.leaderboard import (ARROW, Store, Table, build_tables, load_store, long_frame,
                                           table_records)
-from mtlbench.results.plots import critical_difference_diagram, plot_bars, plot_curves, plot_tradeoff
+from mtlbench.results.plots import (critical_difference_diagram, plot_bars, plot_curves, plot_expert_usage,
+                                   plot_tradeoff)
 
 
 def slug(table: Table) -> str:
@@ -478,7 +479,10 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
         figs = [cache.figure(d / f"{s}-bars.png", shown, lambda: plot_bars(t, d / f"{s}-bars.png")),
                 cache.figure(d / f"{s}-tradeoff.png", shown, lambda: plot_tradeoff(t, d / f"{s}-tradeoff.png")),
                 cache.figure(d / f"{s}-curves.png", shown + curves,
-                             lambda: plot_curves(t, store.records, frame, d / f"{s}-curves.png"))]
+                             lambda: plot_curves(t, store.records, frame, d / f"{s}-curves.png")),
+                cache.figure(d / f"{s}-experts.png", shown + repr([(r["run_id"], (r.get("arch_info") or {}).get(
+                    "expert_usage")) for r in table_records(t, store.records)]),
+                    lambda: plot_expert_usage(t, store.records, frame, d / f"{s}-experts.png"))]
         figures[s] = [f for f in figs if f is not None]
     cross = across_datasets(tables, out / "figures", plots, cache)
     if cache:

@@ -43,13 +43,7 @@ import torch.nn.functional as F
 
 from mtlbench.registry import register_metric
 
-from mtlbench.data import DENSE_KINDS  # noqa: E402  (one definition)
-DENSE_METRICS = {
-    "segmentation": ("miou", "pixel_acc"),
-    "depth": ("abs_err", "rel_err", "delta1"),
-    "normals": ("mean_angle", "median_angle", "within_11_25", "within_22_5", "within_30"),
-    "binary_map": ("best_f", "iou"),
-}
+from mtlbench.vision.kinds import DENSE_KINDS, DENSE_METRICS  # noqa: F401  (torch-free definitions)
 ANGLE_BINS_PER_DEGREE = 100
 PROB_BINS = 1000
 
@@ -265,7 +259,10 @@ def _register() -> None:
         ("best_f", "max", "binary_map", "F-measure at the split's best threshold, exact pixel matching (not BSDS ODS)"),
         ("iou", "max", "binary_map", "IoU of the positive class at threshold 0.5"),
     ]
+    from mtlbench.vision.kinds import DENSE_DIRECTIONS
+
     for name, direction, kind, desc in spec:
+        assert DENSE_DIRECTIONS[name] == direction  # one truth for the torch-free leaderboard
         register_metric(name)(Metric(_accumulated_only, direction, (kind,), desc))
 
 
