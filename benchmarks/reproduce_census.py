@@ -132,8 +132,8 @@ def matches(spec: dict[str, Any], epochs: int, max_rows: int | None, seeds: list
 
 def summarise(results_dir: str, epochs: int, max_rows: int | None, seeds: list[int], quick: bool) -> None:
     store = load_store(results_dir)
-    records = [r for r in store.records if matches(r["spec"], epochs, max_rows, seeds)]
-    failed = [r for r in store.failed if matches(r.get("spec", {}), epochs, max_rows, seeds)]
+    records = [r.to_dict() for r in store.records if matches(r.spec, epochs, max_rows, seeds)]
+    failed = [r for r in store.failed if matches(r.spec, epochs, max_rows, seeds)]
     ignored = len(store.records) - len(records)
     print()
     print(f"Census-Income group 1 (MMoE paper Table 1): {len(records)} finished runs from {results_dir}"

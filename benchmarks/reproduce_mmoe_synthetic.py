@@ -165,8 +165,8 @@ def fmt_p(p: float) -> str:
 
 def summarise(results_dir: str, epochs: int, n_rows: int, seeds: list[int], quick: bool) -> None:
     store = load_store(results_dir)
-    records = [r for r in store.records if matches(r["spec"], epochs, n_rows, seeds)]
-    failed = [r for r in store.failed if matches(r.get("spec", {}), epochs, n_rows, seeds)]
+    records = [r.to_dict() for r in store.records if matches(r.spec, epochs, n_rows, seeds)]
+    failed = [r for r in store.failed if matches(r.spec, epochs, n_rows, seeds)]
     ignored = len(store.records) - len(records)
     print()
     print(f"MMoE synthetic reproduction (Ma et al. KDD 2018, Fig. 4): {len(records)} finished runs from "

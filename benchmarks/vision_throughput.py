@@ -39,10 +39,10 @@ from mtlbench.train import build, train
 
 def _libmtl():
     """Import LibMTL's modules without its package __init__ (which imports a torchvision API removed in 2021)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None:
-        sys.exit("LibMTL is not installed: pip install --no-deps LibMTL==1.1.5")
     if "LibMTL" not in sys.modules:
+        spec = importlib.util.find_spec("LibMTL")
+        if spec is None:
+            sys.exit("LibMTL is not installed: pip install --no-deps LibMTL==1.1.5")
         pkg = types.ModuleType("LibMTL")
         pkg.__path__ = list(spec.submodule_search_locations)
         sys.modules["LibMTL"] = pkg

@@ -17,6 +17,7 @@ _PUBLIC = {
                       "Split", "TaskSpec"),
     "mtlbench.errors": ("MtlbenchError", "RunFailed"),
     "mtlbench.layers": ("MLP", "ExpertBank", "InputLayer", "mix"),
+    "mtlbench.metrics": ("Metric",),
     "mtlbench.optim": ("JacobianMethod", "MTLOptimizer", "StepContext"),
     "mtlbench.registry": ("option_field", "register", "register_arch", "register_dataset", "register_metric",
                           "register_optimizer"),
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # static checkers and IDEs see the names as before
                                TaskSpec)
     from mtlbench.errors import MtlbenchError, RunFailed
     from mtlbench.layers import MLP, ExpertBank, InputLayer, mix
+    from mtlbench.metrics import Metric
     from mtlbench.optim import JacobianMethod, MTLOptimizer, StepContext
     from mtlbench.registry import (option_field, register, register_arch, register_dataset, register_metric,
                                    register_optimizer)

@@ -115,7 +115,18 @@ class MultiTaskArch(nn.Module):
 
     def feature_layouts(self) -> tuple[FeatureLayout, ...] | None:
         """One :class:`FeatureLayout` per tensor :meth:`encode` returns, or None where the arch does not declare
-        them (image archs always do)."""
+        them: then every tensor has its batch on axis 0 and channels last (tabular vectors ``[B, D]``). Image
+        archs always declare; so does every tabular arch that returns expert stacks ``[n, B, D]``. Methods never
+        guess an axis from sizes; a contract test checks the declared batch axis on every registered arch."""
+        return None
+
+    def selection_groups(self) -> dict[str, str] | None:
+        """How model selection treats this arch. ``None`` (default): one epoch is selected for the whole model by
+        the run's criterion over all tasks. An arch whose tasks are independent networks (``single``) returns, per
+        task, the ``state_dict`` key prefix of that task's network (e.g. ``{"ctr": "heads.ctr."}``): the trainer
+        then selects each task's best epoch by that task's own validation metric, keeps training while any task
+        still improves (patience per task), and tests each task at its own best epoch, as T separate runs would.
+        Every ``state_dict`` key must fall under exactly one prefix."""
         return None
 
     def describe(self) -> dict[str, Any]:

@@ -51,12 +51,14 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR, help="where the run records are")
     lb.add_argument("--out", default=os.path.join("results", "leaderboard"), help="output directory")
     lb.add_argument("--flat-delta-m", action="store_true", help="Δm%% over every task metric, not just primary")
-    lb.add_argument("--baseline", help="ARCH or ARCH:OPTIMIZER every method is also tested against (default: the "
-                    "single-task baseline of the Δm%% column)")
-    lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html")
+    lb.add_argument("--baseline", help="ARCH or ARCH:OPTIMIZER (options as ARCH(k=v)) every method is also tested "
+                    "against (default: the single-task baseline of the Δm%% column)")
+    lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html "
+                    "(figures are drawn only for md and html)")
+    lb.add_argument("--no-plots", action="store_true", help="draw no figures (tables only)")
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
-    cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew)")
-    cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER")
+    cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew; options as home(expert_norm=false):ew)")
+    cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER, named the same way")
     cmp_.add_argument("--dataset", help="dataset name (needed when the methods share several)")
     cmp_.add_argument("--tasks", help="task set, comma-separated (needed when there are several)")
     cmp_.add_argument("--split", default="test", help="split to compare on (default test)")
@@ -207,8 +209,13 @@ def _print_list(verbose: bool, plugins: list[str]) -> None:
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
             extra = ""
-            if kind == "dataset" and e.obj.task_names():
-                extra = f"  [tasks: {', '.join(e.obj.task_names())}]"
+            if kind == "dataset":
+                from mtlbench.data import offered_tasks
+
+                offered = list(offered_tasks(e.obj, registry.build_options(e.options_class, e.resolve_options({}))))
+                if offered:
+                    shown = offered if len(offered) <= 12 else offered[:10] + [f"... ({len(offered)} in all)"]
+                    extra = f"  [tasks: {', '.join(shown)}]"
             if kind == "dataset" and getattr(e.obj, "modality", "tabular") != "tabular":
                 extra += f"  [{e.obj.modality}s]"
             if kind == "arch" and e.modality != "tabular":
@@ -225,7 +232,9 @@ def _print_list(verbose: bool, plugins: list[str]) -> None:
                 shown = ", ".join(f"{s.name} {settings.dataset_default(s.name, suggested)}"
                                   for s in settings.SETTINGS if s.default is settings.DATASET)
                 print(f"{pad}training defaults: {shown}")
-                aliases = getattr(e.obj, "task_aliases", {}) or {}
+                from mtlbench.data import offered_task_sets
+
+                aliases = offered_task_sets(e.obj, registry.build_options(e.options_class, e.resolve_options({})))
                 for alias, tasks in sorted(aliases.items()):
                     print(f"{pad}task set {alias} = {','.join(tasks)}")
             if e.options_class is not None:
@@ -315,8 +324,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise MtlbenchError(reasons[0] if len(reasons) == 1 else "every combination of the grid is incompatible: "
                             + "; ".join(reasons))
     quiet = st["quiet"]
-    for spec, reason in skipped:
-        print(f"skipped (incompatible): {spec.arch} x {spec.optimizer}: {reason}", file=sys.stderr)
+    pairs: dict[tuple[str, str, str], int] = {}
+    for spec, reason in skipped:  # one line per incompatible arch x optimizer, however many seeds and task sets
+        key = (spec.arch, spec.optimizer, reason)
+        pairs[key] = pairs.get(key, 0) + 1
+    for (arch, optimizer, reason), n in pairs.items():
+        print(f"skipped (incompatible): {arch} x {optimizer} ({n} run{'s' if n > 1 else ''}): {reason}",
+              file=sys.stderr)
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
         return _single_run(specs[0], st, data_dir)
     if not quiet:
@@ -457,8 +471,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
+    stores: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
-                                tables_out=tables, baseline=args.baseline)
+                                tables_out=tables, baseline=args.baseline, store_out=stores,
+                                plots=False if args.no_plots else None)
+    _say_skipped(stores)
     for line in summary_lines(tables):
         print(line)
     for fmt, path in written.items():
@@ -469,9 +486,23 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mtlbench.results.compare import compare
 
-    print(compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
-                  split=args.split))
+    if not Path(args.results_dir).is_dir():
+        raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
+    stores: list = []
+    try:
+        text = compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
+                       split=args.split, store_out=stores)
+    finally:
+        _say_skipped(stores)
+    print(text)
     return 0
+
+
+def _say_skipped(stores: list) -> None:
+    """One line on stderr per record file left out (invalid, newer schema, duplicate)."""
+    for store in stores:
+        for line in store.skipped:
+            print(f"mtlbench: skipped {line}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -117,7 +117,7 @@ class ExpertBank(nn.Module):
 
     Input ``[B, in]`` (every expert sees the same input) or ``[n, B, in]`` (a private input per expert, as with
     HoME's feature gates). Output ``[n, B, units[-1]]``. Per layer: Linear -> (BatchNorm) -> activation ->
-    Dropout, as in :class:`MLP`; ``norm_last=False`` leaves the last layer without BatchNorm.
+    Dropout, as in :class:`MLP` (every layer, the last included, gets the BatchNorm when ``batch_norm``).
     """
 
     def __init__(self, n: int, in_dim: int, units: Sequence[int], dropout: float = 0.0, batch_norm: bool = True,

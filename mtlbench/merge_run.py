@@ -188,15 +188,21 @@ def prepare(recipe: RunSpec, data_dir: str | None = None, zoo: str | None = None
 
 def run_merge(spec: dict[str, Any], bench: Bench, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Merge with ``spec['merger']`` on a prepared bench and return the record (ok, or failed with the reason)."""
-    from mtlbench.results.store import RECORD_SCHEMA
+    from mtlbench.results.record import make_record
     from mtlbench.train import environment
 
     started = time.time()
     name = spec["merger"]
-    record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": merge_run_id(spec), "spec": spec,
-                              "status": "running", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    created = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"status": "running", "directions": {"accuracy": "max"},
                               "dataset": bench.data.describe(), "parameters": bench.model.parameter_counts(),
                               "arch_info": bench.model.describe(), "environment": environment(bench.device)}
+
+    def made(body: dict[str, Any]) -> dict[str, Any]:  # the one record constructor (mtlbench.results.record)
+        rest = {k: v for k, v in body.items() if k not in ("status", "error")}
+        return make_record(spec, merge_run_id(spec), body["status"], created=created, error=body.get("error"),
+                           **rest).to_dict()
+
     entry = registry.get("merger", name)
     merger = entry.obj(registry.build_options(entry.options_class, spec["merger_options"]))
     access = merger.access
@@ -223,12 +229,12 @@ def run_merge(spec: dict[str, Any], bench: Bench, log: Callable[[str], None] | N
             raise
         record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
-        return record
+        return made(record)
     except Exception as exc:
         record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
-        return record
+        return made(record)
     finally:
         bench.set_delta(torch.zeros_like(bench.tv.base))
     tasks = bench.tv.tasks
@@ -252,7 +258,7 @@ def run_merge(spec: dict[str, Any], bench: Bench, log: Callable[[str], None] | N
                      "threads": torch.get_num_threads()},
         },
         wall_seconds=time.time() - started)
-    return record
+    return made(record)
 
 
 def _jsonable(obj: Any) -> Any:

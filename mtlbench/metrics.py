@@ -2,7 +2,8 @@
 
 Each metric is ``fn(y_true, y_pred) -> float`` on the rows where the task's label is defined. ``y_pred`` is a
 probability for binary tasks, a value for regression, and class probabilities ``[N, C]`` for multiclass.
-A metric that is undefined on its input (AUC with one class present) returns NaN, stored as null.
+A metric that is undefined on its input (AUC with one class present, R² of a constant target) returns NaN, stored
+as null. A plugin adds a metric with ``register_metric("name")(Metric(fn, "max" | "min", kinds, description))``.
 """
 from __future__ import annotations
 
@@ -90,11 +91,37 @@ def mae(y_true: torch.Tensor, y_pred: torch.Tensor) -> float:
     return float(d.abs().mean())
 
 
+def r2(y_true: torch.Tensor, y_pred: torch.Tensor) -> float:
+    """Coefficient of determination ``1 - SS_res / SS_tot`` (scikit-learn's ``r2_score``); NaN when the target is
+    constant (scikit-learn's ``force_finite`` would return 0 or 1 there)."""
+    if y_true.numel() == 0:
+        return math.nan
+    y = y_true.reshape(-1).to(torch.float64)
+    d = y_pred.reshape(-1).to(torch.float64) - y
+    c = y - y.mean()
+    ss_tot = float((c * c).sum())
+    return 1.0 - float((d * d).sum()) / ss_tot if ss_tot > 0 else math.nan
+
+
+def explained_variance(y_true: torch.Tensor, y_pred: torch.Tensor) -> float:
+    """``1 - Var(y - y_hat) / Var(y)`` (scikit-learn's ``explained_variance_score``): R² that ignores a constant
+    offset of the predictions; NaN when the target is constant."""
+    if y_true.numel() == 0:
+        return math.nan
+    y = y_true.reshape(-1).to(torch.float64)
+    d = y_pred.reshape(-1).to(torch.float64) - y
+    var_y = float(((y - y.mean()) ** 2).mean())
+    return 1.0 - float(((d - d.mean()) ** 2).mean()) / var_y if var_y > 0 else math.nan
+
+
 register_metric("auc")(Metric(auc, "max", ("binary",), "ROC AUC, exact and tie-aware"))
 register_metric("logloss")(Metric(logloss, "min", ("binary", "multiclass"), "mean negative log-likelihood"))
 register_metric("accuracy")(Metric(accuracy, "max", ("binary", "multiclass"), "share of correct predictions"))
 register_metric("rmse")(Metric(rmse, "min", ("regression",), "root mean squared error"))
 register_metric("mae")(Metric(mae, "min", ("regression",), "mean absolute error"))
+register_metric("r2")(Metric(r2, "max", ("regression",), "coefficient of determination R²"))
+register_metric("explained_variance")(Metric(explained_variance, "max", ("regression",),
+                                             "explained variance 1 - Var(y - y_hat) / Var(y)"))
 
 
 def metric(name: str) -> Metric:
@@ -102,8 +129,13 @@ def metric(name: str) -> Metric:
 
 
 def evaluate_task(metrics: tuple[str, ...], y_true: torch.Tensor, y_pred: torch.Tensor,
-                  mask: torch.Tensor) -> dict[str, float]:
-    """All of a task's metrics on the rows where ``mask`` is True."""
+                  mask: torch.Tensor, label_scale: tuple[float, float] | None = None) -> dict[str, float]:
+    """All of a task's metrics on the rows where ``mask`` is True. With ``label_scale = (mean, std)`` (a regression
+    task trained on standardised labels) labels and predictions are first mapped back to the original units,
+    in float64."""
     keep = mask.reshape(-1).bool()
     yt, yp = y_true.reshape(-1)[keep], y_pred[keep]
+    if label_scale is not None:
+        mean, std = label_scale
+        yt, yp = yt.to(torch.float64) * std + mean, yp.to(torch.float64) * std + mean
     return {m: metric(m)(yt, yp) for m in metrics}

@@ -12,14 +12,24 @@ The context offers, lazily and cached, everything the families of methods need:
   ``ctx.forward()`` recomputes the outputs and losses at the current parameters;
 - stateful methods keep their state in attributes and save it through ``state_dict`` / ``load_state_dict``.
 
+A task with no labelled row in a batch is absent from that step for every method (issue 16): its loss is a constant 0
+with no gradient, and treating it as a task with loss 0 corrupts methods (MGDA's min-norm point is then 0, FAMO
+and UW chase a log of 0, loss histories average in zeros). :func:`present_tasks` finds the present tasks; the
+training loop then hands the method ``ctx.restrict(present)`` (losses, heads, Jacobian rows of the present tasks
+only) inside ``method.only(present)``, which narrows the method's per-task state (declared in ``task_state``) to
+those tasks and writes it back afterwards; the absent tasks' weights are logged as 0. A batch in which no task has a
+label is skipped. When every task is present nothing of this runs, so results do not change.
+
 Per-task gradients are computed the cheap way: one backward per task through its head only, down to the shared
 features, then a single batched vector-Jacobian product through the shared trunk (``is_grads_batched``), with a
 per-task loop as the fallback where batching is not supported.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -68,6 +78,26 @@ class StepContext:
     @property
     def features(self) -> tuple[torch.Tensor, ...]:
         return self.output.features
+
+    def restrict(self, index: list[int]) -> "StepContext":
+        """The same step seen with only the tasks at ``index`` (losses, heads, per-task gradients, extra forwards):
+        what a method sees when the other tasks have no labelled row in the batch."""
+        sub = copy.copy(self)
+        sub.losses = [self.losses[i] for i in index]
+        sub.task_names = tuple(self.task_names[i] for i in index)
+        sub.task_params = [self.task_params[i] for i in index]
+        pick = (lambda xs: None if xs is None else [xs[i] for i in index])  # noqa: E731
+        sub._feature_grads, sub._head_grads = pick(self._feature_grads), pick(self._head_grads)
+        J = self._jacobian
+        sub._jacobian = None if J is None else J[torch.as_tensor(index, device=J.device)]
+        parent_forward = self._forward
+
+        def forward() -> tuple[Any, list[torch.Tensor]]:
+            out, losses = parent_forward()
+            return out, [losses[i] for i in index]
+
+        sub._forward = forward
+        return sub
 
     def backward(self, weights: torch.Tensor | None = None, retain_graph: bool = False) -> None:
         """One backward of ``sum_t weights[t] * loss_t`` (weights 1 if None), accumulating into ``.grad``."""
@@ -144,6 +174,17 @@ class StepContext:
                     _accumulate(p, g * w)
 
 
+def present_tasks(ctx: StepContext) -> list[int] | None:
+    """Indices of the tasks with at least one labelled row in this batch, or None when every task has one (one
+    host copy of T counts per step). Tasks whose loss is not tied to one label column (none here) count as present."""
+    if "masks" not in ctx.batch:
+        return None
+    counts = ctx.label_counts.tolist()
+    if all(c > 0 for c in counts):
+        return None
+    return [i for i, c in enumerate(counts) if c > 0]
+
+
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
     g = g.detach()
     if p.grad is None:
@@ -189,9 +230,16 @@ class MTLOptimizer:
 
     Options: Any = None
     requires: ClassVar[frozenset[Requirement]] = frozenset()
+    # Per-task state: attribute name ("attr", or "attr.key" for an entry of a dict attribute) -> how many leading
+    # axes index tasks (1: [T, ...], 2: [T, T, ...]); plain tensors only (a learnable nn.Parameter, stepped by the
+    # torch optimizer, keeps its shape: index it with ``self.active`` instead). In a step where some tasks are
+    # absent, :meth:`only` narrows these to the present tasks and writes them back after, so absent tasks' state
+    # neither moves nor leaks in.
+    task_state: ClassVar[dict[str, int]] = {}
 
     def __init__(self, task_names: tuple[str, ...], options: Any = None) -> None:
         self.task_names = tuple(task_names)
+        self.active: list[int] | None = None  # during a step with absent tasks: the present tasks' indices
         self.options = options
         self.last_weights: torch.Tensor | None = None
         self.warnings: list[str] = []  # stored in the run record
@@ -204,6 +252,38 @@ class MTLOptimizer:
         self._warned.add(key)
         self.warnings.append(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    @contextlib.contextmanager
+    def only(self, index: list[int] | None) -> Iterator[None]:
+        """Within the block the method sees only the tasks at ``index`` (None: all): ``task_names``, the
+        ``task_state`` entries and ``active``; afterwards the state is written back and ``last_weights`` is
+        widened to every task, 0 for the absent ones."""
+        if index is None:
+            yield
+            return
+        full_names, T = self.task_names, len(self.task_names)
+        saved = {name: _get_state(self, name) for name in self.task_state}
+        for name, axes in self.task_state.items():
+            if saved[name] is not None:
+                _set_state(self, name, _take(saved[name], index, axes))
+        self.task_names, self.active = tuple(full_names[i] for i in index), list(index)
+        try:
+            yield
+        finally:
+            self.task_names, self.active = full_names, None
+            for name, axes in self.task_state.items():
+                sub, full = _get_state(self, name), saved[name]
+                if sub is None:
+                    continue
+                if full is None:  # state created lazily in this step (e.g. an EMA buffer): the absent tasks get 0
+                    shape = [T] * axes + list(sub.shape[axes:])
+                    full = torch.zeros(shape, dtype=sub.dtype, device=sub.device)
+                _set_state(self, name, _put(full, index, axes, sub))
+            w = self.last_weights
+            if w is not None and w.shape[0] == len(index):
+                wide = torch.zeros(T, dtype=w.dtype, device=w.device)
+                wide[torch.as_tensor(index, device=w.device)] = w
+                self.last_weights = wide
 
     def parameters(self) -> list[nn.Parameter]:
         """Learnable parameters of the method itself (e.g. UW's log-variances); stepped with the model."""
@@ -238,6 +318,37 @@ class MTLOptimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+def _get_state(obj: Any, name: str) -> Any:
+    attr, _, key = name.partition(".")
+    value = getattr(obj, attr)
+    return value.get(key) if key and value is not None else value
+
+
+def _set_state(obj: Any, name: str, value: Any) -> None:
+    attr, _, key = name.partition(".")
+    if key:
+        getattr(obj, attr)[key] = value
+    else:
+        setattr(obj, attr, value)
+
+
+def _take(x: torch.Tensor, index: list[int], axes: int) -> torch.Tensor:
+    idx = torch.as_tensor(index, device=x.device)
+    x = x.detach()[idx]
+    return x[:, idx] if axes == 2 else x
+
+
+def _put(full: torch.Tensor, index: list[int], axes: int, sub: torch.Tensor) -> torch.Tensor:
+    out = full.detach().clone()
+    idx = torch.as_tensor(index, device=full.device)
+    sub = sub.detach().to(out.dtype)
+    if axes == 2:
+        out[idx[:, None], idx] = sub
+    else:
+        out[idx] = sub
+    return out
 
 
 class JacobianMethod(MTLOptimizer):

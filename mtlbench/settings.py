@@ -36,7 +36,7 @@ DATASET: Any = _Dataset()
 _MISSING: Any = object()
 
 # the fallback of a dataset that suggests no training setting of its own
-FALLBACK_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3}
+FALLBACK_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3, "embed_dim": 16}
 MAX_SEEDS = 10_000      # seeds per sweep: a count beyond this is a typo, refused before anything is expanded
 MAX_RUNS = 100_000      # runs per sweep (the product of the grid's axes)
 SELECTIONS = ("mean_primary", "val_loss")
@@ -137,7 +137,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("weight_decay", "float", 1e-6, "Adam weight decay", spec=True, protocol=True, minimum=0),
     Setting("patience", "int", 3, "early stopping: epochs without a better validation score (0: never stop "
             "early)", spec=True, protocol=True, minimum=0),
-    Setting("embed_dim", "int", 16, "embedding width shared by all archs", spec=True, protocol=True, minimum=1),
+    Setting("embed_dim", "int", DATASET, "embedding width shared by all archs: each categorical field's embedding "
+            "and the one projection of the dense features (a dense-only table's input layer)", spec=True,
+            protocol=True, minimum=1),
     Setting("device", "str", "auto", "auto (a GPU when there is one), cpu, cuda, cuda:N or mps; the run id "
             "names the device (cuda and cuda:0 are one)", spec=True),
     Setting("selection", "str", "mean_primary", "model selection on validation: mean_primary (mean primary "
@@ -296,7 +298,7 @@ def _names(v: Any, where: str, allow_empty: bool) -> list[str]:
 
 
 def _check_names(s: Setting, v: Any, where: str) -> list[str]:
-    return _names(v, where, allow_empty=s.name in ("ablate", "log"))
+    return _names(v, where, allow_empty=s.default == [])  # a list that may be empty by default may be given empty
 
 
 def _check_tasksets(s: Setting, v: Any, where: str) -> list[list[str]]:
@@ -438,7 +440,7 @@ def from_flags(args: Any, base: dict[str, Any]) -> dict[str, Any]:
         elif s.kind == "paths":
             out[s.name] = base[s.name] + s.check(raw, s.flag)
         elif s.kind == "names" and isinstance(raw, str) and not raw.strip(",").strip():
-            out[s.name] = s.check([""], s.flag) if s.name not in ("ablate", "log") else []
+            out[s.name] = s.check([""], s.flag) if s.default != [] else []
         else:
             out[s.name] = s.parse_flag(raw)
     return out

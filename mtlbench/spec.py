@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from mtlbench import registry, settings
+from mtlbench.data import offered_task_sets, offered_tasks
 from mtlbench.errors import MtlbenchError, unknown
 
 SPEC_VERSION = 1
@@ -161,8 +162,10 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     modality = getattr(ds.obj, "modality", "tabular")
     if ar.modality != modality or modality != "tabular":
         ar = registry.get("arch", arch, modality=modality)  # one line if the arch has no variant for this data
-    offered = ds.obj.task_names()
-    aliases = getattr(ds.obj, "task_aliases", {}) or {}
+    dataset_options = ds.resolve_options(dataset_options)
+    ds_opts = registry.build_options(ds.options_class, dataset_options)
+    offered = offered_tasks(ds.obj, ds_opts)  # the tasks may depend on the dataset's options
+    aliases = offered_task_sets(ds.obj, ds_opts)
     if tasks is not None and len(tasks) == 1 and tasks[0] in aliases:
         tasks = list(aliases[tasks[0]])
     if tasks is not None:
@@ -180,8 +183,7 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
                     raise err
     elif offered:
         default = getattr(ds.obj, "default_tasks", None)  # options-dependent defaults (multimnist's dense variant)
-        tasks = list(default(registry.build_options(ds.options_class, ds.resolve_options(dataset_options)))
-                     if callable(default) else offered)
+        tasks = list(default(ds_opts) if callable(default) else offered)
     else:
         raise MtlbenchError(f"dataset '{dataset}' does not list its tasks; pass --tasks")
     suggested = getattr(ds.obj, "default_training", {}) or {}
@@ -195,12 +197,10 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
     values["threads"] = resolve_threads(values["threads"], suggested.get("threads"), jobs)
     if isinstance(seed, bool) or not float(seed).is_integer() or seed < 0:
         raise MtlbenchError(f"seed must be a non-negative integer, got {seed}")
-    dataset_options = ds.resolve_options(dataset_options)
     arch_options = ar.resolve_options(arch_options)
     _check_features(dataset, ds, dataset_options, arch, ar, arch_options)
     check_input = getattr(ar.obj, "check_input", None)
     if modality != "tabular" and check_input is not None:  # resolution, dense decoders: before any data loads
-        ds_opts = registry.build_options(ds.options_class, dataset_options)
         check_input(arch, dataset, registry.build_options(ar.options_class, arch_options),
                     ds.obj.image_shape(ds_opts), [t for t in ds.obj.dense_tasks(ds_opts) if t in tasks])
     sources = {f"{e.kind}:{e.name}": h for e in (ds, ar, op) if (h := e.source_hash())}

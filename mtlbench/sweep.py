@@ -209,13 +209,10 @@ def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | Non
 def crash_record(spec: Any, reason: str, kind: str = "WorkerDied") -> dict[str, Any]:
     """The record of a run lost to the machinery (a dead worker, a broken pool, our own bug), marked as an
     infrastructure failure: rerunning the sweep retries it."""
-    from datetime import datetime, timezone
+    from mtlbench.results.record import make_record
 
-    from mtlbench.results.store import RECORD_SCHEMA
-
-    return {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(), "status": "failed",
-            "error": {"reason": reason, "type": kind, "traceback": None, "infrastructure": True},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return make_record(spec.to_dict(), spec.run_id, "failed",
+                       error={"reason": reason, "type": kind, "traceback": None, "infrastructure": True}).to_dict()
 
 
 # ----------------------------------------------------------------------------------------------- progress

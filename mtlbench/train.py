@@ -2,7 +2,8 @@
 
 Model selection uses the validation split only: after each epoch the validation metrics are computed, the best
 epoch (by ``spec.selection``) is kept, training stops after ``spec.patience`` epochs without improvement, and the
-test split is evaluated once, on the selected weights. The seed fixes data generation, initialisation,
+test split is evaluated once, on the selected weights. An arch made of independent per-task networks
+(``selection_groups``, e.g. ``single``) is selected and stopped per task instead, as T separate runs would be. The seed fixes data generation, initialisation,
 shuffling and any randomness of the MTL optimizer; on CPU the same seed gives the same numbers.
 """
 from __future__ import annotations
@@ -28,10 +29,10 @@ from mtlbench.errors import MtlbenchError, RunFailed
 from mtlbench.loader import BatchLoader
 from mtlbench.metrics import evaluate_task, metric
 from mtlbench.objectives import predict
-from mtlbench.optim import MTLOptimizer, StepContext, check_compatible
+from mtlbench.optim import MTLOptimizer, StepContext, check_compatible, present_tasks
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
-from mtlbench.results.store import RECORD_SCHEMA
+from mtlbench.results.record import make_record
 from mtlbench.vision.dense import DenseAccumulator
 
 # Rows per evaluation batch. Larger batches gain nothing on CPU (MMoE: 6.6 us/row at 2048 and 8192) and cost
@@ -60,7 +61,7 @@ def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None
     if data is None:
         adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
         data = adapter.load(spec.seed)
-    data = data.select_tasks(spec.tasks)
+    data = data.validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
@@ -95,7 +96,8 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
         if i in dense:
             result[task.name] = dense[i].compute()
             continue
-        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i])
+        result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i],
+                                          task.label_scale)
     return result
 
 
@@ -103,6 +105,11 @@ def eval_batch_size(model: torch.nn.Module) -> int:
     """Rows per evaluation batch: the arch's ``eval_batch_size`` (image archs: big per-row activations), else
     EVAL_BATCH."""
     return int(getattr(model, "eval_batch_size", EVAL_BATCH))
+
+
+def accumulator_dtype(device: str | torch.device) -> torch.dtype:
+    """float64 for sums kept on the device (losses over an epoch), float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
@@ -119,16 +126,74 @@ def selection_score(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str,
     return sum(finite) / len(finite) if finite else -math.inf
 
 
-def _val_loss(model, data: MultiTaskData, split: Split, device: str) -> float:
-    """The summed training objective (the arch's task losses) on ``split``, averaged over batches by rows."""
+def task_selection_scores(spec: RunSpec, data: MultiTaskData, val: dict[str, dict[str, float]],
+                          val_losses: dict[str, float] | None) -> dict[str, float]:
+    """Per task, higher is better: its primary metric (negated where lower is better) under ``mean_primary``,
+    minus its validation loss under ``val_loss``. Used by archs that select per task (``selection_groups``)."""
+    scores = {}
+    for t in data.tasks:
+        if spec.selection == "val_loss":
+            v = -val_losses[t.name] if val_losses is not None and t.name in val_losses else -math.inf
+        else:
+            v = val[t.name][t.primary_metric]
+            v = v if metric(t.primary_metric).direction == "max" else -v
+        scores[t.name] = v if math.isfinite(v) else -math.inf
+    return scores
+
+
+def _val_losses(model, data: MultiTaskData, split: Split, device: str) -> dict[str, float]:
+    """Each optimised task's loss (the arch's task losses) on ``split``, averaged over batches by rows."""
     model.eval()
-    total, rows = torch.zeros((), dtype=torch.float64, device=device), 0
+    names = tuple(model.loss_tasks())
+    total, rows = torch.zeros(len(names), dtype=accumulator_dtype(device), device=device), 0
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
-            total += sum(model.task_losses(model(batch).outputs, batch)).double() * n  # no sync per batch
+            losses = model.task_losses(model(batch).outputs, batch)
+            total += torch.stack([l.detach() for l in losses]).to(total.dtype) * n  # no sync per batch
             rows += n
-    return float(total) / max(rows, 1)
+    return {t: float(v) / max(rows, 1) for t, v in zip(names, total.cpu())}
+
+
+class _PerTaskSelection:
+    """Per-task model selection for archs whose tasks are independent networks (``selection_groups``): each
+    task keeps the weights of its own best validation epoch; training stops once every task has gone
+    ``patience`` epochs without improving."""
+
+    def __init__(self, model: torch.nn.Module, groups: dict[str, str], patience: int) -> None:
+        keys = list(model.state_dict())
+        owners = {k: [t for t, p in groups.items() if k.startswith(p)] for k in keys}
+        bad = [k for k, o in owners.items() if len(o) != 1]
+        if bad:
+            raise MtlbenchError(f"per-task selection: state key '{bad[0]}' belongs to {len(owners[bad[0]])} task "
+                                f"networks (each key must belong to exactly one of {', '.join(groups)})")
+        self.groups, self.patience = groups, patience
+        self.best = {t: -math.inf for t in groups}
+        self.epoch = {t: 0 for t in groups}
+        self.since = {t: 0 for t in groups}
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def update(self, model: torch.nn.Module, epoch: int, scores: dict[str, float]) -> bool:
+        """Record this epoch; True when training should stop."""
+        full = None
+        for t, prefix in self.groups.items():
+            if scores[t] > self.best[t]:
+                full = model.state_dict() if full is None else full
+                self.best[t], self.epoch[t], self.since[t] = scores[t], epoch, 0
+                self.state[t] = {k: v.detach().clone() for k, v in full.items() if k.startswith(prefix)}
+            else:
+                self.since[t] += 1
+        return bool(self.patience) and all(s >= self.patience for s in self.since.values())
+
+    def assembled(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The model's state with each task's network taken from its own best epoch (None if a task never had a
+        finite score)."""
+        if len(self.state) != len(self.groups):
+            return None
+        state = dict(model.state_dict())
+        for part in self.state.values():
+            state.update(part)
+        return state
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -194,6 +259,10 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     train_seconds, train_rows, step, since_best = 0.0, 0, 0, 0
 
     loss_names = tuple(model.loss_tasks())
+    train_masks = data.splits["train"].tensors.get("masks")
+    some_unlabelled = train_masks is not None and not bool(train_masks.all())  # once per run
+    groups = model.selection_groups() if hasattr(model, "selection_groups") else None
+    per_task = _PerTaskSelection(model, groups, spec.patience) if groups else None
     first_loss: torch.Tensor | None = None
     watch = FiniteWatch(loss_names, spec.optimizer, device)
 
@@ -203,7 +272,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
 
     for epoch in range(1, spec.epochs + 1):
         model.train()
-        sums = torch.zeros(len(loss_names), dtype=torch.float64, device=device)
+        sums = torch.zeros(len(loss_names), dtype=accumulator_dtype(device), device=device)
+        counts = torch.zeros_like(sums)  # steps in which each task had labelled rows
         weight_sums: torch.Tensor | None = None
         n_steps = 0
         t0 = time.perf_counter()
@@ -223,17 +293,32 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             watch.losses(stacked)
             optimizer.zero_grad(set_to_none=True)
             ctx = StepContext(model, batch, out, losses, lambda b=batch: losses_of(b), method_gen, step, epoch)
-            try:
-                method.step(ctx)
-            except Exception:
-                watch.check(epoch)  # a non-finite loss earlier is the cause (e.g. a host solver fed NaN)
-                raise
-            watch.grads(params)
-            optimizer.step()
-            method.after_step(ctx)
-            sums += stacked.double()
+            # a task with no labelled row here is left out of this step (one host copy of T counts; skipped
+            # when the training split labels every task on every row)
+            present = present_tasks(ctx) if some_unlabelled else None
+            if present is not None and not present:
+                continue  # no task has a label here: nothing to learn from this batch
+            view = ctx if present is None else ctx.restrict(present)
+            with method.only(present):
+                try:
+                    method.step(view)
+                except Exception:
+                    watch.check(epoch)  # a non-finite loss earlier is the cause (e.g. a host solver fed NaN)
+                    raise
+                watch.grads(params)
+                optimizer.step()
+                method.after_step(view)
+            if present is None:
+                sums += stacked.to(sums.dtype)
+                counts += 1
+            else:
+                mask = torch.zeros_like(sums)
+                mask[present] = 1.0
+                sums += stacked.to(sums.dtype) * mask
+                counts += mask
             if method.last_weights is not None:
-                w = method.last_weights.detach().double()  # summed where the method keeps it: no copy
+                w = method.last_weights.detach()  # summed where the method keeps it: no copy
+                w = w.to(accumulator_dtype(w.device))
                 weight_sums = w if weight_sums is None else weight_sums + w.to(weight_sums.device)
             if (step + 1) % CHECK_EVERY == 0:
                 watch.check(epoch)
@@ -246,13 +331,19 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         watch.check(epoch)
         epoch_seconds = time.perf_counter() - t0
         train_seconds += epoch_seconds
-        train_losses = {t: float(s) / max(n_steps, 1) for t, s in zip(loss_names, sums)}
+        # each task's mean over the steps where it had labels (NaN if none: methods treat it as unknown)
+        sums_h, counts_h = sums.cpu().tolist(), counts.cpu().tolist()  # one copy per epoch
+        train_losses = {t: s / c if c > 0 else math.nan for t, s, c in zip(loss_names, sums_h, counts_h)}
         method.end_epoch(epoch, train_losses)
         val = evaluate(model, data, val_split, device)
-        val_loss = _val_loss(model, data, val_split, device) if spec.selection == "val_loss" else None
+        val_losses = _val_losses(model, data, val_split, device) if spec.selection == "val_loss" else None
+        val_loss = sum(val_losses.values()) if val_losses is not None else None
         score = selection_score(spec, data, val, val_loss)
-        entry = {"epoch": epoch, "train_loss": train_losses, "val": val, "selection_score": score,
+        entry = {"epoch": epoch, "train_loss": {t: v if math.isfinite(v) else None for t, v in train_losses.items()},
+                 "val": val, "selection_score": score,
                  "seconds": epoch_seconds}
+        if per_task is not None:
+            entry["task_selection_scores"] = task_selection_scores(spec, data, val, val_losses)
         if weight_sums is not None:
             entry["task_weights"] = {t: float(w) / n_steps for t, w in zip(loss_names, weight_sums)}
         curves.append(entry)
@@ -260,7 +351,15 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             on_epoch(entry)
         if log:
             summary = "  ".join(f"{t.name} {t.primary_metric} {val[t.name][t.primary_metric]:.4f}" for t in tasks)
-            log(f"epoch {epoch}/{spec.epochs}  train loss {sum(train_losses.values()):.4f}  val {summary}")
+            total = sum(v for v in train_losses.values() if math.isfinite(v))
+            log(f"epoch {epoch}/{spec.epochs}  train loss {total:.4f}  val {summary}")
+        if per_task is not None:
+            stop = per_task.update(model, epoch, entry["task_selection_scores"])
+            if any(per_task.epoch[t] == epoch for t in per_task.groups):
+                best_method_state = copy.deepcopy(method.state_dict())
+            if stop:
+                break
+            continue
         if score > best_score:
             best_score, best_epoch, since_best = score, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
@@ -269,12 +368,20 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
             since_best += 1
             if spec.patience and since_best >= spec.patience:
                 break
+    extra: dict[str, Any] = {}
+    if per_task is not None:
+        best_state = per_task.assembled(model)
+        if best_state is not None:
+            best_epoch = max(per_task.epoch.values())
+            best_score = sum(per_task.best.values()) / len(per_task.best)
+            extra["selected_epochs"] = dict(per_task.epoch)
     if best_state is None:
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
     extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
-    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, "epochs_run": len(curves), "curves": curves,
+    return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, **extra, "epochs_run": len(curves),
+            "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,
             "train_samples_per_s": train_rows / train_seconds if train_seconds > 0 else None,
             "optimizer_state": _jsonable_state(best_method_state), "optimizer_warnings": list(method.warnings),
@@ -287,7 +394,7 @@ def divergence_warnings(first_loss: float | None, curves: list[dict[str, Any]]) 
     if not first_loss or not math.isfinite(first_loss) or first_loss <= 0:
         return []
     for c in curves:
-        total = sum(c["train_loss"].values())
+        total = sum(v for v in c["train_loss"].values() if v is not None)  # None: a task with no labels that epoch
         if math.isfinite(total) and total >= DIVERGENCE_FACTOR * first_loss:
             return [f"training loss grew from {first_loss:.4g} (first step) to {total:.4g} (epoch {c['epoch']} "
                     f"mean), {total / first_loss:.0e} times: the run diverged; is the learning rate too high?"]
@@ -353,11 +460,11 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
     Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
     started = time.time()
     torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
-    record: dict[str, Any] = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(),
-                              "status": "running",
-                              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    created = datetime.now(timezone.utc)
+    record: dict[str, Any] = {"status": "running", "option_defaults": _option_defaults(spec)}
     try:
         built = build(spec, data_dir)
+        record["directions"] = {m: metric(m).direction for t in built.data.tasks for m in t.metrics}
         record["dataset"] = built.data.describe()
         record["parameters"] = built.model.parameter_counts()
         record["arch_info"] = built.model.describe()
@@ -368,6 +475,10 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         if log:
             p = record["parameters"]
             log(f"parameters: {p['total']:,} ({p['shared']:,} shared)")
+            if "rows_without_labels_dropped" in built.data.info:
+                d = built.data.info["rows_without_labels_dropped"]
+                log("dropped rows with no label for any selected task: "
+                    + ", ".join(f"{s} {n:,}" for s, n in d.items()))
         body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None)
     except KeyboardInterrupt:
         raise
@@ -376,6 +487,7 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
             raise  # bad input: one line, nothing stored
         record.update(status="failed", error={"reason": str(exc), "type": type(exc).__name__, "traceback": None},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
@@ -383,14 +495,35 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
         record.update(status="failed", error={"reason": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
                                               "traceback": traceback.format_exc(limit=8)},
                       wall_seconds=time.time() - started)
+        record = _made(spec, created, record)
         if trackers:
             trackers.finish(record)
         return record
     record["arch_info"] = {**record.get("arch_info", {}), **body.pop("arch_extras", {})}
     record.update(status="ok", error=None, wall_seconds=time.time() - started, **body)
+    record = _made(spec, created, record)
     if trackers:
         trackers.finish(record)
     return record
+
+
+def _made(spec: RunSpec, created: datetime, body: dict[str, Any]) -> dict[str, Any]:
+    """The stored form of the record, made and validated by the one record constructor."""
+    fields = {k: v for k, v in body.items() if k not in ("status", "error")}
+    return make_record(spec.to_dict(), spec.run_id, body["status"], created=created, error=body.get("error"),
+                       **fields).to_dict()
+
+
+def _option_defaults(spec: RunSpec) -> dict[str, Any]:
+    """The arch's and optimizer's default option values, so the leaderboard can tell the full method from an
+    ablation variant (None for a side whose options have no defaults)."""
+    out: dict[str, Any] = {}
+    for kind, name in (("arch", spec.arch), ("optimizer", spec.optimizer)):
+        try:
+            out[kind] = registry.resolve_options(registry.get(kind, name).options_class, {}, f"{kind} '{name}'")
+        except MtlbenchError:
+            out[kind] = None
+    return out
 
 
 def run(spec: RunSpec, results_dir: str | Path, data_dir: str | None = None, progress: bool = False,

@@ -115,7 +115,8 @@ def load_task_vector(path: Path, *, task: str, backbone_sha256: str,
 def train_expert(spec: RunSpec, base: dict[str, torch.Tensor], keys: list[str], data_dir: str | None,
                  log: Callable[[str], None] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fine-tune one expert with the suite's training loop; its task vector and its (ok) run record."""
-    from mtlbench.results.store import RECORD_SCHEMA
+    from mtlbench.metrics import metric
+    from mtlbench.results.record import make_record
     from mtlbench.train import build, environment, train
 
     started = time.time()
@@ -124,10 +125,11 @@ def train_expert(spec: RunSpec, base: dict[str, torch.Tensor], keys: list[str], 
     body = train(spec, built, log=log)
     enc = built.model.shared["encoder"].state_dict()
     tv = {k: enc[k].detach().float().cpu() - base[k].float() for k in keys}
-    record = {"schema": RECORD_SCHEMA, "run_id": spec.run_id, "spec": spec.to_dict(), "status": "ok", "error": None,
-              "dataset": built.data.describe(), "parameters": built.model.parameter_counts(),
-              "arch_info": built.model.describe(), "environment": environment(spec.device),
-              "wall_seconds": time.time() - started, **body}
+    record = make_record(spec.to_dict(), spec.run_id, "ok",  # the one record constructor
+                         directions={m: metric(m).direction for t in built.data.tasks for m in t.metrics},
+                         dataset=built.data.describe(), parameters=built.model.parameter_counts(),
+                         arch_info=built.model.describe(), environment=environment(spec.device),
+                         wall_seconds=time.time() - started, **body).to_dict()
     return tv, record
 
 

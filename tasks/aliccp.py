@@ -31,7 +31,7 @@ import numpy as np
 
 from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, TaskSpec, register_dataset
 from mtlbench.data import CategoricalField
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 
 NAME = "aliccp"
 SPARSE = ("101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "210", "216", "508",

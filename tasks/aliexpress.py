@@ -33,7 +33,7 @@ import numpy as np
 
 from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, TaskSpec, register_dataset
 from mtlbench.data import CategoricalField
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 
 NAME = "aliexpress"
 COUNTRIES = ("NL", "ES", "FR", "US")

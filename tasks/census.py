@@ -43,7 +43,7 @@ subset of each file before splitting, for quick runs and tests.
 Files: ``<data_dir>/census_income/census-income.test.gz`` (sha256 pinned: the gzip file from SHA256SUMS, or the
 sha256 of its decompressed content, so an identical re-compressed copy is accepted) and, in ``full`` mode,
 ``<data_dir>/census_income/census-income.data.gz``. Missing files are downloaded from the UCI archive into the cache
-(see ``tasks/_files.py``). **The train file is not pinned by hash** (no published hash was found and no copy was
+(see ``mtlbench.tasks.helpers``). **The train file is not pinned by hash** (no published hash was found and no copy was
 available to hash); it is checked by its layout (42 fields, known label and category values) and its row count
 (199,523) instead, and the record stores its sha256.
 """
@@ -58,7 +58,7 @@ import numpy as np
 
 from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, TaskSpec, register_dataset
 from mtlbench.data import CategoricalField
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 
 NAME = "census"
 UCI_BASE = "https://archive.ics.uci.edu/ml/machine-learning-databases/census-income-mld/"

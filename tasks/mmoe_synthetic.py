@@ -34,10 +34,10 @@ initialisation: leave ``data_seed`` unset and vary ``--seed``/``--seeds``.
 Labels are not standardised (their scale is part of the benchmark); the dense features are already N(0, 1).
 
 Features: dense only (``x0 .. x{d-1}``), no categorical fields (the splits carry an empty ``[N, 0]`` int64
-``categorical`` tensor). Note that mtlbench's shared ``InputLayer`` projects the dense vector to ONE field of
-``embed_dim``, so every arch sees ``Linear(d -> embed_dim)`` first; with the default ``--embed-dim 16`` that is a
-16-unit linear bottleneck the paper's models do not have. Run with ``--embed-dim 100`` (or more) to keep the
-paper's capacity, e.g. ``mtlbench run --dataset mmoe_synthetic --arch mmoe --embed-dim 100``.
+``categorical`` tensor). mtlbench's shared ``InputLayer`` projects the dense vector to ONE field of ``embed_dim``,
+so every arch sees ``Linear(d -> embed_dim)`` first; the engine-wide default of 16 would be a 16-unit linear
+bottleneck the paper's models do not have, so this adapter suggests ``embed_dim`` 100 (``default_training``, shown
+by ``mtlbench list -v``): a square map for the default d = 100. ``--embed-dim`` overrides it.
 
 Tasks: ``y1``, ``y2``; kind regression (MSE loss), metrics ``rmse`` (primary) and ``mae``.
 """
@@ -77,7 +77,7 @@ class MMoESynthetic(DatasetAdapter):
 
     version = "1.0"
     tasks = ("y1", "y2")
-    default_training = {"epochs": 30, "batch_size": 128, "lr": 1e-3}
+    default_training = {"epochs": 30, "batch_size": 128, "lr": 1e-3, "embed_dim": 100}
 
     @dataclass
     class Options:

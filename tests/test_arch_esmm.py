@@ -14,7 +14,8 @@ from mtlbench.cli import main
 from mtlbench.errors import MtlbenchError
 from mtlbench.objectives import task_loss
 
-from conftest import build_arch, check_contract as _check_contract, check_partition as _check_partition
+from conftest import assert_close_fp, build_arch, check_contract as _check_contract
+from conftest import check_partition as _check_partition
 from conftest import first_rows as _batch
 
 CLI = ["-D", "n_rows=4000", "-D", "n_users=300", "-D", "n_items=200", "--epochs", "1", "--batch-size", "256",
@@ -40,7 +41,7 @@ def test_ctcvr_is_the_product(small_data):
     torch.manual_seed(1)
     model = build_arch("esmm", small_data).eval()
     ctr, cvr, ctcvr = (torch.sigmoid(o.reshape(-1)) for o in model(_batch(small_data, 256)).outputs)
-    torch.testing.assert_close(ctcvr, ctr * cvr, rtol=1e-5, atol=1e-7)
+    assert_close_fp(ctcvr, ctr * cvr)
     # the ctr output is the shared CTR tower's logit (exposed as a feature)
     out = model(_batch(small_data, 256))
     torch.testing.assert_close(out.outputs[0], out.features[1])
@@ -82,7 +83,7 @@ def test_losses_are_ctr_and_ctcvr_over_all_impressions(small_data):
     p = torch.sigmoid(out.outputs[0]) * torch.sigmoid(out.outputs[1])
     y = batch["labels"][:, 2:3]
     assert bool(batch["masks"][:, 2].all())  # ctcvr: every impression
-    torch.testing.assert_close(ctcvr_loss, F.binary_cross_entropy(p, y), rtol=1e-5, atol=1e-6)
+    assert_close_fp(ctcvr_loss, F.binary_cross_entropy(p, y))
     # no direct CVR loss: changing the cvr labels changes nothing
     flipped = dict(batch, labels=batch["labels"].clone())
     flipped["labels"][:, 1] = 1.0 - flipped["labels"][:, 1]

@@ -142,3 +142,18 @@ def test_cli_bad_input_is_one_line():
                         "--arch-option", "n_experts=0", "--dry-run"], capture_output=True, text=True)
     err = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(err) == 1 and "n_experts must be at least 1, got 0" in err[0], r.stderr
+
+
+def test_image_runs_do_not_relabel_tabular_ones():
+    """An arch name with a tabular and an image variant: option labels compare runs of the same variant only."""
+    from mtlbench.results.leaderboard import long_frame
+    from mtlbench.testing import fake_record
+
+    auc = {"ctr": 0.7, "cvr": 0.6}
+    recs = [fake_record("x", "shared_bottom", "ew", 0, auc, arch_options={"bottom_units": [8]}),
+            fake_record("y", "shared_bottom", "ew", 0, auc, arch_options={"encoder": "vit", "depth": 4}),
+            fake_record("y", "shared_bottom", "ew", 0, auc, arch_options={"encoder": "vit", "depth": 2})]
+    frame = long_frame(recs)
+    assert dict(zip(frame["run_id"], frame["arch"])) == {recs[0]["run_id"]: "shared_bottom",
+                                                         recs[1]["run_id"]: "shared_bottom(depth=4)",
+                                                         recs[2]["run_id"]: "shared_bottom(depth=2)"}

@@ -13,7 +13,7 @@ import torch
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import build_options, get
 from mtlbench.spec import build_spec
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 from mtlbench.tasks import aliccp
 
 SAMPLES = "torchrechub_samples/ali-ccp"

@@ -14,7 +14,7 @@ import torch
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import build_options, get
 from mtlbench.spec import build_spec
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 from mtlbench.tasks import aliexpress
 
 SAMPLES = "torchrechub_samples/aliexpress"

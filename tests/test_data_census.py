@@ -1,4 +1,4 @@
-"""The census adapter on the real UCI test file (../shared/data), plus the shared file helpers of tasks/_files.py:
+"""The census adapter on the real UCI test file (../shared/data), plus the shared file helpers of mtlbench.tasks.helpers:
 hash pinning, downloads, the processed-tensor cache, fixed splits, and every bad input as one line."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mtlbench.cli import main
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import build_options, get
 from mtlbench.spec import build_spec
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 from mtlbench.tasks import census
 
 TEST_GZ = "census_income/census-income.test.gz"

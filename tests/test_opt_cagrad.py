@@ -16,7 +16,7 @@ from mtlbench.baselines.optimizers.mgda import mgda_weights
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import get
 
-from conftest import build_arch, make_method, short_run, step_context
+from conftest import assert_close_fp, grad_scale, build_arch, make_method, short_run, step_context
 
 RAW = dict(reduction="mean", rescale=0)  # the paper's d = g_0 + sqrt(phi)/|g_w| g_w, no official post-processing
 
@@ -210,13 +210,13 @@ def test_step_writes_the_update_and_heads_follow_their_loss(small_data):
     expect = cagrad_weights((J @ J.T).double()).float()
     torch.testing.assert_close(method.last_weights, expect, atol=1e-4, rtol=0)
     got = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()])
-    torch.testing.assert_close(got, method.last_weights @ J, rtol=1e-5, atol=1e-7)
+    assert_close_fp(got, method.last_weights @ J)
     head = model.task_parameters()
     for name, loss in zip(small_data.task_names, ctx.losses):
         ref = torch.autograd.grad(loss, head[name], retain_graph=True, allow_unused=True)
         for p, r in zip(head[name], ref):
             if r is not None:
-                torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)
+                assert_close_fp(p.grad, r, scale=grad_scale(ref))
 
 
 def test_unconverged_solve_warns_once_naming_the_step(small_data):
@@ -234,7 +234,7 @@ def test_unconverged_solve_warns_once_naming_the_step(small_data):
 
 def test_short_training_run(tmp_path):
     rec = short_run(tmp_path, "cagrad")
-    assert rec["optimizer_warnings"] == []  # the normalised dual solve converges on real gradients
+    assert rec.get("optimizer_warnings", []) == []  # the normalised dual solve converges on real gradients
     for epoch in rec["curves"]:
         w = epoch["task_weights"]
         assert set(w) == {"ctr", "cvr", "ctcvr"} and all(math.isfinite(v) and v > 0 for v in w.values())
@@ -255,3 +255,36 @@ def test_defaults():
     assert get("optimizer", "cagrad").resolve_options({}) == {"c": 0.5, "rescale": 1, "reduction": "sum",
                                                                "max_iter": 100, "tol": 1e-6}
     assert get("optimizer", "cagrad").description.startswith("CAGrad (Liu et al., NeurIPS 2021)")
+
+
+def test_the_dual_is_certified_at_139_tasks_quickly():
+    """Issue 16: at T = 139 with gradients near a low-dimensional subspace (as real per-task gradients are),
+    SLSQP alone took ~10 s per solve; the solver now certifies the dual (duality gap <= tol) well within 5 s."""
+    import time
+
+    from mtlbench.baselines.optimizers.cagrad import cagrad_solve
+
+    g = torch.Generator().manual_seed(0)
+    T = 139
+    J = (torch.randn(T, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 200, generator=g, dtype=torch.float64)
+         + 0.01 * torch.randn(T, 200, generator=g, dtype=torch.float64)
+         + 0.5 * torch.randn(1, 200, generator=g, dtype=torch.float64))
+    t0 = time.perf_counter()
+    sol = cagrad_solve(J @ J.T)
+    assert time.perf_counter() - t0 < 5.0
+    assert sol.converged and sol.gap <= 1e-6
+    assert float(sol.w.min()) >= 0.0 and abs(float(sol.w.sum()) - 1.0) < 1e-12
+
+
+def test_simplex_projection():
+    from mtlbench.baselines.optimizers.cagrad import project_simplex
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        v = torch.randn(7, generator=g, dtype=torch.float64).numpy() * 3
+        p = project_simplex(v)
+        assert p.min() >= 0.0 and abs(p.sum() - 1.0) < 1e-12
+        # optimality of the projection: v - p is constant on the support and no larger off it
+        r = v - p
+        on = p > 0
+        assert np.ptp(r[on]) < 1e-12 and (r[~on] <= r[on].max() + 1e-12).all()

@@ -12,7 +12,7 @@ from mtlbench.baselines.optimizers.mgda import find_min_norm_element, gradient_n
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import get
 
-from conftest import build_arch, make_method, short_run, step_context
+from conftest import assert_close_fp, grad_scale, build_arch, make_method, short_run, step_context
 
 SOLVERS = ["fw", "pairwise"]
 
@@ -217,7 +217,7 @@ def test_step_writes_weighted_update(small_data, weight_heads):
     alpha = method.last_weights
     assert alpha.shape == (len(small_data.tasks),) and abs(float(alpha.sum()) - 1.0) < 1e-5
     got = torch.cat([p.grad.reshape(-1) for p in model.shared_parameters()])
-    torch.testing.assert_close(got, alpha @ J, rtol=1e-5, atol=1e-7)
+    assert_close_fp(got, alpha @ J)
     # heads: own loss (paper) or alpha_t * own loss (official script's single backward)
     head = model.task_parameters()
     for t, (name, loss) in enumerate(zip(small_data.task_names, ctx.losses)):
@@ -225,7 +225,7 @@ def test_step_writes_weighted_update(small_data, weight_heads):
         scale = float(alpha[t]) if weight_heads else 1.0
         for p, r in zip(head[name], ref):
             if r is not None:
-                torch.testing.assert_close(p.grad, r * scale, rtol=1e-5, atol=1e-7)
+                assert_close_fp(p.grad, r * scale, scale=grad_scale(ref) * float(scale))
 
 
 def test_rep_mode_is_mgda_ub(small_data):
@@ -249,20 +249,20 @@ def test_rep_mode_is_mgda_ub(small_data):
     ref_shared = torch.autograd.grad((expect_alpha * torch.stack(losses)).sum(), shared, retain_graph=True,
                                      allow_unused=True)
     for g, r in zip(got_shared, ref_shared):
-        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-4, atol=1e-7)
+        assert_close_fp(g, torch.zeros_like(g) if r is None else r, scale=grad_scale(got_shared))
     for name, loss in zip(small_data.task_names, losses):
         ps = model.task_parameters()[name]
         ref = torch.autograd.grad(loss, ps, retain_graph=True, allow_unused=True)
         for g, r in zip(got_heads[name], ref):
-            torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-4, atol=1e-7)
+            assert_close_fp(g, torch.zeros_like(g) if r is None else r, scale=grad_scale(got_heads[name]))
 
 
 def test_non_convergence_warns_once_and_keeps_last_iterate(small_data):
     J = _random_J(3, 5, 4)
-    method = _method(tuple("abcde"), max_iter=2)
+    method = _method(tuple("abcde"), max_iter=2, solver="fw")
     with pytest.warns(RuntimeWarning, match="mgda: the 'fw' min-norm solver did not reach"):
         update, w = method.aggregate(J, torch.ones(5), torch.Generator())
-    alpha, ok, it = find_min_norm_element(J @ J.T, max_iter=2)
+    alpha, ok, it = find_min_norm_element(J @ J.T, max_iter=2, solver="fw")
     assert not ok and it == 2
     torch.testing.assert_close(w, alpha)
     method.aggregate(J, torch.ones(5), torch.Generator())  # once per run
@@ -270,10 +270,10 @@ def test_non_convergence_warns_once_and_keeps_last_iterate(small_data):
     # inside a training step the message names the step
     torch.manual_seed(0)
     model = build_arch("shared_bottom", small_data)
-    m2 = _method(small_data.task_names, max_iter=1)
+    m2 = _method(small_data.task_names, max_iter=1, solver="fw")
     ctx = step_context(model, small_data)
     G = ctx.jacobian() @ ctx.jacobian().T
-    if not find_min_norm_element(G, max_iter=1)[1]:
+    if not find_min_norm_element(G, max_iter=1, solver="fw")[1]:
         with pytest.warns(RuntimeWarning, match=r"step 1 \(epoch 1\)"):
             m2.step(ctx)
 
@@ -300,6 +300,22 @@ def test_bad_options(options, bad):
 
 def test_defaults_are_the_official_ones():
     assert get("optimizer", "mgda").resolve_options({}) == {
-        "normalization": "none", "max_iter": 250, "stop_crit": 1e-5, "solver": "fw", "rep": False,
+        "normalization": "none", "max_iter": 250, "stop_crit": 1e-5, "solver": "pairwise", "rep": False,
         "weight_heads": False}
     assert get("optimizer", "mgda").description.startswith("MGDA (Sener & Koltun, NeurIPS 2018)")
+
+
+def test_default_solver_is_exact_where_frank_wolfe_stops_early():
+    """Issue 14: plain Frank-Wolfe stops at max_iter on random Jacobians with an excess norm (measured: up to
+    19 % on these, 171 of 200 not converged); the default (pairwise) converges on all of them, to the min-norm
+    point up to its stopping rule (measured excess below 5e-8; the bound is 1e-6 relative)."""
+    fw_missed = 0
+    for seed in range(30):
+        J = _random_J(seed, 3 + seed % 5, 8)
+        G = J @ J.T
+        ref, _, _ = find_min_norm_element(G, max_iter=100_000, stop_crit=1e-300)  # run to the optimality test
+        alpha, ok, _ = find_min_norm_element(G)  # the defaults
+        assert ok
+        assert float(alpha @ G @ alpha) <= float(ref @ G @ ref) * (1 + 1e-6)
+        fw_missed += not find_min_norm_element(G, solver="fw")[1]
+    assert fw_missed > 0  # the case is informative: the old default missed some

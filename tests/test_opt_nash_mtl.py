@@ -5,6 +5,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
@@ -13,7 +14,7 @@ from mtlbench.baselines.optimizers.nash_mtl import NashMTL, nash_mtl_weights
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import get
 
-from conftest import build_arch, make_method, short_run, step_context
+from conftest import assert_close_fp, build_arch, make_method, short_run, step_context
 
 NAME = "nash_mtl"
 D = torch.float64
@@ -57,7 +58,7 @@ def test_identical_gradients_by_hand():
     torch.testing.assert_close(upd, torch.tensor([1.0, 0.0], dtype=D), rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("solver", ["sca", "newton"])
+@pytest.mark.parametrize("solver", ["sca+newton", "sca", "newton"])
 def test_opposite_gradients_have_no_solution_warn_and_keep_previous_weights(solver):
     # g1 = (1, 0), g2 = (-1, 0): (G a)_1 = a_1 - a_2 and (G a)_2 = a_2 - a_1 cannot both be positive, so
     # G a = 1/a has no solution. The official code keeps its previous alpha; we do too, and say so once.
@@ -217,7 +218,7 @@ def test_solve_step_and_reuse_step_write_the_same_gradients(small_data):
     model.zero_grad(set_to_none=True)
     m.step(step_context(model, small_data))
     s2, h2 = _grads(model)
-    torch.testing.assert_close(s2, s1, rtol=1e-4, atol=1e-7)
+    assert_close_fp(s2, s1)
     for t in h1:
         # float32 in another order; biases feeding a BatchNorm have a gradient that is 0 up to round-off, so the
         # absolute floor is relative to the head's largest gradient
@@ -248,4 +249,24 @@ def test_bad_options_are_one_line_errors(opts, match):
 
 def test_defaults_resolve():
     assert get("optimizer", NAME).resolve_options({}) == {"max_norm": 1.0, "update_weights_every": 1,
-                                                          "optim_niter": 20, "solver": "sca", "tol": 1e-3}
+                                                          "optim_niter": 20, "solver": "sca+newton", "tol": 1e-3}
+
+
+def test_default_reaches_the_fixed_point_where_the_sca_alone_misses():
+    """Issue 14: on strongly conflicting gradients (alternating rows +-3 c v + noise) the SLSQP-based SCA misses the
+    fixed point often (measured 127 of 200 missed) where the official ECOS-based solver does not; the default
+    falls back to Newton and reaches it every time."""
+    rng = np.random.default_rng(0)
+    sca_missed = 0
+    for _ in range(40):
+        T = int(rng.integers(2, 9))
+        P = int(rng.integers(T, 3 * T + 1))
+        v = rng.normal(size=P)
+        J = np.stack([(-1) ** i * 3.0 * v * rng.uniform(0.5, 2) + rng.normal(size=P) for i in range(T)])
+        G = torch.tensor(J @ J.T)
+        sol = nash_mtl_weights(G)
+        assert sol.converged and sol.residual <= 1e-3
+        a = sol.weights
+        torch.testing.assert_close(a * (G @ a), torch.ones(T, dtype=D), rtol=0, atol=1e-3)  # G a = 1/a
+        sca_missed += not nash_mtl_weights(G, solver="sca").converged
+    assert sca_missed > 0  # the case is informative

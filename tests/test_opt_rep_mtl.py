@@ -17,7 +17,7 @@ from mtlbench.errors import MtlbenchError
 from mtlbench.optim import StepContext
 from mtlbench.registry import get
 
-from conftest import build_arch, make_method, short_run, step_context
+from conftest import assert_close_fp, build_arch, make_method, short_run, step_context
 
 
 def _method(tasks, name="rep_mtl", **options):
@@ -283,7 +283,7 @@ def test_single_task_entropy_has_no_gradient(small_data):
     method = _method(data.task_names, csa=False)
     got = _flat(_grads(model, method, data))
     assert method.last_regularisers["tsr"] == 0.0
-    torch.testing.assert_close(got, ew, rtol=1e-5, atol=1e-7)
+    assert_close_fp(got, ew)
 
 
 def test_needs_shared_features(small_data):
@@ -324,3 +324,31 @@ def test_short_training_run(tmp_path):
     rec = short_run(tmp_path, "rep_mtl")
     for entry in rec["curves"]:
         assert entry["task_weights"] == {"ctr": 1.0, "cvr": 1.0, "ctcvr": 1.0}
+
+
+def test_the_declared_batch_axis_is_used_even_when_another_axis_has_the_batch_size(small_data):
+    """Issue 14: with a batch of 8 rows and 8 experts, guessing the batch axis by size picked the expert axis.
+    MMoE declares [n_experts, B, D] (batch axis 1): the regularisers then equal those computed with the batch
+    axis moved first by hand, and differ from the old guess."""
+    from conftest import build_arch
+    from mtlbench.objectives import task_loss
+
+    torch.manual_seed(0)
+    model = build_arch("mmoe", small_data, n_experts=8)
+    batch = {k: v[:8] for k, v in small_data.splits["train"].tensors.items()}
+    out = model(batch)
+    assert out.features[1].shape[:2] == (8, 8)
+    layouts = model.feature_layouts()
+    assert [lay.batch_axis for lay in layouts] == [0, 1]
+    losses = [task_loss(t, o, batch["labels"][:, i], batch["masks"][:, i])
+              for i, (t, o) in enumerate(zip(small_data.tasks, out.outputs))]
+    got = rep_mtl_regularisers(losses, out.features, 8, create_graph=False, layouts=layouts)
+    sal = [torch.autograd.grad(l, tuple(out.features), retain_graph=True) for l in losses]
+    X0 = torch.stack([s[0][:, None, :] for s in sal])  # [T, B, 1, D]
+    X1 = torch.stack([s[1].transpose(0, 1) for s in sal])  # [T, B, n, D], the batch moved first by hand
+    torch.testing.assert_close(got["tsr"], (saliency_entropy(X0) + saliency_entropy(X1)) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["csa"], (saliency_alignment(X0) + saliency_alignment(X1)) / 2, rtol=1e-5,
+                               atol=1e-6)
+    guessed = torch.stack([s[1] for s in sal])  # the old guess: the first axis of size 8 is the expert axis
+    wrong = (saliency_alignment(X0) + saliency_alignment(guessed)) / 2
+    assert not torch.allclose(wrong, got["csa"], rtol=1e-3)

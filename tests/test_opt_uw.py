@@ -14,7 +14,7 @@ from mtlbench.baselines.optimizers.uw import uw_loss, uw_weights
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import get
 
-from conftest import Toy, build_arch, make_method, short_run, step_context, toy_context
+from conftest import Toy, assert_close_fp, grad_scale, build_arch, make_method, short_run, step_context, toy_context
 
 NAME = "uw"
 _method = functools.partial(make_method, NAME)
@@ -100,7 +100,7 @@ def test_step_gradient_in_s_and_model_on_a_real_arch(small_data):
     _, losses = ctx.forward()
     (torch.exp(-s) * torch.stack(losses)).sum().backward()
     for g, p in zip(got, model.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+        assert_close_fp(g, p.grad, scale=grad_scale(got))
 
 
 def test_initial_weights_equal_ew():

@@ -50,9 +50,9 @@ def test_run_help_says_where_dataset_defaults_are(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for flag in ("--batch-size", "--lr", "--epochs"):
+    for flag in ("--batch-size", "--lr", "--epochs", "--embed-dim"):
         assert flag in out
-    assert out.count("default: the dataset's (`mtlbench list -v` shows them)") == 3
+    assert out.count("default: the dataset's (`mtlbench list -v` shows them)") == 4
 
 
 def test_list_verbose_shows_help_ranges_and_training_defaults(capsys):

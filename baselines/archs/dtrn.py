@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, option_field, register_arch
-from mtlbench.arch import tower
+from mtlbench.arch import FeatureLayout, tower
 from mtlbench.layers import ExpertBatchNorm
 
 SEQUENCE_DATASETS = ("ecommerce",)  # built-in datasets whose schema lists behaviour sequences (for the error)
@@ -313,6 +313,16 @@ class DTRN(MultiTaskArch):
         scores = (h @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.embed_dim) + key_bias  # [T, S, B, L]
         att = torch.softmax(scores, dim=-1) * (lens > 0).to(h.dtype).unsqueeze(-1)  # empty history -> 0
         return (att.unsqueeze(-2) @ h).squeeze(-2).permute(2, 0, 1, 3)  # [B, T, S, d]
+
+    def feature_layouts(self):
+        # fields [B, F, d], expert projections [n, B, F + 1, u]; with sequences also interests [B, T, S, d] and
+        # their projections [n, B, T, S, u]
+        fields = FeatureLayout(batch_axis=0, channel_axis=-1, position_axes=(1,))
+        proj = FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0, 2))
+        if not self.sequences:
+            return (fields, proj)
+        return (fields, proj, FeatureLayout(batch_axis=0, channel_axis=-1, position_axes=(1, 2)),
+                FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0, 2, 3)))
 
     def encode(self, batch):
         fields = self.shared["input"].fields(batch)  # [B, F, d]

@@ -1,7 +1,9 @@
 """HoME: "HoME: Hierarchy of Multi-Gate Experts for Multi-Task Learning at Kuaishou", Wang, Cao, Fu, Gai, Zhou,
 arXiv 2408.05430 (2024).
 
-Four mechanisms, each switchable for ablation (``expert_norm``, ``hierarchy``, ``feature_gate``, ``self_gate``):
+Four mechanisms, each switchable for ablation (``expert_norm``, ``hierarchy``, ``feature_gate``, ``self_gate``);
+the task towers' BatchNorm has its own switch, ``tower_norm`` (default on), so ``expert_norm=false`` changes the
+experts only:
 
 1. **Expert normalisation & Swish** (against expert collapse): every expert layer is Linear -> BatchNorm -> Swish,
    so all experts' outputs have comparable scale before gates mix them. Off: Linear -> ReLU, no normalisation.
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from mtlbench import ExpertBank, MtlbenchError, MultiTaskArch, mix, option_field, register_arch
-from mtlbench.arch import tower
+from mtlbench.arch import FeatureLayout, tower
 
 
 class FeatureGate(nn.Module):
@@ -118,6 +120,7 @@ class HoME(MultiTaskArch):
         dropout: float = option_field(0.0, "dropout rate", minimum=0, maximum=1, open_maximum=True)
         feature_gate_rank: int = option_field(16, "rank of the feature-gate projection", minimum=1)
         expert_norm: bool = True
+        tower_norm: bool = True
         hierarchy: bool = True
         feature_gate: bool = True
         self_gate: bool = True
@@ -153,7 +156,7 @@ class HoME(MultiTaskArch):
             h["gate"] = nn.Linear(d1, nt + nc + ng)
             if o.self_gate:
                 h["self_gate"] = nn.Linear(d1, ng + nc)
-            h["tower"] = tower(d1, o.tower_units, t, o.dropout, o.expert_norm)
+            h["tower"] = tower(d1, o.tower_units, t, o.dropout, o.tower_norm)
 
     def _visible(self, g: int) -> list[int]:
         """Indices (in a level's shared layout) of the global experts and category ``g``'s experts."""
@@ -162,6 +165,10 @@ class HoME(MultiTaskArch):
 
     def describe(self) -> dict[str, Any]:
         return {"groups": self.groups}
+
+    def feature_layouts(self):
+        # z_all, level-1 and level-2 expert stacks [n, B, D]
+        return (FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)),) * 3
 
     def encode(self, batch):
         x = self.shared["input"](batch)

@@ -7,6 +7,7 @@ losses, so training them in one run under equal weighting equals T separate runs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from mtlbench import register_arch
 from mtlbench.vision.arch import ImageArch
@@ -21,7 +22,8 @@ class ImageSingleTask(ImageArch):
 
     @dataclass
     class Options(EncoderOptions):
-        pass
+        # as tabular single: each task selected and stopped on its own validation metric, or one joint epoch
+        selection: Literal["per_task", "joint"] = "per_task"
 
     def __init__(self, schema, tasks, embed_dim, options=None):
         super().__init__(schema, tasks, embed_dim, options)
@@ -43,5 +45,7 @@ class ImageSingleTask(ImageArch):
         return ()
 
     def selection_groups(self):
-        """Per-task model selection (as T separate runs would do), where the trainer supports it."""
+        """Per-task model selection (as T separate runs would do); ``selection=joint``: one epoch for all."""
+        if self.options is not None and getattr(self.options, "selection", "per_task") == "joint":
+            return None
         return {t: f"heads.{t}." for t in self.task_names}

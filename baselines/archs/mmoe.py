@@ -3,8 +3,8 @@ KDD 2018.
 
 Eqs. 6-8 of the paper: ``f_k(x) = sum_i g_k(x)_i f_i(x)``, ``g_k(x) = softmax(W_gk x)``, ``y_k = h_k(f_k(x))``:
 n identical ReLU-MLP experts shared by all tasks, one linear-softmax gate per task on the raw input (here the
-concatenated embeddings), one tower per task. Defaults (8 experts of 128-64, towers of 64, dropout 0.1, BatchNorm
-in the MLPs) follow the MTReclib/FuxiCTR style scaled to CPU budgets; the paper tunes sizes per dataset.
+concatenated embeddings), one tower per task. Defaults (8 experts of 128-64, towers of 64, no dropout (``dropout=0.0``),
+BatchNorm in the MLPs) follow the MTReclib/FuxiCTR style scaled to CPU budgets; the paper tunes sizes per dataset.
 Shared parameters: input layer and experts. Task-specific: gate and tower.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from mtlbench import ExpertBank, MultiTaskArch, mix, option_field, register_arch
-from mtlbench.arch import tower
+from mtlbench.arch import FeatureLayout, tower
 
 
 @register_arch("mmoe")
@@ -42,6 +42,11 @@ class MMoE(MultiTaskArch):
         for t in self.tasks:
             self.heads[t.name]["gate"] = torch.nn.Linear(inp.output_dim, o.n_experts)
             self.heads[t.name]["tower"] = tower(d, o.tower_units, t, o.dropout, o.batch_norm)
+
+    def feature_layouts(self):
+        # the input vector [B, D] and the expert stack [n_experts, B, D] (experts are positions, as Rep-MTL reads)
+        return (FeatureLayout(batch_axis=0, channel_axis=-1),
+                FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,)))
 
     def encode(self, batch):
         x = self.shared["input"](batch)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from mtlbench import ExpertBank, MultiTaskArch, mix, option_field, register_arch
-from mtlbench.arch import tower
+from mtlbench.arch import FeatureLayout, tower
 
 
 def _check(o: Any) -> None:
@@ -122,6 +122,14 @@ class PLE(MultiTaskArch):
         ``[task 0 experts | task 1 experts | ... | shared experts]``."""
         nt, T = self.o.task_experts, len(self.tasks)
         return list(range(k * nt, (k + 1) * nt)) + list(range(T * nt, T * nt + self.o.shared_experts))
+
+    def feature_layouts(self):
+        # as encode returns them: CGC (x [B, D], last shared experts [n, B, D]); PLE (selectors: x [B, D] with two
+        # levels, else per-task inputs [T, B, D]; level experts [n, B, D]; last shared experts [n, B, D])
+        vec, stack = FeatureLayout(batch_axis=0, channel_axis=-1), FeatureLayout(batch_axis=1, channel_axis=-1, position_axes=(0,))
+        if self.levels == 1:
+            return (vec, stack)
+        return (vec if self.levels == 2 else stack, stack, stack)
 
     def encode(self, batch):
         x = self.shared["input"](batch)

@@ -31,6 +31,13 @@ Defaults and where they come from:
   stopped at a gap of 1.02e-6 and one restart reached 3.5e-8); if it still does, the method warns once
   per run (naming the step) and keeps SLSQP's answer, as the official code does (it uses ``res.x`` whatever the
   solver's status); a non-finite answer falls back to the start point.
+- Many tasks (issue 16: SLSQP did not converge at T = 139 and one seed took 1,144 s): SLSQP's dense subproblems
+  cost O(T^3) per iteration. An answer SLSQP leaves uncertified is polished by accelerated projected gradient on
+  the same dual (FISTA with backtracking, Euclidean projection on the simplex, stopped by the same duality gap);
+  where every SLSQP solve certifies (every published run), nothing changes. Past ``SLSQP_MAX_TASKS = 32`` tasks
+  projected gradient runs first (at most 3,000 iterations) and SLSQP only finishes what it leaves. Measured on
+  one CPU thread, 3 random Gramians each: T = 139 with gradients near a 6-dimensional subspace, SLSQP alone
+  9.6 s per solve, this 0.48 s; full-rank gradients, 0.76 s and 0.92 s; all certified (gap <= 1e-6).
 
 Assumptions where the paper is unclear: if ``|g_0| = 0`` (e.g. two opposite gradients), or ``c = 0``, the update
 is ``g_0``. If the dual optimum has ``g_w = 0`` (0 in the convex hull: Pareto-stationary), ``d`` is not defined by
@@ -71,6 +78,61 @@ class CAGradSolution(NamedTuple):
 
 
 RESTARTS = 2  # warm restarts of SLSQP while the duality gap is above tolerance (first solves nearly always pass)
+SLSQP_MAX_TASKS = 32  # beyond, SLSQP's dense O(T^3) subproblems are slow and stop short: projected gradient only
+PG_FIRST_ITER = 3_000  # projected-gradient iterations before SLSQP when T > SLSQP_MAX_TASKS
+PG_MAX_ITER = 20_000  # iterations of the projected-gradient polish after SLSQP (checked against the gap every 25)
+
+
+def project_simplex(v: np.ndarray) -> np.ndarray:
+    """Euclidean projection onto the probability simplex (sort-based, O(T log T))."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1.0
+    idx = np.arange(1, v.size + 1)
+    rho = np.nonzero(u - css / idx > 0)[0][-1]
+    return np.maximum(v - css[rho] / (rho + 1.0), 0.0)
+
+
+def _projected_gradient(Gn: np.ndarray, a: np.ndarray, k: float, w: np.ndarray, tol: float,
+                        max_iter: int) -> np.ndarray:
+    """Accelerated projected gradient (FISTA with backtracking and restarts) on the dual
+    ``F(w) = a.w + k |g_w|`` over the simplex, stopped by the duality gap. Scales to hundreds of tasks (T x T
+    products only), where SLSQP's dense subproblems stop short (issue 16: no convergence at T = 139)."""
+    def value_grad(x):
+        Gx = Gn @ x
+        nrm = math.sqrt(max(float(x @ Gx), 0.0) + 1e-30)
+        return float(x @ a) + k * nrm, a + k * Gx / nrm
+
+    def gap_of(x):
+        nrm = math.sqrt(max(float(x @ Gn @ x), 0.0))
+        if nrm <= _TINY:
+            return 0.0, float(x @ a)
+        val = float(x @ a) + k * nrm
+        return val - float(np.min(Gn @ (np.full_like(x, 1.0 / x.size) + (k / nrm) * x))), val
+
+    L = max(float(np.abs(Gn).sum(1).max()), 1e-12) * (1.0 + k)  # a first guess of the curvature, adapted below
+    y, x_prev, t = w.copy(), w.copy(), 1.0
+    fx, _ = value_grad(w)
+    for it in range(1, max_iter + 1):
+        fy, gy = value_grad(y)
+        while True:  # backtracking: the quadratic model at y must majorise F at the step
+            x = project_simplex(y - gy / L)
+            fx_new, _ = value_grad(x)
+            d = x - y
+            if fx_new <= fy + float(gy @ d) + 0.5 * L * float(d @ d) + 1e-15 * abs(fy):
+                break
+            L *= 2.0
+        if fx_new > fx:  # not monotone: restart the momentum from the last good point
+            y, t = x_prev.copy(), 1.0
+            continue
+        t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        y = x + ((t - 1.0) / t_next) * (x - x_prev)
+        x_prev, fx, t = x, fx_new, t_next
+        L *= 0.9  # let the step grow again
+        if it % 25 == 0:
+            gap, val = gap_of(x_prev)
+            if gap <= tol * max(1.0, abs(val)):
+                break
+    return x_prev
 
 
 def cagrad_solve(gramian: torch.Tensor, c: float = 0.5, max_iter: int = 100, tol: float = 1e-6) -> CAGradSolution:
@@ -96,28 +158,42 @@ def cagrad_solve(gramian: torch.Tensor, c: float = 0.5, max_iter: int = 100, tol
         Gw = Gn @ w
         return a + k * Gw / math.sqrt(max(float(w @ Gw), 0.0) + 1e-30)
 
-    start, n_iter = b.copy(), 0
-    for _ in range(RESTARTS + 1):  # SLSQP can stop a hair above the gap tolerance; a warm restart finishes it
-        res = minimize(f, start, jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * T,
-                       constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0,
-                                     "jac": lambda w: np.ones_like(w)}],
-                       options={"ftol": _FTOL, "maxiter": max_iter})
-        n_iter += int(getattr(res, "nit", 0))
-        w = np.asarray(res.x, dtype=np.float64)
-        finite = bool(np.isfinite(w).all())
-        if not finite:
-            w = b.copy()
-        w = np.clip(w, 0.0, None)
-        w = w / w.sum() if w.sum() > 0 else b.copy()
+    def certify(w):
         gw_norm = math.sqrt(max(float(w @ Gn @ w), 0.0))
         lam = k / gw_norm if gw_norm > _TINY else 0.0
         omega = b + lam * w
         value = f(w)
         gap = value - float(np.min(Gn @ omega)) if lam > 0 else 0.0
-        converged = finite and gap <= tol * max(1.0, abs(value))  # the gap certifies optimality
-        if converged or not finite:
+        return lam, omega, gap, gap <= tol * max(1.0, abs(value))
+
+    def slsqp(start):
+        res = minimize(f, start, jac=jac, method="SLSQP", bounds=[(0.0, 1.0)] * T,
+                       constraints=[{"type": "eq", "fun": lambda w: np.sum(w) - 1.0,
+                                     "jac": lambda w: np.ones_like(w)}],
+                       options={"ftol": _FTOL, "maxiter": max_iter})
+        w = np.asarray(res.x, dtype=np.float64)
+        if not np.isfinite(w).all():
+            return None, int(getattr(res, "nit", 0))
+        w = np.clip(w, 0.0, None)
+        return (w / w.sum() if w.sum() > 0 else b.copy()), int(getattr(res, "nit", 0))
+
+    n_iter, w = 0, b.copy()
+    if T > SLSQP_MAX_TASKS:  # many tasks: projected gradient first (T x T products only), SLSQP to finish
+        w = _projected_gradient(Gn, a, k, w, tol, PG_FIRST_ITER)
+        lam, omega, gap, converged = certify(w)
+        if converged:
+            return CAGradSolution(as_t(w), as_t(omega), lam, True, gap, n_iter)
+    for _ in range(RESTARTS + 1):  # SLSQP can stop a hair above the gap tolerance; a warm restart finishes it
+        new, nit = slsqp(w)
+        n_iter += nit
+        if new is None:  # a non-finite answer: keep the start
             break
-        start = w
+        w = new
+        lam, omega, gap, converged = certify(w)
+        if converged:
+            return CAGradSolution(as_t(w), as_t(omega), lam, True, gap, n_iter)
+    w = _projected_gradient(Gn, a, k, w, tol, PG_MAX_ITER)  # not certified: polish by projected gradient
+    lam, omega, gap, converged = certify(w)
     return CAGradSolution(as_t(w), as_t(omega), lam, converged, gap, n_iter)
 
 

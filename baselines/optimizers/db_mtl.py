@@ -70,6 +70,8 @@ def db_mtl_update(J: torch.Tensor, losses: torch.Tensor, buffer: torch.Tensor | 
 class DBMTL(JacobianMethod):
     """DB-MTL (Lin et al., 2023): log-loss balancing plus EMA gradients rescaled to the largest norm."""
 
+    task_state = {"buffer": 1}
+
     @dataclass
     class Options:
         beta: float = 0.9

@@ -48,6 +48,8 @@ def dwa_weights(previous: torch.Tensor, before_previous: torch.Tensor, temperatu
 class DynamicWeightAverage(MTLOptimizer):
     """DWA (Liu et al., CVPR 2019): weights from the ratio of the last two epochs' losses, temperature 2."""
 
+    task_state = {"_weights": 1}  # a task absent from a batch keeps its weight out of that step
+
     @dataclass
     class Options:
         temperature: float = 2.0

@@ -22,19 +22,16 @@ it never clips; it is not reproduced.
 
 Where ``L^after`` comes from (``extra_forward``):
 
-- ``False`` (default): no extra forward. At step t+1 the losses of the new batch, at the updated parameters, serve
-  as ``L^after`` against step t's losses, and ``xi`` is updated at the start of step t+1 before weighting it (so
-  the weights used at t+1 are the ones the official ordering would use). Cost ~1.0x ``ew``. Trade-off: the
-  decrease ``delta`` mixes the parameter step with batch-to-batch variation of the losses (noisier, unbiased only
-  up to that variation); the weight decay and the small ``lr`` average it over steps. One update is lost per run
-  (the last step's) and the first step has none.
-- ``True``: as the official code, LibMTL and torchjd, ``ctx.forward()`` under ``torch.no_grad()`` in
+- ``True`` (default): as the official code, LibMTL and torchjd, ``ctx.forward()`` under ``torch.no_grad()`` in
   ``after_step`` recomputes the losses on the same batch at the updated parameters: exact ``delta``, one extra
   forward per step (~1.2-1.5x ``ew`` measured for the libraries). Like the official code, this forward runs in
   training mode (BatchNorm running statistics see the batch twice).
-
-The default is False to keep FAMO within the loss-level budget (~1.1x ``ew``); the reference implementations'
-behaviour is one option away.
+- ``False``: no extra forward. At step t+1 the losses of the new batch, at the updated parameters, serve as
+  ``L^after`` against step t's losses, and ``xi`` is updated at the start of step t+1 before weighting it. Cost
+  ~1.0x ``ew``, but ``delta`` then mixes the parameter step with batch-to-batch variation of the losses: measured
+  on ``mmoe``/``ecommerce``, the signal is about 7x noisier and has the right sign in 65 % of steps against 92 %
+  for the same-batch update. A cheaper variant, not the method of the paper; one update is lost per run (the
+  last step's) and the first step has none.
 
 Assumption where the paper is silent: a task whose loss is at or below its bound ``b_i`` in a batch (e.g. a masked
 task with no labelled rows: loss 0) has no defined log-loss; it gets coefficient 0 in step 1 (``c`` is computed
@@ -82,12 +79,14 @@ def famo_logit_grad(logits: torch.Tensor, before: torch.Tensor, after: torch.Ten
 class FAMO(MTLOptimizer):
     """FAMO (Liu et al., NeurIPS 2023): softmax task weights learned from the decrease of the log-losses."""
 
+    task_state = {"logits": 1, "_m": 1, "_v": 1, "_before": 1}
+
     @dataclass
     class Options:
         lr: float = 0.025
         gamma: float = 1e-3
         min_loss: float = 0.0
-        extra_forward: bool = False
+        extra_forward: bool = True
         logit_optimizer: Literal["adam", "sgd"] = "adam"
         log_weights: Literal["effective", "softmax"] = "effective"
 

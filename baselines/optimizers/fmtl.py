@@ -49,8 +49,9 @@ Cost per step: one forward and T per-task gradients (the Jacobian) plus T extra 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
@@ -249,6 +250,12 @@ class FMTL(MTLOptimizer):
         self.last_sharpness = sharpness
 
     # -- hooks and state: forwarded to both aggregator instances ------------------------------------------------
+    @contextlib.contextmanager
+    def only(self, index: list[int] | None) -> Iterator[None]:
+        """Absent tasks (issue 16) are left out of both aggregators' steps and state too."""
+        with super().only(index), self.loss_aggregator.only(index), self.flat_aggregator.only(index):
+            yield
+
     def after_step(self, ctx: StepContext) -> None:
         self.loss_aggregator.after_step(ctx)
         self.flat_aggregator.after_step(ctx)

@@ -92,6 +92,8 @@ def _adam(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], lr: fl
 class GradNorm(MTLOptimizer):
     """GradNorm (Chen et al., ICML 2018): learn loss weights that balance the tasks' gradient norms, alpha 1.5."""
 
+    task_state = {"weights": 1, "initial_losses": 1, "_opt.m": 1, "_opt.v": 1}
+
     @dataclass
     class Options:
         alpha: float = 1.5

@@ -8,8 +8,10 @@ Algorithm (the paper's Algorithm 1): like PCGrad, each task gradient ``g_i`` is 
     g_i' <- g_i' + |g_i'| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) / (|g_j| sqrt(1 - phi_hat^2)) g_j
 
 which makes ``cos(g_i', g_j) = phi_hat_ij`` exactly. The targets are exponential moving averages of the observed
-similarities, ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij``, started at 0 (so the first step is exactly
-PCGrad with ``reduction="sum"``). The shared update is the sum of the corrected gradients.
+similarities, ``phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij``, where ``phi_ij`` is the cosine measured
+*before* this pair's correction (the observed one, not the target it was raised to), started at 0 (so the first
+step is exactly PCGrad with ``reduction="sum"``). When the EMA is updated is ``ema_update`` (below). The shared
+update is the sum of the corrected gradients.
 
 Implementation: as for PCGrad, each corrected ``g_i'`` is a combination ``c_i^T J`` of the original gradients, so
 all norms and cosines come from the Gramian ``G = J J^T`` and only T numbers per task are updated; the update is
@@ -23,11 +25,13 @@ Defaults and assumptions:
 - ``eps = 1e-8`` in the denominators (LibMTL, torchjd).
 - Granularity: whole model -- one target per task pair over all shared parameters. The paper also applies the rule
   per layer / per parameter group (LibMTL's ``GradVac_group_type`` 1, 2); those variants are not implemented.
-- The EMA is updated for every visited pair (``ema_update="always"``: torchjd, and the paper's Algorithm 1 as we
-  read it -- the full text was not available to re-check here; targets that start at 0 could otherwise never
-  become positive, which the paper's motivation requires). LibMTL (commit 13f5fc7) updates it only when a
-  correction was applied; ``ema_update="on_correction"`` reproduces that (with targets starting at 0 they can then
-  only move down, so GradVac stays PCGrad-like).
+- ``ema_update="always"`` (default): the EMA is updated after every visited pair, corrected or not, as torchjd's
+  ``GradVac`` does (re-read for this docstring) and as an EMA of the observed similarities must be: with targets
+  starting at 0 only this rule lets a target become positive, which the paper's motivation (raising similarity
+  above the PCGrad level for related languages) requires. LibMTL (``LibMTL/weighting/GradVac.py``, commit 13f5fc7,
+  re-read) updates it only inside the ``if phi < phi_hat`` branch, i.e. only when a correction was applied;
+  ``ema_update="on_correction"`` reproduces that (targets starting at 0 can then only move down, so GradVac stays
+  PCGrad-like). The paper's own text was not available to re-check which placement its Algorithm 1 uses.
 - ``phi_ij`` is measured on the partially corrected ``g_i'`` (LibMTL, torchjd).
 - Task heads follow their own loss (weight 1), as in PCGrad.
 """
@@ -84,6 +88,8 @@ def gradvac_weights(gramian: torch.Tensor, targets: torch.Tensor, beta: float = 
 @register_optimizer("gradvac")
 class GradVac(JacobianMethod):
     """GradVac (Wang et al., ICLR 2021): raise pairwise gradient cosines to EMA targets (whole-model)."""
+
+    task_state = {"targets": 2}
 
     @dataclass
     class Options:

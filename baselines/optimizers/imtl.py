@@ -126,14 +126,20 @@ class IMTL(JacobianMethod):
         return [] if self.log_scales is None else [self.log_scales]
 
     def scales(self) -> torch.Tensor | None:
-        """``e^s`` (detached), or None in mode ``grad``."""
-        return None if self.log_scales is None else self.log_scales.detach().exp()
+        """``e^s`` (detached) of the tasks in this step (the present ones where some are absent), or None in mode
+        ``grad``."""
+        if self.log_scales is None:
+            return None
+        s = self.log_scales.detach()
+        return (s if self.active is None else s[torch.as_tensor(self.active, device=s.device)]).exp()
 
     def _write_scale_grad(self, losses: torch.Tensor) -> None:
         """d/ds sum_t (e^{s_t} L_t - s_t) = e^{s_t} L_t - 1."""
         s = self.log_scales
         assert s is not None
-        g = s.detach().exp() * losses.detach().to(s.device, s.dtype) - 1.0
+        g = self.scales() * losses.detach().to(s.device, s.dtype) - 1.0
+        if self.active is not None:  # absent tasks: no gradient on their scales
+            g = torch.zeros_like(s).index_copy(0, torch.as_tensor(self.active, device=s.device), g)
         s.grad = g if s.grad is None else s.grad + g
 
     # -- IMTL-G ----------------------------------------------------------------------------------------------

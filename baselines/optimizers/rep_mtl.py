@@ -26,11 +26,12 @@ ablation); with both off, or both lambdas 0, the step is exactly equal weighting
 
 Assumptions where the paper (written for B x C x H' x W' CNN maps) leaves room:
 - Layout. mtlbench archs expose the shared representation as a tuple of tensors (``ctx.features``) such as
-  ``[B, D]`` (Shared-Bottom) or ``[n_experts, B, D]`` (MMoE's experts). In each tensor the batch axis is the first
-  axis whose size is the batch size, the channel axis is ``channel_axis`` (default the last one) and every other
-  axis is a position (the paper's H' x W'): a ``[B, D]`` vector has one position, MMoE's experts are 8 positions
-  of D channels. Use ``channel_axis = 1`` for ``[B, C, H, W]`` image maps. An arch that declares its features'
-  layout (``feature_layouts()``: every image arch) fixes both axes instead, and ``channel_axis`` is not used.
+  ``[B, D]`` (Shared-Bottom) or ``[n_experts, B, D]`` (MMoE's experts). The arch declares each tensor's batch and
+  channel axes (``MultiTaskArch.feature_layouts()``: every image arch and every tabular arch that returns expert
+  stacks); a tensor an arch does not declare has its batch on axis 0 and channels on ``channel_axis`` (default the
+  last). Until 2026-12 an undeclared batch axis was guessed as the first axis of the batch's size, which with a
+  batch of 8 rows and 8 experts regularised across experts. Every other axis is a position (the paper's
+  H' x W'): a ``[B, D]`` vector has one position, MMoE's experts are 8 positions of D channels.
 - Several feature tensors: both regularisers are computed per tensor and averaged over the tensors (equal
   weight each); ``feature_indices`` selects tensors (empty: all).
 - Eq. 9's positive term has a free task index t: it is averaged over the T tasks (B x T positive pairs, as in
@@ -143,9 +144,10 @@ def rep_mtl_regularisers(losses: Sequence[torch.Tensor], features: Sequence[torc
                          layouts: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
     """``{"tsr": L_tsr, "csa": L_csa}`` (those switched on), each averaged over the feature tensors.
     ``layouts``: the arch's declared :class:`~mtlbench.arch.FeatureLayout` per tensor (batch and channel axes),
-    which take precedence over ``channel_axis`` and the size-based batch axis."""
+    which take precedence over ``channel_axis``; a tensor without one has its batch on axis 0."""
     sal = task_saliencies(losses, features, create_graph)
-    axes = [(channel_axis, None) if layouts is None or layouts[i] is None else
+    # an undeclared tensor has its batch first (the arch contract's default for tabular vectors), never guessed
+    axes = [(channel_axis, 0) if layouts is None or layouts[i] is None else
             (layouts[i].channel_axis, layouts[i].batch_axis) for i in range(len(features))]
     per_feature = [torch.stack([canonical_saliency(s[i], batch_size, *axes[i]) for s in sal])
                    for i in range(len(features))]  # each [T, B, P, C]

@@ -87,7 +87,9 @@ class UncertaintyWeighting(MTLOptimizer):
                 self.log_vars.data = self.log_vars.data.to(device)
             except RuntimeError:
                 self._stay = True  # the objective is then computed on the parameter's device (autograd crosses)
-        s = self.log_vars
+        # a task absent from the batch (issue 16) is left out of the objective, so its s_t gets no gradient
+        s = self.log_vars if self.active is None else self.log_vars[torch.as_tensor(self.active,
+                                                                                    device=self.log_vars.device)]
         losses = torch.stack(ctx.losses).to(device=s.device, dtype=s.dtype)  # autograd flows through .to()
         uw_loss(losses, s, self.options.form).backward()
         self.last_weights = uw_weights(s, self.options.form)

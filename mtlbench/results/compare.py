@@ -1,4 +1,9 @@
-"""`mtlbench compare A B`: two methods on one dataset, per task and metric, paired over their shared seeds."""
+"""`mtlbench compare A B`: two methods on one dataset, per task and metric, paired over their shared seeds.
+
+Methods are named as everywhere else (``mtlbench.results.methods``): ``ARCH``, ``ARCH:OPTIMIZER``, with options
+``ARCH(k=v):OPTIMIZER`` or a leaderboard label. The rows end with a summary line: on how many rows each side is
+better, how many of those are significant (Holm-corrected paired t-test), and the ties.
+"""
 from __future__ import annotations
 
 import json
@@ -6,40 +11,47 @@ import math
 
 import numpy as np
 
-from mtlbench.errors import MtlbenchError
-from mtlbench.results.leaderboard import load_store, long_frame
-
-
-def _match(frame, text: str):
-    arch, _, opt = text.partition(":")
-    base_arch = frame["arch"].str.split("(").str[0]
-    base_opt = frame["optimizer"].str.split("(").str[0]
-    sel = (base_arch == arch) | (frame["arch"] == arch)
-    if opt:
-        sel &= (base_opt == opt) | (frame["optimizer"] == opt)
-    return frame[sel]
+from mtlbench.errors import MtlbenchError, unknown
+from mtlbench.results import methods as mid
+from mtlbench.results.leaderboard import ALPHA, Store, load_store, long_frame
 
 
 def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks: list[str] | None = None,
-            split: str = "test") -> str:
+            split: str = "test", store_out: list[Store] | None = None) -> str:
     from mtlbench.results import stats
 
-    frame = long_frame(load_store(results_dir).records)
-    if frame.empty:
+    store = load_store(results_dir)
+    if store_out is not None:
+        store_out.append(store)
+    full = long_frame(store.records)
+    if full.empty:
         raise MtlbenchError(f"no finished runs in '{results_dir}'")
-    frame = frame[frame["split"] == split]
+    splits = sorted(full["split"].unique())
+    if split not in splits:
+        raise unknown("split", split, splits)
+    frame = full[full["split"] == split]
     if dataset:
+        if dataset not in set(frame["dataset"]):
+            raise unknown("dataset (with finished runs here)", dataset, sorted(set(frame["dataset"])))
         frame = frame[frame["dataset"] == dataset]
     if tasks:
+        sets = sorted(set(frame["tasks"]))
+        if ",".join(tasks) not in sets:
+            raise unknown("task set (with finished runs here)", ",".join(tasks), sets)
         frame = frame[frame["tasks"] == ",".join(tasks)]
-    fa, fb = _match(frame, a), _match(frame, b)
-    for name, f in ((a, fa), (b, fb)):
-        if f.empty:
-            known = sorted({f"{x.split('(')[0]}:{y.split('(')[0]}" for x, y in zip(frame["arch"], frame["optimizer"])})
-            raise MtlbenchError(f"no runs of '{name}' here (known: {', '.join(known) or 'none'})")
-        if f["method"].nunique() > 1:
-            raise MtlbenchError(f"'{name}' matches several methods ({', '.join(sorted(f['method'].unique()))}); "
-                                f"name the optimizer as ARCH:OPTIMIZER")
+    ids = dict(zip(frame["method"], frame["method_id"]))
+    defaults = {}
+    for label, group in frame.groupby("method")["at_default"]:
+        defaults[ids[label]] = bool(group.eq(True).all())
+    chosen = []
+    for name in (a, b):
+        found = mid.resolve(name, ids.values(), defaults)
+        if found is None:
+            raise MtlbenchError(f"no runs of '{name}' here (known: {', '.join(mid.known_names(ids.values())) or 'none'})")
+        chosen.append(next(label for label, m in ids.items() if m == found))
+    if chosen[0] == chosen[1]:
+        raise MtlbenchError(f"'{a}' and '{b}' name the same method ({chosen[0]})")
+    fa, fb = frame[frame["method"] == chosen[0]], frame[frame["method"] == chosen[1]]
     shared = sorted(set(fa["protocol"]) & set(fb["protocol"]))
     if not shared:
         raise MtlbenchError(f"'{a}' and '{b}' have no protocol (dataset, tasks, training settings) in common")
@@ -48,36 +60,72 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         raise MtlbenchError(f"several tables hold both methods ({'; '.join(options)}): pass --dataset/--tasks")
     fa, fb = fa[fa["protocol"] == shared[0]], fb[fb["protocol"] == shared[0]]
     proto = json.loads(shared[0])
-    lines = [f"{fa['method'].iloc[0]}  vs  {fb['method'].iloc[0]}  on {proto['dataset']} "
-             f"[{', '.join(proto['tasks'])}], {split} split, paired over shared seeds",
+    shown_tasks = ", ".join(proto["tasks"]) if len(proto["tasks"]) <= 8 else f"{len(proto['tasks'])} tasks"
+    lines = [f"{chosen[0]}  vs  {chosen[1]}  on {proto['dataset']} [{shown_tasks}], {split} split, paired over "
+             "shared seeds",
              "difference = A - B, oriented so that positive = A better; 95% CI from the paired t-test; "
              "Holm across the rows below", ""]
-    rows, p_t, p_w = [], [], []
+    rows, p_t, p_w, pairs = [], [], [], []
+    unranked = []
     for (task, metric), ga in fa.groupby(["task", "metric"], sort=False):
         gb = fb[(fb["task"] == task) & (fb["metric"] == metric)]
+        direction = ga["direction"].iloc[0]
+        if direction not in ("max", "min") or set(gb["direction"]) - {direction}:
+            unranked.append(f"{task}/{metric}")
+            continue
         va, vb = ga.set_index("seed")["value"], gb.set_index("seed")["value"]
         seeds = sorted(set(va.index) & set(vb.index))
-        sign = 1.0 if ga["direction"].iloc[0] == "max" else -1.0
+        sign = 1.0 if direction == "max" else -1.0
         x, y = sign * va.loc[seeds].to_numpy(float), sign * vb.loc[seeds].to_numpy(float)
         t = stats.paired_t(x, y)
-        w = stats.wilcoxon(x, y)
-        rows.append((task, metric, len(seeds), float(np.mean(va.loc[seeds])) if seeds else math.nan,
-                     float(np.mean(vb.loc[seeds])) if seeds else math.nan, t, w))
+        w = stats.wilcoxon(x, y, alpha=ALPHA)
+        with np.errstate(all="ignore"):
+            ma = float(np.nanmean(va.loc[seeds])) if seeds else math.nan
+            mb = float(np.nanmean(vb.loc[seeds])) if seeds else math.nan
+        rows.append((task, metric, t.n, ma, mb, t, w))
         p_t.append(t.pvalue)
         p_w.append(w.pvalue)
-    adj_t, adj_w = stats.holm(p_t).adjusted, stats.holm(p_w).adjusted
-    head = f"{'task':<10} {'metric':<9} {'n':>3} {'mean A':>9} {'mean B':>9} {'diff':>9} {'95% CI':>21} " \
+        pairs.append(w.n)
+    adj_t, adj_w = stats.holm(p_t, ALPHA).adjusted, stats.holm(p_w, ALPHA).adjusted
+    width = max([len(r[0]) for r in rows] + [10])
+    head = f"{'task':<{width}} {'metric':<9} {'n':>3} {'mean A':>9} {'mean B':>9} {'diff':>9} {'95% CI':>21} " \
            f"{'t p (Holm)':>17} {'Wilcoxon p (Holm)':>18}"
     lines.append(head)
     notes = []
     for (task, metric, n, ma, mb, t, w), at, aw in zip(rows, adj_t, adj_w):
         f = lambda v, d=4: "n/a" if v is None or not math.isfinite(v) else f"{v:.{d}f}"  # noqa: E731
-        lines.append(f"{task:<10} {metric:<9} {n:>3} {f(ma):>9} {f(mb):>9} {f(t.mean_diff):>9} "
+        lines.append(f"{task:<{width}} {metric:<9} {n:>3} {f(ma):>9} {f(mb):>9} {f(t.mean_diff):>9} "
                      f"{'[' + f(t.ci_low) + ', ' + f(t.ci_high) + ']':>21} {f(t.pvalue, 3) + ' (' + f(at, 3) + ')':>17} "
                      f"{f(w.pvalue, 3) + ' (' + f(aw, 3) + ')':>18}")
         for note in (t.note, w.note):
             if note and note not in notes:
                 notes.append(note)
+    floor = stats.holm_wilcoxon_floor(pairs, p_w, ALPHA, alternative="the paired t-test can")
+    if floor.note and math.isfinite(floor.floor) and floor.floor >= ALPHA:
+        notes.append(floor.note)
+    if unranked:
+        notes.append(f"not compared (no direction stored for the metric): {', '.join(unranked)}")
+    lines += ["", summary_line(rows, adj_t)]
     if notes:
         lines += ["", "notes: " + "; ".join(notes)]
     return "\n".join(lines)
+
+
+def summary_line(rows: list[tuple], adjusted_t: tuple[float, ...]) -> str:
+    """Wins, losses and ties over the rows, with how many of each side's wins are significant."""
+    a = b = a_sig = b_sig = ties = undefined = 0
+    for row, p in zip(rows, adjusted_t):
+        d = row[5].mean_diff
+        if d is None or not math.isfinite(d):
+            undefined += 1
+            continue
+        sig = p is not None and math.isfinite(p) and p < ALPHA
+        if d > 0:
+            a, a_sig = a + 1, a_sig + sig
+        elif d < 0:
+            b, b_sig = b + 1, b_sig + sig
+        else:
+            ties += 1
+    return (f"summary over {len(rows)} rows: A better on {a} ({a_sig} significant), B better on {b} "
+            f"({b_sig} significant), {ties} tied" + (f", {undefined} without a value" if undefined else "")
+            + f" (significant: Holm-corrected paired t-test p < {ALPHA:g})")

@@ -2,11 +2,14 @@
 
 Runs are grouped into tables by *protocol* (dataset, its version and options, task set, and every training
 setting that changes results: epochs, batch size, lr, weight decay, patience, embedding width, selection rule).
-Within a table a *method* is an architecture with its options crossed with an MTL optimizer with its options.
-For every method, task and metric the table reports the mean and standard deviation over seeds of the test-split
-metric (the model having been selected on validation), and n. Δm% follows Maninis et al. (CVPR 2019): the mean
-over tasks of the signed relative change of each task's primary metric against the single-task baseline (the
-``single`` arch's runs under the same protocol), positive = better. A missing baseline is said, never faked.
+Within a table a *method* is an architecture with its options crossed with an MTL optimizer with its options
+(``mtlbench.results.methods``). One seed of one method counts once in a cell: if the store holds several runs of
+the same protocol, method and seed (e.g. made by two versions of a plugin), the newest is kept and the table says
+so. For every method, task and metric the table reports the mean and standard deviation over seeds of the
+test-split metric (the model having been selected on validation), and n. Δm% follows Maninis et al. (CVPR 2019):
+the mean over tasks of the signed relative change of each task's primary metric against the single-task baseline
+(the ``single`` arch's runs under the same protocol), positive = better. A missing baseline is said, never faked.
+A metric is ranked only with the direction its records store; without one it is shown but never ranked.
 Tables with dense (per-pixel) tasks follow the vision convention instead (Maninis et al. 2019; Vandenhende et al.,
 TPAMI 2021; as MTAN-line papers and LibMTL report NYUv2): the mean over *every* metric of every task, each signed
 by its direction; the table's Δm% note says which convention it uses.
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,37 +26,67 @@ import numpy as np
 import pandas as pd
 
 from mtlbench import settings
-from mtlbench.results.store import read_record
-from mtlbench.vision.kinds import DENSE_DIRECTIONS, DENSE_METRIC_NAMES
+from mtlbench.errors import MtlbenchError
+from mtlbench.results import methods as mid
+from mtlbench.results.record import NewerSchema, RecordError, RunRecord
+from mtlbench.results.store import load_record
+from mtlbench.vision.kinds import DENSE_METRIC_NAMES
 
 # what a table's runs must share: declared with the run settings (mtlbench/settings.py, torch-free)
 PROTOCOL_KEYS = settings.protocol_keys()
 BASELINE_ARCH = "single"
-ARROW = {"max": "↑", "min": "↓"}
+#: The reference of the relative training cost column: the first of these with runs in the table.
+COST_REFERENCES = (("single", "ew"), ("shared_bottom", "ew"))
+ARROW = {"max": "↑", "min": "↓", None: "(no direction: not ranked)"}
+ALPHA = 0.05
 
 
 @dataclass
 class Store:
-    """The usable records of a results directory, and what was skipped and why."""
+    """The usable records of a results directory, and what was left out and why (one line each)."""
 
-    records: list[dict[str, Any]]
-    skipped: list[str] = field(default_factory=list)   # malformed or truncated files
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    records: list[RunRecord]
+    skipped: list[str] = field(default_factory=list)     # "file: reason" for unreadable or invalid files
+    failed: list[RunRecord] = field(default_factory=list)
+    superseded: list[tuple[RunRecord, RunRecord]] = field(default_factory=list)  # (dropped, kept newer)
 
 
 def load_store(results_dir: str | Path) -> Store:
-    """Read every ``*.json`` record; malformed ones are skipped with a warning naming the file."""
+    """Read and validate every ``*.json`` record. An invalid file is skipped with one line naming it and why; a
+    record stored under two file names (same run id) counts once; of several runs with the same protocol, method
+    and seed only the newest counts."""
     store = Store(records=[])
+    by_id: dict[str, tuple[Path, RunRecord]] = {}
     for path in sorted(Path(results_dir).glob("*.json")):
-        rec = read_record(path)
-        if rec is None or "spec" not in rec or "status" not in rec:
-            store.skipped.append(path.name)
-            warnings.warn(f"skipping {path}: not a complete run record (malformed or truncated)", stacklevel=2)
+        try:
+            rec = load_record(path)
+        except NewerSchema as exc:
+            store.skipped.append(f"{path.name}: {exc}")
             continue
-        if rec["status"] == "ok" and "metrics" in rec:
-            store.records.append(rec)
-        else:
+        except RecordError as exc:
+            store.skipped.append(f"{path.name}: invalid run record: {exc}")
+            continue
+        if rec.run_id in by_id:
+            first, other = by_id[rec.run_id]
+            keep, drop = (path, first) if path.stem == rec.run_id and first.stem != rec.run_id else (first, path)
+            by_id[rec.run_id] = (keep, rec if keep == path else other)
+            store.skipped.append(f"{drop.name}: the same run as {keep.name} (run id {rec.run_id}), counted once")
+            continue
+        by_id[rec.run_id] = (path, rec)
+    newest: dict[tuple[str, Any, int], RunRecord] = {}
+    for _, rec in sorted(by_id.values(), key=lambda pr: pr[1].run_id):
+        if not rec.ok:
             store.failed.append(rec)
+            continue
+        key = (_canon(protocol_of(rec.spec)), rec.method, rec.spec["seed"])
+        old = newest.get(key)
+        if old is None:
+            newest[key] = rec
+            continue
+        keep, drop = (rec, old) if (rec.created, rec.run_id) > (old.created, old.run_id) else (old, rec)
+        newest[key] = keep
+        store.superseded.append((drop, keep))
+    store.records = sorted(newest.values(), key=lambda r: r.run_id)
     return store
 
 
@@ -68,99 +100,57 @@ def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
     return settings.protocol_of(spec)
 
 
-def _option_label(options: dict[str, Any], varying: set[str]) -> str:
-    shown = [f"{k}={_fmt_opt(options.get(k))}" for k in sorted(varying)]
-    return f"({', '.join(shown)})" if shown else ""
+FRAME_COLUMNS = ["run_id", "dataset", "dataset_version", "tasks", "protocol", "arch", "optimizer", "method", "seed",
+                 "split", "task", "metric", "primary", "direction", "value", "selected_epoch", "epochs_run"]
+#: Columns of the frame used to build tables but not written to the CSV.
+INTERNAL_COLUMNS = ["protocol", "seconds_per_epoch", "at_default", "method_id"]
 
 
-def _fmt_opt(v: Any) -> str:
-    if isinstance(v, list):
-        return "[" + ",".join(_fmt_opt(x) for x in v) + "]"
-    if isinstance(v, bool):
-        return str(v).lower()
-    return str(v)
-
-
-def _varying(options: list[dict[str, Any]]) -> set[str]:
-    keys = set().union(*[o.keys() for o in options]) if options else set()
-    return {k for k in keys if len({_canon(o.get(k)) for o in options}) > 1}
-
-
-def _second_half(spec: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """A method's second half: its MTL optimizer, or for a merge record (``spec["merger"]``) ``merge:NAME``."""
-    if spec.get("merger"):
-        return f"merge:{spec['merger']}", spec.get("merger_options", {})
-    return spec["optimizer"], spec["optimizer_options"]
-
-
-def _merge_tag(spec: dict[str, Any]) -> str:
-    """A merger's declared data access and task-id need, shown with its name: ``[labelled_val, task id]``."""
-    if not spec.get("merger"):
-        return ""
-    return f" [{spec.get('data_access')}" + (", task id" if spec.get("needs_task_id") else "") + "]"
-
-
-def long_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """The canonical long format: one row per run x split x task x metric, at full precision."""
+def long_frame(records: list[RunRecord] | list[dict[str, Any]]) -> pd.DataFrame:
+    """The canonical long format: one row per run x split x task x metric, at full precision (records as loaded,
+    or as stored dicts, which are validated here)."""
+    records = [r if isinstance(r, RunRecord) else RunRecord.from_dict(r) for r in records]
     rows = []
-    by_arch: dict[str, list[dict]] = {}
-    by_opt: dict[str, list[dict]] = {}
+    names = mid.labels(r.method for r in records)
     for rec in records:
-        by_arch.setdefault(rec["spec"]["arch"], []).append(rec["spec"]["arch_options"])
-        name, options = _second_half(rec["spec"])
-        by_opt.setdefault(name, []).append(options)
-    vary_arch = {a: _varying(o) for a, o in by_arch.items()}
-    vary_opt = {a: _varying(o) for a, o in by_opt.items()}
-    for rec in records:
-        spec = rec["spec"]
+        spec = rec.spec
         protocol = protocol_of(spec)
-        tasks = {t["name"]: t for t in rec.get("dataset", {}).get("tasks", [])}
-        arch = spec["arch"] + _option_label(spec["arch_options"], vary_arch[spec["arch"]])
-        name, options = _second_half(spec)
-        opt = name + _option_label(options, vary_opt[name]) + _merge_tag(spec)
-        for split, per_task in rec["metrics"].items():
+        tasks = {t["name"]: t for t in rec.dataset.get("tasks", [])}
+        label = names[rec.method]
+        arch, opt = label.split(mid.SEP)
+        spe, default = rec.seconds_per_epoch, rec.at_default_options
+        for split, per_task in (rec.metrics or {}).items():
             for task, metrics in per_task.items():
-                primary = tasks.get(task, {}).get("metrics", [None])[0]
+                primary = (tasks.get(task, {}).get("metrics") or [None])[0]
                 for metric, value in metrics.items():
                     rows.append({
-                        "run_id": rec["run_id"], "dataset": spec["dataset"],
-                        "dataset_version": spec["dataset_version"], "tasks": ",".join(spec["tasks"]),
+                        "run_id": rec.run_id, "dataset": spec["dataset"],
+                        "dataset_version": spec.get("dataset_version"), "tasks": ",".join(spec["tasks"]),
                         "protocol": _canon(protocol), "arch": arch, "optimizer": opt,
-                        "method": f"{arch} × {opt}", "seed": spec["seed"], "split": split, "task": task,
+                        "method": label, "seed": spec["seed"], "split": split, "task": task,
                         "metric": metric, "primary": metric == primary,
-                        "direction": _direction(metric), "value": np.nan if value is None else float(value),
-                        "selected_epoch": rec.get("selected_epoch"), "epochs_run": rec.get("epochs_run"),
+                        "direction": rec.directions.get(metric, ""), "value": np.nan if value is None else float(value),
+                        "selected_epoch": rec.selected_epoch, "epochs_run": rec.epochs_run,
+                        "seconds_per_epoch": np.nan if spe is None else spe, "at_default": default,
+                        "method_id": rec.method,
                     })
-    cols = ["run_id", "dataset", "dataset_version", "tasks", "protocol", "arch", "optimizer", "method", "seed",
-            "split", "task", "metric", "primary", "direction", "value", "selected_epoch", "epochs_run"]
-    frame = pd.DataFrame(rows, columns=cols)
+    frame = pd.DataFrame(rows, columns=FRAME_COLUMNS + INTERNAL_COLUMNS[1:])
     return frame.sort_values(["protocol", "method", "seed", "split", "task", "metric"], kind="stable",
                              ignore_index=True)
 
 
-#: The directions of the metrics built in when records did not store them (schema 1); later records carry their own.
-BUILTIN_DIRECTIONS = {"auc": "max", "logloss": "min", "accuracy": "max", "rmse": "min", "mae": "min",
-                      **DENSE_DIRECTIONS}
-
-
-def _direction(metric: str) -> str:
-    if metric in BUILTIN_DIRECTIONS:
-        return BUILTIN_DIRECTIONS[metric]
-    try:
-        from mtlbench.metrics import metric as get_metric
-
-        return get_metric(metric).direction
-    except Exception:  # a plugin metric whose plugin is not loaded: assume higher is better, visibly
-        return "max"
+def method_ids(records: list[RunRecord]) -> dict[str, mid.MethodId]:
+    """Each method label of ``long_frame(records)`` -> its identity."""
+    return {label: m for m, label in mid.labels(r.method for r in records).items()}
 
 
 @dataclass
 class Table:
-    """One leaderboard table: a protocol, its methods' aggregated metrics, Δm%, ranks and significance."""
+    """One leaderboard table: a protocol, its methods' aggregated metrics, Δm%, ranks, cost and significance."""
 
     protocol: dict[str, Any]
     columns: list[tuple[str, str]]                 # (task, metric), primary metrics first per task
-    directions: dict[str, str]                     # metric -> max / min
+    directions: dict[str, str | None]              # metric -> max / min (None: not stored, never ranked)
     methods: list[str]                             # sorted by Δm% (or mean rank when Δm% is missing)
     stats: dict[str, dict[tuple[str, str], dict[str, float]]]   # method -> column -> mean/std/n
     delta_m: dict[str, float | None]
@@ -171,31 +161,54 @@ class Table:
     notes: list[str] = field(default_factory=list)
     baseline: str | None = None                    # the chosen baseline method (default: the Δm% reference)
     significance_baseline: dict[str, dict[str, Any]] = field(default_factory=dict)  # ... vs that baseline
+    cost: dict[str, float | None] = field(default_factory=dict)         # time per epoch / the reference's
+    seconds_per_epoch: dict[str, float | None] = field(default_factory=dict)
+    cost_reference: str | None = None
+    ids: dict[str, mid.MethodId] = field(default_factory=dict)
+    at_default: dict[str, bool] = field(default_factory=dict)   # ran with its default options (as recorded)
 
     @property
     def title(self) -> str:
         p = self.protocol
-        return f"{p['dataset']} (v{p['dataset_version']}) — tasks {', '.join(p['tasks'])}"
+        tasks = p["tasks"]
+        shown = ", ".join(tasks) if len(tasks) <= 8 else f"{len(tasks)} tasks ({', '.join(tasks[:4])}, ...)"
+        return f"{p['dataset']} (v{p['dataset_version']}) — tasks {shown}"
+
+    @property
+    def ranked_columns(self) -> list[tuple[str, str]]:
+        return [c for c in self.columns if self.directions.get(c[1]) in ("max", "min")]
 
 
-def build_tables(frame: pd.DataFrame, flat_delta_m: bool = False, baseline: str | None = None) -> list[Table]:
-    """One table per protocol. ``baseline`` (``ARCH`` or ``ARCH:OPTIMIZER``, as `mtlbench compare` takes them)
-    is the method every other is also tested against; default: the Δm% reference (``single``)."""
+def build_tables(frame: pd.DataFrame, flat_delta_m: bool = False, baseline: str | None = None,
+                 superseded: list[tuple[RunRecord, RunRecord]] | None = None) -> list[Table]:
+    """One table per protocol. ``baseline`` (a method name as `mtlbench compare` takes it, see
+    ``mtlbench.results.methods``) is the method every other is also tested against; default: the Δm% reference
+    (``single``). ``superseded`` (from ``load_store``) is said in the notes of the tables it concerns."""
     test = frame[frame["split"] == "test"]
     tables = []
     for protocol_json, part in test.groupby("protocol", sort=True):
-        tables.append(_table(json.loads(protocol_json), part, flat_delta_m, baseline))
+        dropped = [(d, k) for d, k in superseded or [] if _canon(protocol_of(d.spec)) == protocol_json]
+        tables.append(_table(json.loads(protocol_json), part, flat_delta_m, baseline, dropped))
     return tables
 
 
-def resolve_method(spec: str, methods: list[str]) -> str | None:
-    """The method label meant by ``ARCH`` or ``ARCH:OPTIMIZER`` (an arch alone prefers its ``ew`` runs)."""
-    arch, _, opt = spec.partition(":")
-    found = [m for m in methods if m.split(" × ")[0] == arch and (not opt or m.split(" × ")[1] == opt)]
-    return sorted(found, key=lambda m: (not m.endswith("× ew"), m))[0] if found else None
+def resolve_method(text: str, table: Table) -> str | None:
+    """The label of the method of ``table`` that ``text`` names (see ``mtlbench.results.methods.resolve``)."""
+    found = mid.resolve(text, table.ids.values(), {table.ids[m]: d for m, d in table.at_default.items()})
+    return None if found is None else next(label for label, m in table.ids.items() if m == found)
 
 
-def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: str | None = None) -> Table:
+def _reference(methods: list[str], ids: dict[str, mid.MethodId], at_default: dict[str, bool],
+               arch: str, optimizer: str | None = "ew") -> str | None:
+    """The method of ``arch`` (with ``optimizer`` if that has runs), default options first, then by label."""
+    found = [m for m in methods if ids[m].arch == arch]
+    if optimizer and any(ids[m].optimizer == optimizer for m in found):
+        found = [m for m in found if ids[m].optimizer == optimizer]
+    return sorted(found, key=lambda m: (not at_default.get(m), m))[0] if found else None
+
+
+def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: str | None = None,
+           superseded: list[tuple[RunRecord, RunRecord]] = ()) -> Table:
     from mtlbench.results import stats
 
     tasks = list(protocol["tasks"])
@@ -207,23 +220,36 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
         elif metric not in lst:
             lst.append(metric)
     columns = [(t, m) for t in tasks for m in metrics_by_task.get(t, [])]
-    directions = dict(zip(part["metric"], part["direction"]))
+    directions: dict[str, str | None] = {}
+    for metric, group in part.groupby("metric", sort=True)["direction"]:
+        found = set(group) - {""}
+        directions[metric] = found.pop() if len(found) == 1 and len(set(group)) == 1 else None
+    notes = []
+    unranked = sorted(m for m, d in directions.items() if d is None)
+    if unranked:
+        notes.append(f"metric(s) {', '.join(unranked)}: no direction stored in (every one of) their records, so "
+                     "they are shown but not ranked, bolded, tested or used in Δm%")
     agg = part.groupby(["method", "task", "metric"])["value"].agg(["mean", "std", "count"])
     methods = sorted(part["method"].unique())
+    ids = {m: part.loc[part["method"] == m, "method_id"].iloc[0] for m in methods}
+    at_default = {m: bool(part.loc[part["method"] == m, "at_default"].eq(True).all()) for m in methods}
     table_stats: dict[str, dict] = {m: {} for m in methods}
     for (method, task, metric), row in agg.iterrows():
         table_stats[method][(task, metric)] = {"mean": float(row["mean"]),
                                                "std": float(row["std"]) if row["count"] > 1 else float("nan"),
                                                "n": int(row["count"])}
     seeds = {m: sorted(part.loc[part["method"] == m, "seed"].unique().tolist()) for m in methods}
-    notes = []
+    if superseded:
+        notes.append(f"{len(superseded)} run(s) repeat a method and seed already in this table (another run id, "
+                     "e.g. changed plugin code): each seed counts once, the newest run kept (dropped: "
+                     + ", ".join(sorted(d.run_id for d, _ in superseded)) + ")")
     # Δm% against the single-task baseline
-    base_methods = [m for m in methods if m.split(" × ")[0].split("(")[0] == BASELINE_ARCH]
-    base = sorted(base_methods, key=lambda m: (not m.endswith("× ew"), m))[0] if base_methods else None
+    base = _reference(methods, ids, at_default, BASELINE_ARCH)
     delta: dict[str, float | None] = {}
     dense = any(c[1] in DENSE_METRIC_NAMES for c in columns)  # per-pixel tasks: every metric counts (vision papers)
     flat = flat or dense
-    cols_for_delta = columns if flat else [(t, metrics_by_task[t][0]) for t in tasks if metrics_by_task.get(t)]
+    prim = [(t, metrics_by_task[t][0]) for t in tasks if metrics_by_task.get(t)]
+    cols_for_delta = [c for c in (columns if flat else prim) if directions.get(c[1])]
     if base is None:
         note = "Δm% n/a: no single-task (`single`) runs under this protocol"
         delta = {m: None for m in methods}
@@ -232,49 +258,86 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
                 "al. 2021)" if dense else "all task metrics" if flat else "tasks of the primary metric")
         note = (f"Δm% (Maninis et al. 2019): mean over {what}"
                 f" of the signed relative change vs `{base}`, in %, positive = better")
+        if len(cols_for_delta) < len(columns if flat else prim):
+            note += " (metrics without a direction left out)"
         for m in methods:
-            ms = [table_stats[m].get(c, {}).get("mean", float("nan")) for c in cols_for_delta]
-            bs = [table_stats[base].get(c, {}).get("mean", float("nan")) for c in cols_for_delta]
-            lower = [directions[c[1]] == "min" for c in cols_for_delta]
+            ms = {f"{t}/{k}": table_stats[m].get((t, k), {}).get("mean") for t, k in cols_for_delta}
+            bs = {f"{t}/{k}": table_stats[base].get((t, k), {}).get("mean") for t, k in cols_for_delta}
+            lower = {f"{t}/{k}": directions[k] == "min" for t, k in cols_for_delta}
             res = stats.delta_m(ms, bs, lower)
             delta[m] = None if res.value is None or not math.isfinite(res.value) else res.value
             if res.note:
-                notes.append(f"{m}: {res.note}")
-    # mean rank over every (task, metric) column; 1 = best
-    ranks = pd.DataFrame({c: [table_stats[m].get(c, {}).get("mean", np.nan) for m in methods] for c in columns},
-                         index=methods)
-    for c in columns:
-        ranks[c] = ranks[c].rank(ascending=directions[c[1]] == "min", method="average", na_option="bottom")
-    mean_rank = ranks.mean(axis=1).to_dict() if columns else {m: float("nan") for m in methods}
+                notes.append(f"{m}: Δm% {'n/a' if delta[m] is None else 'note'}: {res.note}")
+    # mean rank over every ranked (task, metric) column; 1 = best; values within stats.REL_TOL tie
+    ranked = [c for c in columns if directions.get(c[1])]
+    if ranked:
+        ranks = np.column_stack([stats.tie_ranks([table_stats[m].get(c, {}).get("mean", np.nan) for m in methods],
+                                                 directions[c[1]] == "max") for c in ranked])
+        mean_rank = dict(zip(methods, ranks.mean(axis=1).tolist()))
+    else:
+        mean_rank = {m: float("nan") for m in methods}
     order = sorted(methods, key=lambda m: (-(delta[m] if delta.get(m) is not None else -math.inf),
                                            mean_rank.get(m, math.inf), m))
-    signif = _significance(part, order, tasks, metrics_by_task, directions)
-    chosen = base if baseline is None else resolve_method(baseline, methods)
-    if baseline is not None and chosen is None:
-        notes.append(f"baseline '{baseline}' has no runs under this protocol: no tests against it")
-    signif_base = _significance(part, [chosen] + [m for m in order if m != chosen], tasks, metrics_by_task,
-                                directions) if chosen else {}
+    signif, why = _significance(part, order, tasks, metrics_by_task, directions)
+    why_top = why
+    chosen = base
+    if baseline is not None:
+        try:
+            found = mid.resolve(baseline, ids.values(), {ids[m]: at_default[m] for m in methods},
+                                " under this protocol")
+        except MtlbenchError as exc:
+            found = None
+            notes.append(f"baseline: {exc}; no tests against it")
+        else:
+            if found is None:
+                notes.append(f"baseline '{baseline}' has no runs under this protocol: no tests against it")
+        chosen = None if found is None else next(m for m in methods if ids[m] == found)
+    signif_base: dict[str, dict[str, Any]] = {}
+    if chosen:
+        signif_base, why = _significance(part, [chosen] + [m for m in order if m != chosen], tasks,
+                                         metrics_by_task, directions)
+        if why == why_top:
+            notes += [f"tests vs the top row and vs the baseline: {w}" for w in why]
+            why_top = []
+        else:
+            notes += [f"tests vs the baseline: {w}" for w in why]
+    notes += [f"tests vs the top row: {w}" for w in why_top]
+    # relative training cost: seconds per epoch (mean over seeds) against single x ew, else shared_bottom x ew
+    spe = {m: _mean_or_none(part.loc[part["method"] == m].drop_duplicates("run_id")["seconds_per_epoch"])
+           for m in methods}
+    ref = next((r for a, o in COST_REFERENCES if (r := _reference(methods, ids, at_default, a, o))
+                and ids[r].optimizer == o and spe.get(r)), None)
+    cost = {m: (spe[m] / spe[ref] if ref and spe[m] is not None else None) for m in methods}
     return Table(protocol, columns, directions, order, table_stats, delta, note,
-                 {m: float(v) for m, v in mean_rank.items()}, seeds, signif, notes, chosen, signif_base)
+                 {m: float(v) for m, v in mean_rank.items()}, seeds, signif, notes, chosen, signif_base, cost, spe,
+                 ref, ids, at_default)
+
+
+def _mean_or_none(values: pd.Series) -> float | None:
+    v = values.to_numpy(dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else None
 
 
 def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metrics_by_task: dict[str, list[str]],
-                  directions: dict[str, str]) -> dict[str, dict[str, Any]]:
+                  directions: dict[str, str | None], alpha: float = ALPHA
+                  ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Each method vs ``order[0]`` (the table's best, or a chosen baseline), per task on the primary metric: paired
-    t-test and Wilcoxon over the shared seeds, Holm-corrected across these comparisons."""
+    t-test and Wilcoxon over the shared seeds, Holm-corrected across these comparisons. Returns the results and
+    notes on what the tests cannot do (e.g. no Wilcoxon p can survive Holm with so few seeds)."""
     from mtlbench.results import stats
 
     if len(order) < 2:
-        return {}
+        return {}, []
     best = order[0]
     out: dict[str, dict[str, Any]] = {}
-    raw_t, raw_w, keys = [], [], []
+    raw_t, raw_w, keys, pairs = [], [], [], []
     prim = part[part["metric"] == part["task"].map(lambda t: (metrics_by_task.get(t) or [None])[0])]
     values = {k: dict(zip(g["seed"], g["value"])) for k, g in prim.groupby(["method", "task"], sort=False)}
     for m in order[1:]:
         out[m] = {}
         for t in tasks:
-            if not metrics_by_task.get(t):
+            if not metrics_by_task.get(t) or not directions.get(metrics_by_task[t][0]):
                 continue
             metric = metrics_by_task[t][0]
             a, b = values.get((m, t), {}), values.get((best, t), {})
@@ -283,20 +346,25 @@ def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metric
             x = sign * np.array([a[k] for k in common], dtype=float)
             y = sign * np.array([b[k] for k in common], dtype=float)
             tt = stats.paired_t(x, y)
-            wx = stats.wilcoxon(x, y)
-            out[m][t] = {"metric": metric, "n": len(common), "mean_diff": tt.mean_diff, "ci": [tt.ci_low, tt.ci_high],
+            wx = stats.wilcoxon(x, y, alpha=alpha)
+            out[m][t] = {"metric": metric, "n": tt.n, "mean_diff": tt.mean_diff, "ci": [tt.ci_low, tt.ci_high],
                          "t_p": tt.pvalue, "wilcoxon_p": wx.pvalue, "note": "; ".join(n for n in (tt.note, wx.note) if n)}
             raw_t.append(tt.pvalue)
             raw_w.append(wx.pvalue)
             keys.append((m, t))
-    adj_t, adj_w = stats.holm(raw_t).adjusted, stats.holm(raw_w).adjusted
+            pairs.append(wx.n)
+    adj_t, adj_w = stats.holm(raw_t, alpha).adjusted, stats.holm(raw_w, alpha).adjusted
     for (m, t), pt, pw in zip(keys, adj_t, adj_w):
         out[m][t]["t_p_holm"] = float(pt)
         out[m][t]["wilcoxon_p_holm"] = float(pw)
-    return out
+    notes = []
+    floor = stats.holm_wilcoxon_floor(pairs, raw_w, alternative="the paired t-test can")
+    if math.isfinite(floor.floor) and floor.floor >= alpha:
+        notes.append(floor.note)
+    return out, notes
 
-def table_records(table: Table, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+
+def table_records(table: Table, records: list[RunRecord]) -> list[RunRecord]:
     """The stored records behind ``table`` (same protocol)."""
-    proto = json.dumps(table.protocol, sort_keys=True, separators=(",", ":"))
-    return [r for r in records if json.dumps({k: r["spec"].get(k) for k in table.protocol}, sort_keys=True,
-                                             separators=(",", ":")) == proto]
+    proto = _canon(table.protocol)
+    return [r for r in records if _canon({k: r.spec.get(k) for k in table.protocol}) == proto]

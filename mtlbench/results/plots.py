@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from mtlbench.results.leaderboard import ARROW, Table, table_records
+from mtlbench.results.record import RunRecord
 from mtlbench.results.stats import cd_cliques
 
 def _fig_save(fig, path: Path) -> Path:
@@ -22,6 +23,11 @@ def _fig_save(fig, path: Path) -> Path:
 
 
 CURVE_METHODS = 8  # validation-curve panels show the table's top methods (and the single-task baseline)
+PANELS_MAX = 12    # per-task panels: the first this many tasks (a 139-task figure would be metres wide)
+
+
+def _panel_note(n_tasks: int) -> str:
+    return f"; the first {PANELS_MAX} of {n_tasks} tasks" if n_tasks > PANELS_MAX else ""
 
 
 def plot_bars(table: Table, path: Path) -> Path:
@@ -33,6 +39,8 @@ def plot_bars(table: Table, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     prim = [(t, m) for t, m in table.columns if m == next(mm for tt, mm in table.columns if tt == t)]
+    n_tasks = len(prim)
+    prim = prim[:PANELS_MAX]
     n = len(table.methods)
     fig, axes = plt.subplots(1, len(prim), figsize=(3.0 * len(prim) + 2.2, 0.9 + 0.22 * n), squeeze=False,
                              sharey=True)
@@ -51,7 +59,7 @@ def plot_bars(table: Table, path: Path) -> Path:
             ax.set_xlim(lo - pad, hi + pad)
         ax.grid(axis="x", linewidth=0.3)
     axes[0][0].set_yticks(ys, table.methods, fontsize=7)
-    fig.suptitle(f"{table.title}: test, mean ± std over seeds", fontsize=9)
+    fig.suptitle(f"{table.title}: test, mean ± std over seeds{_panel_note(n_tasks)}", fontsize=9)
     return _fig_save(fig, path)
 
 
@@ -63,7 +71,7 @@ def plot_tradeoff(table: Table, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(dict.fromkeys(t for t, _ in table.columns))
+    tasks = list(dict.fromkeys(t for t, _ in table.ranked_columns))
     if len(tasks) < 2:
         return None
     cx = (tasks[0], next(m for t, m in table.columns if t == tasks[0]))
@@ -93,7 +101,7 @@ def plot_tradeoff(table: Table, path: Path) -> Path | None:
     return _fig_save(fig, path)
 
 
-def plot_curves(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame, path: Path) -> Path:
+def plot_curves(table: Table, records: list[RunRecord], frame: pd.DataFrame, path: Path) -> Path:
     """Mean validation curve over seeds per method, for the table's top ``CURVE_METHODS`` methods and the
     single-task baseline (all of them would be unreadable), legend beside the panels."""
     import matplotlib
@@ -103,21 +111,22 @@ def plot_curves(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame
     import matplotlib.ticker
 
     method_of = dict(zip(frame["run_id"], frame["method"]))
-    tasks = list(dict.fromkeys(t for t, _ in table.columns))
+    all_tasks = list(dict.fromkeys(t for t, _ in table.columns))
+    tasks = all_tasks[:PANELS_MAX]
     prim = {t: next(m for tt, m in table.columns if tt == t) for t in tasks}
-    runs = [r for r in table_records(table, records) if r["run_id"] in method_of]
+    runs = [r for r in table_records(table, records) if r.run_id in method_of]
     shown = table.methods[:CURVE_METHODS] + [m for m in table.methods[CURVE_METHODS:] if m.startswith("single")]
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks) + 2.4, 3.2), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for m in shown:
-            curves = [[c["val"][t].get(prim[t]) for c in r["curves"]] for r in runs
-                      if method_of[r["run_id"]] == m and r.get("curves")]  # merge records have no training curves
+            curves = [[((c.get("val") or {}).get(t) or {}).get(prim[t]) for c in r.curves]
+                      for r in runs if method_of[r.run_id] == m and r.curves]  # merge records have no curves
             if not curves:
                 continue
             L = max(len(c) for c in curves)
             arr = np.full((len(curves), L), np.nan)
             for i, c in enumerate(curves):
-                arr[i, :len(c)] = [np.nan if v is None else v for v in c]
+                arr[i, :len(c)] = [v if isinstance(v, (int, float)) else np.nan for v in c]
             with np.errstate(all="ignore"):
                 mean = np.nanmean(arr, axis=0)
             ax.plot(range(1, L + 1), mean, marker=".", label=m, linewidth=1)
@@ -127,9 +136,40 @@ def plot_curves(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     more = len(table.methods) - len(shown)
-    fig.suptitle(f"{table.title}: validation curves (mean over seeds)"
+    fig.suptitle(f"{table.title}: validation curves (mean over seeds){_panel_note(len(all_tasks))}"
                  + (f"; the top {CURVE_METHODS} methods of the table and the baseline ({more} more in the table)"
                     if more > 0 else ""), fontsize=9)
+    return _fig_save(fig, path)
+
+
+def plot_cost(table: Table, path: Path) -> Path | None:
+    """Δm% against relative training cost (time per epoch vs the table's reference), one point per method: what a
+    method gains for what it costs. None when the table has no Δm% or no cost reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(table.cost.get(m), table.delta_m.get(m), m) for m in table.methods]
+    pts = [(c, d, m) for c, d, m in pts if c is not None and d is not None and c > 0 and math.isfinite(d)]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 4.2))
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#4c72b0", s=16, zorder=3)
+    front = [p for p in pts if not any(q[0] <= p[0] and q[1] >= p[1] and q[:2] != p[:2] for q in pts)]
+    front.sort(key=lambda p: p[0])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="#c44e52", zorder=2,
+            label="best Δm% for its cost")
+    label_all = len(pts) <= 14
+    for c, d, m in pts:
+        if label_all or (c, d, m) in front:
+            ax.annotate(m, (c, d), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(0.0, color="#999999", linewidth=0.6)
+    ax.set_xlabel(f"training time per epoch relative to {table.cost_reference} (log scale) ↓")
+    ax.set_ylabel("Δm% ↑")
+    ax.set_title(f"{table.title}: Δm% vs cost" + ("" if label_all else "\nlabelled: the front"), fontsize=8)
+    ax.legend(fontsize=7)
     return _fig_save(fig, path)
 
 
@@ -220,13 +260,13 @@ def critical_difference_diagram(avg_ranks: Mapping[str, float], cd: float, path:
     return path
 
 
-def _usage_of(record: dict[str, Any]) -> dict[str, Any] | None:
-    info = record.get("arch_info")
+def _usage_of(record: RunRecord) -> dict[str, Any] | None:
+    info = record.arch_info
     usage = info.get("expert_usage") if isinstance(info, dict) else None
     return usage if isinstance(usage, dict) and isinstance(usage.get("tasks"), dict) else None
 
 
-def plot_expert_usage(table: Table, records: list[dict[str, Any]], frame: pd.DataFrame, path: Path) -> Path | None:
+def plot_expert_usage(table: Table, records: list[RunRecord], frame: pd.DataFrame, path: Path) -> Path | None:
     """Mixture-of-experts gate usage (records whose ``arch_info`` holds an ``expert_usage``, e.g. TaskExpert's):
     one heat map per method and tapped block, rows = tasks, columns = experts and the memory, cells = mean gate
     weight on the test split (mean over seeds); each row is labelled with its mean per-token gate entropy over its
@@ -236,8 +276,8 @@ def plot_expert_usage(table: Table, records: list[dict[str, Any]], frame: pd.Dat
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in table_records(table, records):
         u = _usage_of(r)
-        if u is not None and r["run_id"] in method_of:
-            by_method.setdefault(method_of[r["run_id"]], []).append(u)
+        if u is not None and r.run_id in method_of:
+            by_method.setdefault(method_of[r.run_id], []).append(u)
     if not by_method:
         return None
     import matplotlib
@@ -248,36 +288,40 @@ def plot_expert_usage(table: Table, records: list[dict[str, Any]], frame: pd.Dat
     methods = [m for m in table.methods if m in by_method]
     tasks = list(by_method[methods[0]][0]["tasks"])
     n_blocks = max(len(u["tasks"][t]) for m in methods for u in by_method[m] for t in u["tasks"])
-    n_cols = max(len(row["experts"]) + 1 for m in methods for u in by_method[m] for t in u["tasks"]
-                 for row in u["tasks"][t])
-    fig, axes = plt.subplots(len(methods), n_blocks, figsize=(0.42 * n_cols * n_blocks + 2.6 * n_blocks,
-                                                              0.35 * len(tasks) * len(methods) + 1.0 * len(methods)),
-                             squeeze=False)
+    width = max(len(row["experts"]) + 1 for m in methods for u in by_method[m] for t in u["tasks"]
+                for row in u["tasks"][t])
+    fig, axes = plt.subplots(len(methods), n_blocks, figsize=(n_blocks * (0.32 * width + 3.2),
+                                                              0.3 * len(tasks) * len(methods) + 0.9 * len(methods) + 0.4),
+                             squeeze=False, layout="constrained")
     for i, m in enumerate(methods):
         for b in range(n_blocks):
             ax = axes[i][b]
-            grid = np.full((len(tasks), n_cols), np.nan)
-            ent, ent_max, block = [], [], None
+            rows_of = {t: [u["tasks"][t][b] for u in by_method[m] if t in u["tasks"] and b < len(u["tasks"][t])]
+                       for t in tasks}
+            if not any(rows_of.values()):
+                ax.set_axis_off()  # this variant taps fewer blocks
+                continue
+            k = max(len(r["experts"]) for rows in rows_of.values() for r in rows)
+            grid = np.full((len(tasks), k + 1), np.nan)
+            labels, block = [], None
             for j, t in enumerate(tasks):
-                rows = [u["tasks"][t][b] for u in by_method[m] if t in u["tasks"] and b < len(u["tasks"][t])]
+                rows = rows_of[t]
                 if not rows:
-                    ent.append(np.nan), ent_max.append(np.nan)
+                    labels.append(t)
                     continue
                 block = rows[0]["block"]
-                k = len(rows[0]["experts"])
-                grid[j, :k] = np.mean([r["experts"] for r in rows], axis=0)
+                grid[j, :len(rows[0]["experts"])] = np.mean([r["experts"] for r in rows], axis=0)
                 mem = [r["memory"] for r in rows if r["memory"] is not None]
                 if mem:
-                    grid[j, n_cols - 1] = float(np.mean(mem))
-                ent.append(float(np.mean([r["entropy"] for r in rows])))
-                ent_max.append(float(rows[0]["max_entropy"]))
-            im = ax.imshow(grid, vmin=0.0, vmax=max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0,
-                                                    1e-6), cmap="viridis", aspect="auto")
-            ax.set_xticks(range(n_cols), [f"E{c + 1}" for c in range(n_cols - 1)] + ["mem"], fontsize=6)
-            ax.set_yticks(range(len(tasks)), [f"{t} (H {e:.2f}/{em:.2f})" for t, e, em in zip(tasks, ent, ent_max)],
-                          fontsize=6)
-            ax.set_title(f"{m}, block {block}", fontsize=7)
-            fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).ax.tick_params(labelsize=6)
-    fig.suptitle(f"{table.title}: mean gate weight per task and expert on test (mean over seeds); "
-                 "H: gate entropy (nats) / its maximum", fontsize=8)
+                    grid[j, k] = float(np.mean(mem))
+                labels.append(f"{t} H {float(np.mean([r['entropy'] for r in rows])):.2f}/"
+                              f"{float(rows[0]['max_entropy']):.2f}")
+            im = ax.imshow(grid, vmin=0.0, vmax=max(float(np.nanmax(grid)), 1e-6), cmap="viridis", aspect="auto")
+            ax.set_xticks(range(k + 1), [f"E{c + 1}" for c in range(k)] + ["mem"], fontsize=6)
+            ax.set_yticks(range(len(tasks)), labels, fontsize=6)
+            ax.set_title(f"{m}\nblock {block}", fontsize=6)
+            fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=5)
+    fig.suptitle(f"{table.title}: mean gate weight per task and expert on test (mean over seeds; blank = not "
+                 "gated: no memory at the first module, or without the memory)\nH: mean per-token gate entropy "
+                 "(nats) / its maximum", fontsize=7)
     return _fig_save(fig, path)

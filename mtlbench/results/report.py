@@ -18,17 +18,48 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlbench.results.leaderboard import (ARROW, Store, Table, build_tables, load_store, long_frame,
-                                          table_records)
-from mtlbench.results.plots import (critical_difference_diagram, plot_bars, plot_curves, plot_expert_usage,
-                                   plot_tradeoff)
+from mtlbench.results.leaderboard import (ALPHA, ARROW, INTERNAL_COLUMNS, Store, Table, build_tables, load_store,
+                                          long_frame, table_records)
+from mtlbench.results.plots import (critical_difference_diagram, plot_bars, plot_cost, plot_curves,
+                                    plot_expert_usage, plot_tradeoff)
+from mtlbench.results.record import RunRecord
+
+#: A figure's file name stays well under every file system's 255-byte limit, whatever the task names.
+SLUG_MAX = 60
+#: Markdown, LaTeX and HTML tables show per-task metric columns up to this many; beyond it only the primary
+#: metrics, and beyond it again none (the CSV and JSON always hold every column).
+TABLE_COLUMNS_MAX = 16
 
 
 def slug(table: Table) -> str:
+    """The file-name stem of a table's figures: dataset and task names while short, else dataset and task count;
+    always the protocol's hash, so two tables never share a name."""
     p = table.protocol
     base = f"{p['dataset']}-{'-'.join(p['tasks'])}"
+    if len(base) > SLUG_MAX:
+        base = f"{p['dataset'][:SLUG_MAX - 12]}-{len(p['tasks'])}tasks"
     h = _short_hash(p)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{base}-{h}")
+
+
+def shown_columns(table: Table) -> tuple[list[tuple[str, str]], str]:
+    """The metric columns a rendered table shows, and a note when some are left to the CSV."""
+    cols = table.columns
+    if len(cols) <= TABLE_COLUMNS_MAX:
+        return cols, ""
+    tasks = list(dict.fromkeys(t for t, _ in cols))
+    prim = [(t, next(m for tt, m in cols if tt == t)) for t in tasks]
+    if len(prim) <= TABLE_COLUMNS_MAX:
+        return prim, (f"{len(cols)} task metrics: only each task's primary metric is shown here; every metric is "
+                      "in leaderboard.csv and leaderboard.json")
+    return [], (f"{len(tasks)} tasks ({len(cols)} task metrics): per-task columns are left out here (more than "
+                f"{TABLE_COLUMNS_MAX}); every one is in leaderboard.csv and leaderboard.json")
+
+
+def md_escape(text: str) -> str:
+    """A method or task name safe inside a Markdown table cell: no pipes, emphasis, code, links or HTML."""
+    out = re.sub(r"([\\|*`\[\]#$~])", r"\\\1", html.escape(str(text), quote=False))
+    return re.sub(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])", r"\\_", out)   # intraword _ is literal already
 
 
 def _short_hash(obj: Any) -> str:
@@ -52,6 +83,8 @@ def _cell(table: Table, method: str, col: tuple[str, str]) -> tuple[str, float]:
 
 
 def _best_two(table: Table, col: tuple[str, str]) -> tuple[str | None, str | None]:
+    if table.directions.get(col[1]) not in ("max", "min"):
+        return None, None   # a metric without a direction is never ranked
     vals = [(table.stats[m][col]["mean"], m) for m in table.methods
             if col in table.stats[m] and math.isfinite(table.stats[m][col]["mean"])]
     reverse = table.directions[col[1]] == "max"
@@ -78,9 +111,9 @@ MERGE_NOTE = (" Merge rows (`merge:NAME`) combine one expert per task fine-tuned
 
 
 
-def environment_text(runs: list[dict[str, Any]]) -> str:
+def environment_text(runs: list[RunRecord]) -> str:
     """Where the numbers came from: software versions, device, threads and code versions, from the records."""
-    env = [r.get("environment") or {} for r in runs]
+    env = [r.environment or {} for r in runs]
 
     def values(key: str) -> str:
         found = sorted({str(e.get(key)) for e in env if e.get(key) is not None})
@@ -102,8 +135,28 @@ def _seed_text(seeds: list[int]) -> str:
 
 
 def _significant(table: Table, method: str, task: str) -> bool:
+    """† : significantly *worse* than the top row on the task's primary metric (Holm-corrected t-test)."""
     s = table.significance.get(method, {}).get(task)
-    return bool(s) and s.get("t_p_holm") is not None and math.isfinite(s["t_p_holm"]) and s["t_p_holm"] < 0.05
+    return (bool(s) and s.get("t_p_holm") is not None and math.isfinite(s["t_p_holm"]) and s["t_p_holm"] < ALPHA
+            and s.get("mean_diff") is not None and math.isfinite(s["mean_diff"]) and s["mean_diff"] < 0)
+
+
+def _primary(table: Table, col: tuple[str, str]) -> bool:
+    return col == next(c for c in table.columns if c[0] == col[0])
+
+
+def _cost_text(table: Table, method: str) -> str:
+    c = table.cost.get(method)
+    return "n/a" if c is None else f"{c:.2f}"
+
+
+def cost_note(table: Table) -> str:
+    if table.cost_reference is None:
+        return ("Cost n/a: no `single × ew` or `shared_bottom × ew` runs with recorded training times under this "
+                "protocol")
+    return (f"Cost = training time per epoch (mean over seeds, from the records) relative to `{table.cost_reference}`"
+            f" ({table.seconds_per_epoch[table.cost_reference]:.3g} s per epoch); methods are compared at equal "
+            "epochs, so a cost of 3 means three times the compute for the same budget")
 
 
 def markdown(tables: list[Table], store: Store, cross: dict[str, Any] | None) -> str:
@@ -111,70 +164,94 @@ def markdown(tables: list[Table], store: Store, cross: dict[str, Any] | None) ->
            "Generated by `mtlbench leaderboard` from the stored run records alone; rerunning it on the same "
            "records reproduces this file byte for byte.", ""]
     for table in tables:
-        out += [f"## {table.title}", "", protocol_text(table), "",
+        cols, shown_note = shown_columns(table)
+        out += [f"## {md_escape(table.title)}", "", protocol_text(table), "",
                 environment_text(table_records(table, store.records)), "", table.delta_m_note + ". "
-                "Best in **bold**, second <u>underlined</u>; ↑ higher is better, ↓ lower is better; † = worse "
-                "than the top row on that task's primary metric (paired t-test over seeds, Holm-corrected "
-                "across this table, p < 0.05).", ""]
-        head = ["method", "n"] + [f"{t} {m} {ARROW[table.directions[m]]}" for t, m in table.columns] + \
-               ["Δm% ↑", "mean rank ↓"]
+                "Best in **bold**, second <u>underlined</u>; ↑ higher is better, ↓ lower is better; † = "
+                "significantly worse than the top row on that task's primary metric (paired t-test over seeds, "
+                f"Holm-corrected across this table, p < {ALPHA:g}). {cost_note(table)}.", ""]
+        if shown_note:
+            out += [f"_{shown_note}._", ""]
+        head = ["method", "n"] + [f"{md_escape(t)} {md_escape(m)} {ARROW[table.directions[m]]}" for t, m in cols] \
+            + ["Δm% ↑", "mean rank ↓", "cost ↓"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|")
-        best = {c: _best_two(table, c) for c in table.columns}
+        best = {c: _best_two(table, c) for c in cols}
         for m in table.methods:
             n = max((s["n"] for s in table.stats[m].values()), default=0)
-            cells = [m.replace("|", "\\|"), str(n)]
-            for c in table.columns:
+            cells = [md_escape(m), str(n)]
+            for c in cols:
                 text, _ = _cell(table, m, c)
                 if best[c][0] == m:
                     text = f"**{text}**"
                 elif best[c][1] == m:
                     text = f"<u>{text}</u>"
-                if c[1] == table.columns[[x[0] for x in table.columns].index(c[0])][1] and \
-                        _significant(table, m, c[0]):
+                if _primary(table, c) and _significant(table, m, c[0]):
                     text += " †"
                 cells.append(text)
             dm = table.delta_m.get(m)
             cells.append("n/a" if dm is None else f"{dm:+.2f}")
             cells.append(_num(table.mean_rank.get(m), 2))
+            cells.append(_cost_text(table, m))
             out.append("| " + " | ".join(cells) + " |")
         if table.notes:
-            out += ["", "Notes: " + "; ".join(table.notes)]
-        out += ["", _significance_md(table), ""]
+            out += ["", "Notes: " + md_escape("; ".join(table.notes)).replace("\\_", "_")]
+        out += ["", _significance_md(table, compact=not cols or len(cols) < len(table.columns)), ""]
     if cross:
         out += ["## Across datasets", "", cross["text"], ""]
     if store.skipped or store.failed:
         out += ["## Not included", ""]
-        if store.skipped:
-            out.append(f"- {len(store.skipped)} malformed or truncated record file(s): "
-                       + ", ".join(store.skipped))
+        for line in store.skipped:
+            out.append(f"- {md_escape(line)}")
         if store.failed:
             out.append(f"- {len(store.failed)} failed run(s): " + ", ".join(
-                f"{r['run_id']} ({(r.get('error') or {}).get('reason', 'unknown')})" for r in
-                sorted(store.failed, key=lambda r: r["run_id"])))
+                f"{r.run_id} ({md_escape((r.error or {}).get('reason', 'unknown'))})" for r in
+                sorted(store.failed, key=lambda r: r.run_id)))
         out.append("")
     return "\n".join(out)
 
 
-def _significance_md(table: Table) -> str:
+def significance_counts(results: dict[str, Any]) -> tuple[int, int, int]:
+    """Over a method's tasks: (significantly better, significantly worse, not significant), Holm-corrected t-test."""
+    better = worse = 0
+    for s in results.values():
+        p = s.get("t_p_holm")
+        if p is not None and math.isfinite(p) and p < ALPHA and math.isfinite(s["mean_diff"]):
+            better += s["mean_diff"] > 0
+            worse += s["mean_diff"] < 0
+    return better, worse, len(results) - better - worse
+
+
+def _significance_md(table: Table, compact: bool = False) -> str:
     if not table.significance:
         return "_Significance: a single method, nothing to compare._"
-    parts = [_significance_section(table, table.significance, f"the top row ({table.methods[0]})")]
+    parts = [_significance_section(table, table.significance, f"the top row ({table.methods[0]})", compact)]
     if table.baseline and table.significance_baseline:
-        parts.append(_significance_section(table, table.significance_baseline, f"the baseline ({table.baseline})"))
+        parts.append(_significance_section(table, table.significance_baseline, f"the baseline ({table.baseline})",
+                                           compact))
     return "\n\n".join(parts)
 
 
-def _significance_section(table: Table, results: dict[str, dict[str, Any]], against: str) -> str:
-    lines = [f"<details><summary>Significance vs {against}; mean diff = method minus it, signed so that "
+def _significance_section(table: Table, results: dict[str, dict[str, Any]], against: str,
+                          compact: bool = False) -> str:
+    if compact:  # one row per method: per-task rows would be methods x tasks lines
+        lines = [f"<details><summary>Significance vs {md_escape(against)}: tasks where the method is significantly "
+                 "better / worse (paired t-test, Holm-corrected), or not</summary>", "",
+                 "| method | tasks | better | worse | n.s. |", "|---|--:|--:|--:|--:|"]
+        for m in table.methods:
+            if m in results:
+                b, w, ns = significance_counts(results[m])
+                lines.append(f"| {md_escape(m)} | {len(results[m])} | {b} | {w} | {ns} |")
+        return "\n".join(lines + ["", "</details>"])
+    lines = [f"<details><summary>Significance vs {md_escape(against)}; mean diff = method minus it, signed so that "
              "positive = better</summary>", "",
              "| method | task | n | mean diff | 95% CI | t-test p (Holm) | Wilcoxon p (Holm) | note |",
              "|---|---|--:|--:|---|--:|--:|---|"]
     for m in table.methods:
         for t, s in results.get(m, {}).items():
             ci = f"[{_num(s['ci'][0])}, {_num(s['ci'][1])}]"
-            lines.append(f"| {m} | {t} | {s['n']} | {_num(s['mean_diff'])} | {ci} | {_num(s['t_p'], 3)} "
-                         f"({_num(s.get('t_p_holm'), 3)}) | {_num(s['wilcoxon_p'], 3)} "
+            lines.append(f"| {md_escape(m)} | {md_escape(t)} | {s['n']} | {_num(s['mean_diff'])} | {ci} | "
+                         f"{_num(s['t_p'], 3)} ({_num(s.get('t_p_holm'), 3)}) | {_num(s['wilcoxon_p'], 3)} "
                          f"({_num(s.get('wilcoxon_p_holm'), 3)}) | {s['note']} |")
     lines += ["", "</details>"]
     return "\n".join(lines)
@@ -183,19 +260,21 @@ def _significance_section(table: Table, results: dict[str, dict[str, Any]], agai
 def latex(tables: list[Table]) -> str:
     out = ["% generated by mtlbench leaderboard; requires \\usepackage{booktabs}"]
     for table in tables:
-        cols = "l" + "r" * (len(table.columns) + 2)
+        shown, shown_note = shown_columns(table)
+        cols = "l" + "r" * (len(shown) + 3)
         out += ["\\begin{table}[t]", "\\centering", "\\small",
-                f"\\caption{{{_tex(table.title)}. {_tex(protocol_text(table))} {_tex(table.delta_m_note)}.}}",
+                f"\\caption{{{_tex(table.title)}. {_tex(protocol_text(table))} {_tex(table.delta_m_note)}. "
+                f"{_tex(cost_note(table))}." + (f" {_tex(shown_note)}." if shown_note else "") + "}",
                 f"\\begin{{tabular}}{{{cols}}}", "\\toprule"]
-        arrow = {"max": "$\\uparrow$", "min": "$\\downarrow$"}
-        head = ["Method"] + [f"{_tex(t)} {_tex(m)} {arrow[table.directions[m]]}" for t, m in table.columns] + \
-               ["$\\Delta_m$\\% $\\uparrow$", "Rank $\\downarrow$"]
+        arrow = {"max": "$\\uparrow$", "min": "$\\downarrow$", None: "(unranked)"}
+        head = ["Method"] + [f"{_tex(t)} {_tex(m)} {arrow[table.directions[m]]}" for t, m in shown] + \
+               ["$\\Delta_m$\\% $\\uparrow$", "Rank $\\downarrow$", "Cost $\\downarrow$"]
         out.append(" & ".join(head) + " \\\\")
         out.append("\\midrule")
-        best = {c: _best_two(table, c) for c in table.columns}
+        best = {c: _best_two(table, c) for c in shown}
         for m in table.methods:
             cells = [_tex(m)]
-            for c in table.columns:
+            for c in shown:
                 s = table.stats[m].get(c)
                 if not s:
                     cells.append("--")
@@ -209,15 +288,20 @@ def latex(tables: list[Table]) -> str:
             dm = table.delta_m.get(m)
             cells.append("n/a" if dm is None else f"{dm:+.2f}")
             cells.append(_num(table.mean_rank.get(m), 2))
+            cells.append(_cost_text(table, m))
             out.append(" & ".join(cells) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
     return "\n".join(out)
 
 
+_TEX = {"\\": "\\textbackslash{}", "{": "\\{", "}": "\\}", "$": "\\$", "&": "\\&", "#": "\\#", "%": "\\%",
+        "_": "\\_", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "×": "$\\times$", "Δ": "$\\Delta$",
+        "±": "$\\pm$", "–": "--", "—": "---", "`": "", "<": "\\textless{}", ">": "\\textgreater{}"}
+
+
 def _tex(s: str) -> str:
-    return (s.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
-            .replace("#", "\\#").replace("×", "$\\times$").replace("Δ", "$\\Delta$").replace("±", "$\\pm$")
-            .replace("`", "").replace("**", "").replace("–", "--").replace("—", "---"))
+    """``s`` as LaTeX text: every special character escaped (a method name cannot inject commands)."""
+    return "".join(_TEX.get(ch, ch) for ch in str(s).replace("**", ""))
 
 
 def as_json(tables: list[Table], store: Store, cross: dict[str, Any] | None) -> str:
@@ -235,13 +319,15 @@ def as_json(tables: list[Table], store: Store, cross: dict[str, Any] | None) -> 
     doc = {"tables": [{
         "title": t.title, "protocol": t.protocol, "delta_m_note": t.delta_m_note, "methods": [{
             "method": m, "seeds": t.seeds[m], "delta_m": t.delta_m.get(m), "mean_rank": t.mean_rank.get(m),
+            "relative_cost": t.cost.get(m), "seconds_per_epoch": t.seconds_per_epoch.get(m),
             "metrics": {f"{task}/{metric}": t.stats[m].get((task, metric)) for task, metric in t.columns},
             "significance_vs_best": t.significance.get(m, {}),
             "significance_vs_baseline": t.significance_baseline.get(m, {})} for m in t.methods],
-        "baseline": t.baseline, "notes": t.notes}
+        "baseline": t.baseline, "cost_reference": t.cost_reference, "directions": t.directions, "notes": t.notes}
         for t in tables],
         "across_datasets": cross and {k: v for k, v in cross.items() if k not in ("text", "figure_path")},
-        "skipped_files": store.skipped, "failed_runs": sorted(r["run_id"] for r in store.failed)}
+        "skipped_files": store.skipped, "failed_runs": sorted(r.run_id for r in store.failed),
+        "superseded_runs": sorted(d.run_id for d, _ in store.superseded)}
     return json.dumps(clean(doc), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
 
 
@@ -293,7 +379,7 @@ def _img(path: Path | None) -> str:
 
 
 def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[str, Any] | None,
-              records: list[dict[str, Any]] | None = None) -> str:
+              records: list[RunRecord] | None = None) -> str:
     e = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>mtlbench leaderboard</title>", f"<style>{HTML_STYLE}</style></head><body>",
@@ -302,23 +388,31 @@ def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[s
     for table in tables:
         parts += [f"<h2>{e(table.title)}</h2>", f'<p class="note">{e(protocol_text(table).replace("**", "").replace("`", ""))}</p>',
                   f'<p class="note">{e(environment_text(table_records(table, records or [])))}</p>',
-                  f'<p class="note">{e(table.delta_m_note)}. Bold: best, underlined: second.</p>',
-                  '<table class="lb"><thead><tr><th>method</th><th>n</th>']
-        for t, m in table.columns:
+                  f'<p class="note">{e(table.delta_m_note)}. Bold: best, underlined: second. '
+                  f'{e(cost_note(table).replace("`", ""))}.</p>']
+        shown, shown_note = shown_columns(table)
+        if shown_note:
+            parts.append(f'<p class="note">{e(shown_note)}.</p>')
+        if table.notes:
+            parts.append(f'<p class="note">Notes: {e("; ".join(table.notes))}</p>')
+        parts.append('<table class="lb"><thead><tr><th>method</th><th>n</th>')
+        for t, m in shown:
             parts.append(f"<th>{e(t)} {e(m)} {ARROW[table.directions[m]]}</th>")
-        parts.append("<th>Δm% ↑</th><th>mean rank ↓</th></tr></thead><tbody>")
-        best = {c: _best_two(table, c) for c in table.columns}
+        parts.append("<th>Δm% ↑</th><th>mean rank ↓</th><th>cost ↓</th></tr></thead><tbody>")
+        best = {c: _best_two(table, c) for c in shown}
         for m in table.methods:
             n = max((s["n"] for s in table.stats[m].values()), default=0)
             row = [f'<tr><td data-v="{e(m)}">{e(m)}</td><td data-v="{n}">{n}</td>']
-            for c in table.columns:
+            for c in shown:
                 text, v = _cell(table, m, c)
                 cls = "best" if best[c][0] == m else "second" if best[c][1] == m else ""
                 row.append(f'<td data-v="{"" if not math.isfinite(v) else repr(v)}" class="{cls}">{e(text)}</td>')
             dm = table.delta_m.get(m)
             row.append(f'<td data-v="{"" if dm is None else repr(dm)}">{"n/a" if dm is None else f"{dm:+.2f}"}</td>')
             mr = table.mean_rank.get(m)
-            row.append(f'<td data-v="{repr(mr)}">{_num(mr, 2)}</td></tr>')
+            row.append(f'<td data-v="{repr(mr)}">{_num(mr, 2)}</td>')
+            cost = table.cost.get(m)
+            row.append(f'<td data-v="{"" if cost is None else repr(cost)}">{_cost_text(table, m)}</td></tr>')
             parts.append("".join(row))
         parts.append("</tbody></table>")
         parts += _significance_html(table)
@@ -338,6 +432,20 @@ def _significance_html(table: Table) -> list[str]:
     if table.baseline and table.significance_baseline:
         sections.append((table.significance_baseline, f"the baseline ({table.baseline})"))
     out = []
+    shown, _ = shown_columns(table)
+    if len(shown) < len(table.columns):  # many tasks: one row per method, as in the Markdown
+        for results, against in sections:
+            out += [f"<details><summary>Significance vs {e(against)}: tasks where the method is significantly "
+                    "better / worse (paired t-test, Holm-corrected), or not</summary>",
+                    '<table class="sig"><thead><tr><th>method</th><th>tasks</th><th>better</th><th>worse</th>'
+                    "<th>n.s.</th></tr></thead><tbody>"]
+            for m in table.methods:
+                if m in results:
+                    b, w, ns = significance_counts(results[m])
+                    out.append(f"<tr><td>{e(m)}</td><td>{len(results[m])}</td><td>{b}</td><td>{w}</td><td>{ns}</td>"
+                               "</tr>")
+            out.append("</tbody></table></details>")
+        return out
     for results, against in sections:
         out += [f"<details><summary>Significance vs {e(against)}; mean diff = method minus it, positive = better"
                 "</summary>", '<table class="sig"><thead><tr><th>method</th><th>task</th><th>n</th>'
@@ -419,14 +527,21 @@ def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True,
     if plots:
         fig = cache.figure(fig_path, repr((ranks, cd.cd, title)), draw) if cache else draw()
     pw = stats.pairwise_wilcoxon_holm(matrix, common)
+    control = next((m for m in common if all(t.baseline == m for t in tables)), None) or min(
+        common, key=lambda m: (ranks[m], m))
+    ctl = stats.control_comparison(matrix, common, control, correction="holm")
+    pw_floor = stats.holm_wilcoxon_floor([len(tables)] * len(pw.rows), unit="tables")
     text = (f"{len(common)} methods on {len(tables)} tables (each scored by its mean rank over metrics): "
             f"Friedman chi2 = {_num(fr.chi2, 3)}, p = {_num(fr.pvalue, 4)}; Iman-Davenport F = "
             f"{_num(fr.f_stat, 3)}, p = {_num(fr.f_pvalue, 4)}; Nemenyi CD = {_num(cd.cd, 3)} (alpha 0.05). "
             + (fr.note or "") + " Average ranks: " + ", ".join(f"{m} {r:.2f}" for m, r in sorted(
-                ranks.items(), key=lambda x: x[1])) + ".")
+                ranks.items(), key=lambda x: x[1])) + ". "
+            + f"Against {control} (Demšar's rank z-tests, Holm): "
+            + ", ".join(f"{r.method} p = {_num(r.p_adjusted, 3)}" for r in ctl.rows) + ". "
+            + " ".join(n[0].upper() + n[1:] + "." for n in (ctl.note, pw_floor.note) if n))
     return {"text": text, "methods": common, "avg_ranks": ranks, "friedman": dataclasses.asdict(fr), "cd": cd.cd,
-            "pairwise": [dataclasses.asdict(r) for r in pw.rows], "figure": fig and f"figures/{Path(fig).name}",
-            "figure_path": fig and Path(fig)}
+            "pairwise": [dataclasses.asdict(r) for r in pw.rows], "vs_control": dataclasses.asdict(ctl),
+            "figure": fig and f"figures/{Path(fig).name}", "figure_path": fig and Path(fig)}
 
 
 def _records_of(obj: Any) -> Any:
@@ -450,22 +565,33 @@ def summary_lines(tables: list[Table]) -> list[str]:
     return lines
 
 
-def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m: bool = False,
-                      formats: tuple[str, ...] = ("md", "csv", "tex", "json", "html"),
-                      plots: bool = True, tables_out: list[Table] | None = None,
-                      baseline: str | None = None) -> dict[str, Path]:
-    """Build every table from the records in ``results_dir`` and write all formats and figures to ``out_dir``
-    (the built tables are appended to ``tables_out`` when given, e.g. for a summary on the terminal)."""
-    from mtlbench.errors import MtlbenchError
+FORMATS = ("md", "csv", "tex", "json", "html")
 
+
+def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m: bool = False,
+                      formats: tuple[str, ...] = FORMATS, plots: bool | None = None,
+                      tables_out: list[Table] | None = None, baseline: str | None = None,
+                      store_out: list[Store] | None = None) -> dict[str, Path]:
+    """Build every table from the records in ``results_dir`` and write the ``formats`` and figures to ``out_dir``
+    (the built tables are appended to ``tables_out`` and the store read to ``store_out`` when given, e.g. for a
+    summary on the terminal). ``plots`` defaults to drawing figures only when a format shows them (md, html)."""
+    from mtlbench.errors import MtlbenchError, unknown
+
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise unknown("leaderboard format", fmt, FORMATS)
+    if plots is None:
+        plots = any(f in formats for f in ("md", "html"))
     out = Path(out_dir)
     try:
-        (out / "figures").mkdir(parents=True, exist_ok=True)
+        (out / "figures" if plots else out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MtlbenchError(f"output directory '{out}' cannot be written: {exc.strerror or exc}") from exc
     store = load_store(results_dir)
+    if store_out is not None:
+        store_out.append(store)
     frame = long_frame(store.records)
-    tables = build_tables(frame, flat_delta_m, baseline)
+    tables = build_tables(frame, flat_delta_m, baseline, store.superseded)
     if tables_out is not None:
         tables_out.extend(tables)
     figures: dict[str, list[Path]] = {}
@@ -474,15 +600,15 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     for t in tables if plots else []:
         s, d = slug(t), out / "figures"
         shown = repr(t)
-        curves = repr([(r["run_id"], method_of.get(r["run_id"]), r.get("curves"))
-                       for r in table_records(t, store.records)])
+        curves = repr([(r.run_id, method_of.get(r.run_id), r.curves) for r in table_records(t, store.records)])
         figs = [cache.figure(d / f"{s}-bars.png", shown, lambda: plot_bars(t, d / f"{s}-bars.png")),
                 cache.figure(d / f"{s}-tradeoff.png", shown, lambda: plot_tradeoff(t, d / f"{s}-tradeoff.png")),
                 cache.figure(d / f"{s}-curves.png", shown + curves,
                              lambda: plot_curves(t, store.records, frame, d / f"{s}-curves.png")),
-                cache.figure(d / f"{s}-experts.png", shown + repr([(r["run_id"], (r.get("arch_info") or {}).get(
-                    "expert_usage")) for r in table_records(t, store.records)]),
-                    lambda: plot_expert_usage(t, store.records, frame, d / f"{s}-experts.png"))]
+                cache.figure(d / f"{s}-cost.png", shown, lambda: plot_cost(t, d / f"{s}-cost.png")),
+                cache.figure(d / f"{s}-experts.png", shown + repr([(r.run_id, r.arch_info.get("expert_usage"))
+                                                                    for r in table_records(t, store.records)]),
+                             lambda: plot_expert_usage(t, store.records, frame, d / f"{s}-experts.png"))]
         figures[s] = [f for f in figs if f is not None]
     cross = across_datasets(tables, out / "figures", plots, cache)
     if cache:
@@ -490,8 +616,8 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     written = {}
     texts = {"md": lambda: markdown(tables, store, cross), "tex": lambda: latex(tables),
              "json": lambda: as_json(tables, store, cross), "html": lambda: html_page(tables, figures, cross, store.records),
-             "csv": lambda: frame.drop(columns=["protocol"]).to_csv(index=False, float_format="%.17g",
-                                                                     lineterminator="\n")}
+             "csv": lambda: frame.drop(columns=INTERNAL_COLUMNS).to_csv(index=False, float_format="%.17g",
+                                                                         lineterminator="\n")}
     for fmt in formats:
         path = out / f"leaderboard.{fmt}"
         path.write_text(texts[fmt](), encoding="utf-8")

@@ -17,6 +17,11 @@ References
   Commun. Statist. A 9, 571-595.
 - Efron, B., Tibshirani, R. (1993). An Introduction to the Bootstrap. Chapman & Hall.
 - Maninis, K.-K., Radosavovic, I., Kokkinos, I. (2019). Attentive single-tasking of multiple tasks. CVPR.
+- Benjamini, Y., Hochberg, Y. (1995). Controlling the false discovery rate. J. R. Statist. Soc. B 57, 289-300.
+- Benavoli, A., Corani, G., Demšar, J., Zaffalon, M. (2017). Time for a change: a tutorial for comparing multiple
+  classifiers through Bayesian analysis. JMLR 18(77), 1-36 (official code: the ``baycomp`` package).
+- Agarwal, R., Schwarzer, M., Castro, P. S., Courville, A., Bellemare, M. G. (2021). Deep reinforcement learning at
+  the edge of the statistical precipice. NeurIPS (official code: ``rliable``).
 """
 from __future__ import annotations
 
@@ -35,7 +40,10 @@ if TYPE_CHECKING:
 __all__ = [
     "PairedT", "paired_t",
     "Wilcoxon", "wilcoxon",
-    "Holm", "holm",
+    "Holm", "holm", "BH", "benjamini_hochberg", "WilcoxonFloor", "holm_wilcoxon_floor",
+    "merge_close", "tie_ranks", "ControlRow", "ControlComparison", "control_comparison", "BayesSignedRank",
+    "bayesian_signed_rank", "StratifiedCI", "iqm", "iqm_ci", "probability_of_improvement",
+    "probability_of_improvement_ci",
     "Friedman", "friedman",
     "NemenyiCD", "nemenyi_cd",
     "PairwiseRow", "PairwiseWilcoxonHolm", "pairwise_wilcoxon_holm",
@@ -91,14 +99,41 @@ def _complete_pairs(a: object, b: object) -> tuple[np.ndarray, np.ndarray, str]:
     return x[keep], y[keep], note
 
 
+def merge_close(values: object, scale: float | None = None) -> np.ndarray:
+    """``values`` with every run of values closer than ``REL_TOL * scale`` to the next replaced by the run's first
+    value (``scale`` defaults to the largest magnitude; NaN stays NaN). The one tolerance of this module: the
+    Wilcoxon test's zero and tied differences, the Friedman ranks and the leaderboard's mean rank all use it."""
+    v = np.array(values, dtype=float, copy=True).ravel()
+    finite = np.isfinite(v)
+    if scale is None:
+        scale = float(np.max(np.abs(v[finite]), initial=0.0))
+    tol = REL_TOL * scale
+    if tol == 0.0 or finite.sum() < 2:
+        return v
+    idx = np.flatnonzero(finite)
+    order = idx[np.argsort(v[idx], kind="stable")]
+    sorted_v = v[order]
+    starts = np.concatenate(([True], np.diff(sorted_v) > tol))
+    v[order] = sorted_v[np.flatnonzero(starts)[np.cumsum(starts) - 1]]
+    return v
+
+
+def tie_ranks(values: object, higher_is_better: bool = True) -> np.ndarray:
+    """Ranks of ``values``, 1 = best, values within the module's tolerance tied (average rank), NaN ranked last."""
+    v = merge_close(values)
+    key = np.where(np.isfinite(v), -v if higher_is_better else v, np.inf)
+    return sps.rankdata(key, method="average")
+
+
 def _snapped_differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a - b`` quantised to ``REL_TOL`` of the data's magnitude, so round-off cannot split ties or fake non-zeros."""
+    """``a - b`` with differences within ``REL_TOL`` of the data's magnitude of zero set to 0 and of each other
+    merged (``merge_close``), so round-off cannot split ties or fake non-zeros."""
     d = a - b
     scale = float(max(np.max(np.abs(a), initial=0.0), np.max(np.abs(b), initial=0.0)))
     if scale == 0.0:
         return d
-    q = REL_TOL * scale
-    return np.round(d / q) * q
+    d = np.where(np.abs(d) <= REL_TOL * scale, 0.0, d)
+    return np.sign(d) * merge_close(np.abs(d), scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,6 +326,78 @@ def holm(pvalues: Sequence[float], alpha: float = 0.05) -> Holm:
     return Holm(tuple(map(float, p)), tuple(map(float, adjusted)), reject, m, alpha, note)
 
 
+@dataclass(frozen=True)
+class BH:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate), in the input order; ``reject`` is
+    ``adjusted < alpha`` (False for NaN)."""
+
+    pvalues: tuple[float, ...]
+    adjusted: tuple[float, ...]
+    reject: tuple[bool, ...]
+    n_tests: int
+    alpha: float
+    note: str = ""
+
+
+def benjamini_hochberg(pvalues: Sequence[float], alpha: float = 0.05) -> BH:
+    """Benjamini & Hochberg (1995) step-up adjustment, as statsmodels' ``multipletests(method="fdr_bh")``: an
+    alternative to Holm that controls the false discovery rate instead of the family-wise error rate.
+
+    With the m non-NaN p-values sorted ascending, the adjusted value of p_(i) is ``min_{j >= i} min(1, m p_(j) / j)``.
+    NaN p-values pass through as NaN and do not count towards m.
+    """
+    p = np.atleast_1d(np.asarray(pvalues, dtype=float)).ravel()
+    valid = ~np.isnan(p)
+    if np.any((p[valid] < 0) | (p[valid] > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p[valid][(p[valid] < 0) | (p[valid] > 1)].tolist()}")
+    pv = p[valid]
+    m = int(pv.size)
+    order = np.argsort(pv, kind="stable")
+    scaled = pv[order] * m / np.arange(1, m + 1)
+    steps = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    adjusted = np.full(p.shape, NAN)
+    inner = np.empty(m)
+    inner[order] = steps
+    adjusted[valid] = inner
+    n_nan = int(p.size - m)
+    note = _join("no p-values" if p.size == 0 else "",
+                 f"{n_nan} NaN p-value(s) passed through, not counted in m={m}" if n_nan else "")
+    return BH(tuple(map(float, p)), tuple(map(float, adjusted)), tuple(bool(v < alpha) for v in adjusted), m,
+              alpha, note)
+
+
+@dataclass(frozen=True)
+class WilcoxonFloor:
+    """The smallest Holm-adjusted p any outcome of m exact Wilcoxon tests on at most n pairs each can give."""
+
+    floor: float
+    m: int
+    n: int
+    alpha: float
+    note: str = ""
+
+
+def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None = None, alpha: float = 0.05,
+                        unit: str = "seeds", alternative: str = "") -> WilcoxonFloor:
+    """Whether Holm-corrected exact Wilcoxon tests can reject at all: the smallest two-sided exact p with n
+    non-zero pairs is 2 / 2^n, and Holm multiplies the smallest p by m, so no outcome goes below
+    ``min(1, m * 2 / 2^n_max)``. ``pvalues`` (optional) says which tests produced a p (NaN ones do not count in m).
+    The note says so when that floor is at least ``alpha`` (e.g. 5 seeds and 4 comparisons: 4 x 0.0625 = 0.25)."""
+    n = [int(k) for k in n_pairs]
+    if pvalues is not None:
+        n = [k for k, pv in zip(n, pvalues) if pv is not None and np.isfinite(pv)]
+    m, n_max = len(n), max(n, default=0)
+    if m == 0 or n_max == 0:
+        return WilcoxonFloor(NAN, m, n_max, alpha, "no Wilcoxon test")
+    floor = min(1.0, m * _min_wilcoxon_p(n_max))
+    note = ""
+    if floor >= alpha:
+        note = (f"with at most n={n_max} {unit} per comparison and m={m} comparisons, no Holm-corrected Wilcoxon p "
+                f"can fall below {floor:.3g} (m x 2/2^n), so that test cannot reject at alpha={alpha:g}"
+                + (f" ({alternative})" if alternative else ""))
+    return WilcoxonFloor(floor, m, n_max, alpha, note)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rank tests over data sets
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +443,8 @@ def friedman(matrix: Sequence[Sequence[float]], higher_is_better: bool | Sequenc
     """Friedman test with average ranks and the Iman-Davenport F (Demšar 2006, section 3.2.2).
 
     ``matrix`` has one row per data set (or task) and one column per method; ``higher_is_better`` is one bool or
-    one per row (rows may use different metrics). Ranks are taken within each row, 1 = best, ties averaged; R_j is
+    one per row (rows may use different metrics). Ranks are taken within each row, 1 = best, ties averaged
+    (values within ``REL_TOL`` of each other tie, as in ``merge_close``); R_j is
     the average rank of method j over the n rows. Then (Demšar's equations)
 
         chi^2_F = 12 n / (k (k + 1)) * (sum_j R_j^2 - k (k + 1)^2 / 4),   df = k - 1
@@ -356,7 +464,8 @@ def friedman(matrix: Sequence[Sequence[float]], higher_is_better: bool | Sequenc
     x, signs = x[keep], signs[keep]
     n, k = x.shape
     df = (k - 1, (k - 1) * (n - 1))
-    ranks = sps.rankdata(-signs[:, None] * x, method="average", axis=1) if n and k else np.empty((n, k))
+    ranks = (np.stack([tie_ranks(row, bool(s > 0)) for row, s in zip(x, signs)]) if n and k
+             else np.empty((n, k)))
     avg = tuple(map(float, ranks.mean(axis=0))) if n else (NAN,) * k
 
     def result(chi2: float, p: float, f: float, fp: float, why: str = "") -> Friedman:
@@ -590,8 +699,8 @@ def _aligned(method: object, baseline: object, lower_is_better: Directions
     if isinstance(method, Mapping):
         if not isinstance(baseline, Mapping):
             raise ValueError("baseline_means must be a mapping when method_means is one")
-        tasks = tuple(method)
-        m = _values([method[t] for t in tasks], "method_means")
+        tasks = tuple(dict.fromkeys([*method, *baseline]))   # a task the method lacks is NaN, never dropped
+        m = _values([method.get(t) for t in tasks], "method_means")
         b = _values([baseline.get(t) for t in tasks], "baseline_means")
         if isinstance(lower_is_better, Mapping):
             absent = [t for t in tasks if t not in lower_is_better]
@@ -745,3 +854,228 @@ def cd_cliques(avg_ranks: Mapping[str, float], cd: float) -> list[tuple[str, ...
             cliques.append(tuple(name for name, _ in items[i:j + 1]))
             reach = j
     return cliques
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Against a control method over data sets (Demšar 2006, section 3.2.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ControlRow:
+    """One method against the control: average ranks, z, raw and corrected p (two-sided)."""
+
+    method: str
+    rank: float
+    z: float
+    pvalue: float
+    p_adjusted: float
+    significant: bool
+
+
+@dataclass(frozen=True)
+class ControlComparison:
+    """Every method against a control by rank z-tests, corrected by Holm or Bonferroni-Dunn."""
+
+    control: str
+    control_rank: float
+    rows: tuple[ControlRow, ...]
+    n: int
+    k: int
+    correction: str
+    alpha: float
+    min_pvalue: float       # the smallest corrected p any outcome could give (ranks k-1 apart)
+    note: str = ""
+
+
+def control_comparison(matrix: Sequence[Sequence[float]], names: Sequence[str], control: str,
+                       higher_is_better: bool | Sequence[bool] = True, alpha: float = 0.05,
+                       correction: str = "holm") -> ControlComparison:
+    """Compare every method with ``control`` over data sets (rows), as Demšar (2006, section 3.2.2) recommends
+    when one method is the reference: with average ranks R (1 = best, ties averaged within ``REL_TOL``),
+
+        z_i = (R_i - R_control) / sqrt(k (k + 1) / (6 N)),   p_i = 2 (1 - Phi(|z_i|)),
+
+    and the k - 1 p-values corrected by ``correction``: ``"holm"`` (step-down; more powerful) or
+    ``"bonferroni"`` (Bonferroni-Dunn: p (k - 1), equivalent to Demšar's critical difference
+    ``q_alpha sqrt(k (k + 1) / (6 N))`` with ``q_alpha = Phi^-1(1 - alpha / (2 (k - 1)))``). Rows with a NaN are
+    dropped. The note says when even ranks k - 1 apart could not reach ``alpha`` after correction.
+    """
+    _check_confidence(alpha, "alpha")
+    if correction not in ("holm", "bonferroni"):
+        raise ValueError(f"correction must be 'holm' or 'bonferroni', got {correction!r}")
+    x = _matrix(matrix)
+    names = [str(s) for s in names]
+    if len(names) != x.shape[1] or len(set(names)) != len(names):
+        raise ValueError(f"need {x.shape[1]} distinct method names, got {names}")
+    if control not in names:
+        raise ValueError(f"control {control!r} is not among the methods {names}")
+    fr = friedman(x, higher_is_better)
+    n, k = fr.n, fr.k
+    c = names.index(control)
+    if n < 1 or k < 2:
+        return ControlComparison(control, NAN, (), n, k, correction, alpha, NAN,
+                                 _join(fr.note, f"needs at least 2 methods and 1 data set (k={k}, N={n})"))
+    se = math.sqrt(k * (k + 1) / (6.0 * n))
+    ranks = np.asarray(fr.avg_ranks)
+    others = [i for i in range(k) if i != c]
+    z = (ranks[others] - ranks[c]) / se
+    p = 2.0 * sps.norm.sf(np.abs(z))
+    m = len(others)
+    adjusted = (holm(p, alpha).adjusted if correction == "holm" else tuple(np.minimum(1.0, p * m)))
+    p_floor = min(1.0, m * 2.0 * float(sps.norm.sf((k - 1) / se)))
+    note = _join(f"with N={n} data sets and k={k} methods no corrected p can fall below {p_floor:.3g}: the "
+                 f"comparison against {control} cannot reject at alpha={alpha:g}" if p_floor >= alpha else "")
+    rows = tuple(ControlRow(names[i], float(ranks[i]), float(zi), float(pi), float(ai), bool(ai < alpha))
+                 for i, zi, pi, ai in zip(others, z, p, adjusted))
+    return ControlComparison(control, float(ranks[c]), rows, n, k, correction, alpha, p_floor, note)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bayesian signed-rank test with a region of practical equivalence (Benavoli et al. 2017)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BayesSignedRank:
+    """Posterior probabilities that ``a`` is practically better (``p_a``), equivalent within the rope
+    (``p_rope``) or practically worse (``p_b``), and the posterior means of the three masses."""
+
+    p_a: float
+    p_rope: float
+    p_b: float
+    mean_masses: tuple[float, float, float]
+    rope: float
+    n: int
+    n_samples: int
+    prior: float
+    note: str = ""
+
+
+def bayesian_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, prior: float = 0.5,
+                         n_samples: int = 50000, seed: int = 0) -> BayesSignedRank:
+    """Bayesian signed-rank test (Benavoli, Corani, Demšar, Zaffalon 2017, JMLR 18(77), section 5; the Dirichlet
+    process of Benavoli et al., ICML 2014) on paired scores, oriented so that higher is better.
+
+    With z_i = a_i - b_i and a pseudo-observation z_0 = 0 of weight ``prior`` (the authors' ``baycomp`` default,
+    0.5), each posterior sample draws weights w ~ Dirichlet(prior, 1, ..., 1) over (z_0, ..., z_n) and sets
+    ``theta_a = sum_ij w_i w_j H(z_i + z_j - 2 rope)``, ``theta_b`` likewise for ``-(z_i + z_j)``, ``theta_rope``
+    the rest (H: step, 1/2 at 0). The reported probabilities are the share of samples in which each mass is the
+    largest. Samples come from ``numpy.random.RandomState(seed).dirichlet`` (as baycomp draws them), so a seed
+    gives the same numbers. ``rope`` is in the units of the scores (e.g. 0.001 AUC); it must be > 0.
+    """
+    if not rope > 0:
+        raise ValueError(f"rope must be positive, got {rope!r}")
+    x, y, note = _complete_pairs(a, b)
+    n = int(x.size)
+    if n == 0:
+        return BayesSignedRank(NAN, NAN, NAN, (NAN, NAN, NAN), rope, 0, n_samples, prior, _join(note, "no pairs"))
+    z = np.concatenate(([0.0], x - y))
+    sums = z[:, None] + z[None, :]
+
+    def step(v: np.ndarray) -> np.ndarray:
+        return (v > 0).astype(float) + 0.5 * (v == 0)
+
+    above, below = step(sums - 2 * rope), step(-sums - 2 * rope)
+    weights = np.ones(n + 1)
+    weights[0] = prior
+    w = np.random.RandomState(seed).dirichlet(weights, n_samples)
+    t_a = np.einsum("si,ij,sj->s", w, above, w)
+    t_b = np.einsum("si,ij,sj->s", w, below, w)
+    masses = np.stack([t_a, 1.0 - t_a - t_b, t_b], axis=1)
+    share = np.bincount(np.argmax(masses, axis=1), minlength=3) / n_samples   # ties: the first, as baycomp
+    small = f"only n={n} pairs: the prior pseudo-observation at 0 weighs {prior / (n + prior):.0%}" if n < 10 else ""
+    return BayesSignedRank(float(share[0]), float(share[1]), float(share[2]),
+                           tuple(float(v) for v in masses.mean(axis=0)), float(rope), n, n_samples, prior,
+                           _join(note, small))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aggregate scores over runs and tasks (Agarwal et al. 2021)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StratifiedCI:
+    """A point estimate over a (runs x tasks) score matrix and its stratified bootstrap percentile interval."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    n_resamples: int
+    note: str = ""
+
+
+def _scores(x: object, name: str) -> np.ndarray:
+    m = np.asarray(x, dtype=float)
+    if m.ndim == 1:
+        m = m[:, None]
+    if m.ndim != 2 or m.shape[0] < 1:
+        raise ValueError(f"{name} must be a (runs x tasks) matrix, got shape {m.shape}")
+    if not np.all(np.isfinite(m)):
+        raise ValueError(f"{name} holds a missing or non-finite score")
+    return m
+
+
+def iqm(scores: object) -> float:
+    """Interquartile mean of every score (runs x tasks, flattened): the mean of the middle 50 %, as rliable's
+    ``metrics.aggregate_iqm`` (``scipy.stats.trim_mean(..., 0.25)``)."""
+    return float(sps.trim_mean(_scores(scores, "scores").ravel(), 0.25))
+
+
+def probability_of_improvement(a: object, b: object) -> float:
+    """P(a > b) averaged over tasks (Agarwal et al. 2021, rliable's ``probability_of_improvement``): per task the
+    Mann-Whitney probability that a random run of ``a`` beats a random run of ``b`` (ties count 1/2), then the
+    mean over tasks. Scores are (runs x tasks), higher = better; the run counts may differ."""
+    x, y = _scores(a, "a"), _scores(b, "b")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"a has {x.shape[1]} tasks, b {y.shape[1]}")
+    return float(np.mean(_pi_per_task(x, y)))
+
+
+def _pi_per_task(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    d = x[:, None, :] - y[None, :, :]                       # runs_a x runs_b x tasks
+    return ((d > 0).sum(axis=(0, 1)) + 0.5 * (d == 0).sum(axis=(0, 1))) / (x.shape[0] * y.shape[0])
+
+
+def _stratified_indices(rng: np.random.Generator, n_runs: int, n_tasks: int) -> np.ndarray:
+    """One stratified bootstrap draw: for every task (stratum) its own resample of the runs (runs x tasks)."""
+    return rng.integers(0, n_runs, size=(n_runs, n_tasks))
+
+
+def _percentile(stats_: np.ndarray, estimate: float, confidence: float, n_resamples: int, note: str) -> StratifiedCI:
+    lo, hi = np.percentile(stats_, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return StratifiedCI(estimate, float(lo), float(hi), confidence, n_resamples, note)
+
+
+def iqm_ci(scores: object, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> StratifiedCI:
+    """IQM with a stratified bootstrap percentile interval (Agarwal et al. 2021): each resample draws, for every
+    task independently, as many runs as there are with replacement (``numpy.random.default_rng(seed)``,
+    one ``integers(0, runs, (runs, tasks))`` draw per resample), and recomputes the IQM."""
+    _check_confidence(confidence)
+    m = _scores(scores, "scores")
+    n, t = m.shape
+    rng = np.random.default_rng(seed)
+    cols = np.arange(t)
+    boot = np.array([sps.trim_mean(m[_stratified_indices(rng, n, t), cols].ravel(), 0.25)
+                     for _ in range(n_resamples)])
+    small = f"only {n} runs per task: bootstrap intervals under-cover for small samples" if n < BOOTSTRAP_SMALL_N else ""
+    return _percentile(boot, iqm(m), confidence, n_resamples, small)
+
+
+def probability_of_improvement_ci(a: object, b: object, confidence: float = 0.95, n_resamples: int = 2000,
+                                  seed: int = 0) -> StratifiedCI:
+    """P(a > b) with a stratified bootstrap percentile interval: per resample, ``a``'s runs and then ``b``'s are
+    resampled within each task (``numpy.random.default_rng(seed)``, a's draw first), as rliable does."""
+    _check_confidence(confidence)
+    x, y = _scores(a, "a"), _scores(b, "b")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"a has {x.shape[1]} tasks, b {y.shape[1]}")
+    rng = np.random.default_rng(seed)
+    cols = np.arange(x.shape[1])
+    boot = np.empty(n_resamples)
+    for r in range(n_resamples):
+        xa = x[_stratified_indices(rng, x.shape[0], x.shape[1]), cols]
+        yb = y[_stratified_indices(rng, y.shape[0], y.shape[1]), cols]
+        boot[r] = np.mean(_pi_per_task(xa, yb))
+    n = min(x.shape[0], y.shape[0])
+    small = f"only {n} runs per task: bootstrap intervals under-cover for small samples" if n < BOOTSTRAP_SMALL_N else ""
+    return _percentile(boot, probability_of_improvement(x, y), confidence, n_resamples, small)

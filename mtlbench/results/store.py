@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from mtlbench.errors import MtlbenchError
+from mtlbench.results.record import RECORD_SCHEMA, NewerSchema, RecordError, RunRecord
 
-RECORD_SCHEMA = "mtlbench.run/1"
+__all__ = ["RECORD_SCHEMA", "record_path", "ensure_writable", "write_record", "store_run", "load_record",
+           "read_record", "finished_record"]
 
 
 def record_path(results_dir: str | Path, run_id: str) -> Path:
@@ -40,9 +42,11 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_record(path: str | Path, record: dict[str, Any]) -> Path:
+def write_record(path: str | Path, record: dict[str, Any] | RunRecord) -> Path:
     """Write ``record`` to ``path`` atomically: a reader sees the old file, the new file, or none; never half."""
     path = Path(path)
+    if isinstance(record, RunRecord):
+        record = record.to_dict()
     text = json.dumps(_clean(record), indent=1, sort_keys=False, allow_nan=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
@@ -69,32 +73,50 @@ def write_record(path: str | Path, record: dict[str, Any]) -> Path:
     return path
 
 
-def store_run(results_dir: str | Path, record: dict[str, Any]) -> Path:
+def store_run(results_dir: str | Path, record: dict[str, Any] | RunRecord) -> Path:
     """Write a run's record under its run id, except that a failure never replaces a finished run.
 
     Two sweeps over one store (or a ``--force`` rerun that fails) must not turn a good record into a failed
     one: the failure is still reported by whoever ran it, and the finished record stays.
     """
+    if isinstance(record, RunRecord):
+        record = record.to_dict()
     run_id = record["run_id"]
     if record.get("status") != "ok" and finished_record(results_dir, run_id) is not None:
         return record_path(results_dir, run_id)
     return write_record(record_path(results_dir, run_id), record)
 
 
-def read_record(path: str | Path) -> dict[str, Any] | None:
-    """The record at ``path``, or None if it is missing, truncated or not a run record."""
+def load_record(path: str | Path) -> RunRecord:
+    """The validated record at ``path``; RecordError (one line) if it is unreadable or breaks the schema,
+    NewerSchema if a newer mtlbench wrote it."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecordError(f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise RecordError(f"not valid JSON (truncated?): {exc}") from None
+    return RunRecord.from_dict(data)
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """The validated record at ``path`` as a dict, or None if it is missing, truncated or not a valid run record
+    (a record of a newer schema raises MtlbenchError: it must be neither guessed at nor overwritten)."""
+    try:
+        return load_record(path).to_dict()
+    except NewerSchema as exc:
+        raise MtlbenchError(f"{path}: {exc}") from None
+    except RecordError:
         return None
-    if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
-        return None
-    return data
 
 
 def finished_record(results_dir: str | Path, run_id: str) -> tuple[Path, dict[str, Any]] | None:
     """The stored record of a run that finished successfully, if any (failed runs are retried)."""
     path = record_path(results_dir, run_id)
+    if not path.exists():
+        return None
     rec = read_record(path)
     if rec is not None and rec.get("status") == "ok" and rec.get("run_id") == run_id:
         return path, rec
