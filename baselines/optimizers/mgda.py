@@ -34,7 +34,9 @@ Defaults and where they come from:
   carried the warning. Since the official code's intent is the exact min-norm point, the exact solver is the
   default and ``fw`` the named option for the paper's literal algorithm. Both also stop when ``alpha`` is optimal
   up to rounding (Frank-Wolfe gap ``|d|^2 - min_t g_t . d <= 1e-13`` on the normalised Gramian) or ``|d|^2`` is
-  numerically zero.
+  numerically zero. Pairwise steps move weight between two tasks at a time, so with many tasks the iterations
+  needed grow with T: at T = 128 (``benchmarks/step_cost_vs_tasks.py``) a step reached ``max_iter = 250`` and
+  warned; pass ``-O max_iter=2000`` at 100+ tasks.
 - ``rep = False``: ``rep = True`` is MGDA-UB (the paper's efficient upper-bound variant for encoders): the
   Gramian is built from the gradients of each loss w.r.t. the shared representation (``ctx.feature_grads()``,
   every feature tensor flattened over the batch, as the official code flattens ``rep_variable.grad``; LibMTL

@@ -534,7 +534,7 @@ def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True,
     text = (f"{len(common)} methods on {len(tables)} tables (each scored by its mean rank over metrics): "
             f"Friedman chi2 = {_num(fr.chi2, 3)}, p = {_num(fr.pvalue, 4)}; Iman-Davenport F = "
             f"{_num(fr.f_stat, 3)}, p = {_num(fr.f_pvalue, 4)}; Nemenyi CD = {_num(cd.cd, 3)} (alpha 0.05). "
-            + (fr.note or "") + " Average ranks: " + ", ".join(f"{m} {r:.2f}" for m, r in sorted(
+            + (fr.note[0].upper() + fr.note[1:] + ". " if fr.note else "") + "Average ranks: " + ", ".join(f"{m} {r:.2f}" for m, r in sorted(
                 ranks.items(), key=lambda x: x[1])) + ". "
             + f"Against {control} (Demšar's rank z-tests, Holm): "
             + ", ".join(f"{r.method} p = {_num(r.p_adjusted, 3)}" for r in ctl.rows) + ". "
