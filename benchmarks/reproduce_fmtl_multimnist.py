@@ -26,7 +26,6 @@ import numpy as np
 
 from _reproduction import drive  # benchmarks/, the script's own directory
 from mtlbench import cli
-from mtlbench.results.leaderboard import load_store
 
 NAME = "fmtl_multimnist"
 DEFAULT_RESULTS_DIR = "results/reproductions/fmtl_multimnist"
@@ -60,8 +59,12 @@ def sweep(results_dir: str, seeds: str, quick: bool, jobs: int | None, data_dir:
 def summarise(results_dir: str) -> None:
     from scipy import stats as st
 
-    recs = [r for r in load_store(results_dir).records if r.get("status") == "ok"
-            and r["spec"]["dataset"] == "multimnist" and r["spec"]["arch"] == "shared_bottom"]
+    import json
+    from pathlib import Path
+
+    recs = [json.loads(p.read_text()) for p in sorted(Path(results_dir).glob("*.json"))]
+    recs = [r for r in recs if r.get("status") == "ok" and r["spec"]["dataset"] == "multimnist"
+            and r["spec"]["arch"] == "shared_bottom"]
     by = {m: {r["spec"]["seed"]: r for r in recs if r["spec"]["optimizer"] == m} for m in METHODS}
     seeds = sorted(set(by["ew"]) & set(by["fmtl"]))
     if not seeds:

@@ -49,7 +49,7 @@ def expert_spec(recipe: RunSpec, task: str) -> RunSpec:
 
 
 def expert_key(spec: RunSpec, backbone_sha256: str, dtype: str) -> str:
-    blob = json.dumps({"spec": spec.to_dict(), "backbone_sha256": backbone_sha256, "format": ZOO_FORMAT,
+    blob = json.dumps({"spec": json.loads(spec.canonical_json()), "backbone_sha256": backbone_sha256, "format": ZOO_FORMAT,
                        "dtype": dtype}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
