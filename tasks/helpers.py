@@ -10,8 +10,9 @@ pieces below are public too, for adapters that need more control.
   source file at ``<data_dir>/<relpath>``, then at ``<cache>/downloads/<relpath>`` (where downloads land, because a
   data directory may be read-only). ``<cache>`` is ``$MTLBENCH_CACHE_DIR``, default ``~/.cache/mtlbench``.
 - **Verification.** A file with a pinned sha256 is refused (one line naming it) unless its hash matches; a gzip
-  file may instead match a pinned hash of its decompressed content (a re-compressed copy of the same bytes). Hashes
-  are memoised in ``<cache>/file_hashes.json`` keyed by (path, size, mtime), so multi-GB files are hashed once.
+  file may instead match a pinned hash of its decompressed content (a re-compressed copy of the same bytes). The
+  content is hashed at least once per process: the memo lives in this process only (keyed by path, size and mtime),
+  because a memo on disk keyed by metadata would let a file with flipped bytes of the same size and mtime pass.
 - **Downloads.** A missing file with a public URL is downloaded into ``<cache>/downloads`` (streamed to a temporary
   file, verified against the pinned hash, then moved into place), unless ``$MTLBENCH_OFFLINE`` is ``1``. When it
   cannot be had, the error names the file, where to put it and the URL (or how to get it, for login-only data).
@@ -159,15 +160,9 @@ def _read_chunks(fh, size: int = 1 << 20) -> Iterator[bytes]:
         yield block
 
 
-def _memo_path() -> Path:
-    return cache_dir() / "file_hashes.json"
-
-
-def _memo_load() -> dict[str, Any]:
-    try:
-        return json.loads(_memo_path().read_text())
-    except (OSError, ValueError):
-        return {}
+# Hashes computed in this process, keyed by (path, size, mtime): never persisted, so every process reads the bytes of
+# each file it verifies at least once (a same-size edit that keeps the mtime cannot pass on a stale memo).
+_HASHED: dict[str, str] = {}
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -193,13 +188,12 @@ def _gunzip_sha256(path: Path) -> str:
 
 
 def sha256_file(path: Path, content: bool = False) -> str:
-    """sha256 of a file (``content``: of its gzip-decompressed bytes), memoised by (path, size, mtime)."""
+    """sha256 of a file (``content``: of its gzip-decompressed bytes), hashed once per process."""
     path = Path(path)
     st = path.stat()
     key = f"{'gunzip:' if content else ''}{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    memo = _memo_load()
-    if key in memo:
-        return memo[key]
+    if key in _HASHED:
+        return _HASHED[key]
     if content:
         digest = _gunzip_sha256(path)
     else:
@@ -208,10 +202,7 @@ def sha256_file(path: Path, content: bool = False) -> str:
                 digest = _sha256_stream(_read_chunks(fh))
         except OSError as exc:
             raise MtlbenchError(f"cannot read {path}: {exc}") from exc
-    memo = _memo_load()
-    memo[key] = digest
-    with contextlib.suppress(OSError):
-        _atomic_write_bytes(_memo_path(), json.dumps(memo, indent=0, sort_keys=True).encode())
+    _HASHED[key] = digest
     return digest
 
 

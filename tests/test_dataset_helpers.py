@@ -362,3 +362,29 @@ def test_task_names_overrides_without_options_still_work():
 
     assert offered_tasks(Old, object()) == ("a", "b")
     assert offered_task_sets(Old, None) == {"both": ("a", "b")}
+
+
+def test_flipped_bytes_of_the_same_size_and_mtime_fail_the_pinned_hash_in_a_new_process(tmp_path):
+    """Issue 15: a hash memo keyed on (size, mtime) let a corrupted file pass; each process hashes the content."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    f = tmp_path / "data.bin"
+    f.write_bytes(b"abcdefgh" * 1000)
+    pinned = hashlib.sha256(f.read_bytes()).hexdigest()
+    check = ("import sys; from pathlib import Path; from mtlbench.tasks import helpers as h\n"
+             "try:\n"
+             f"    h.verify('demo', Path({str(f)!r}), h.SourceFile('data.bin', sha256={pinned!r})); print('ok')\n"
+             "except h.HashMismatch as e: print('refused')\n")
+    env = {**os.environ, "MTLBENCH_CACHE_DIR": str(tmp_path / "cache")}
+    run = lambda: subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env).stdout.strip()
+    assert run() == "ok"
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: metadata cannot tell
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert run() == "refused"
