@@ -288,6 +288,27 @@ def wilcoxon(a: Sequence[float], b: Sequence[float], alpha: float = 0.05, unit: 
 # Multiple comparisons
 # ----------------------------------------------------------------------------------------------------------------
 
+def _adjust(pvalues: Sequence[float], rule: Callable[[np.ndarray], np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """Shared by Holm and BH: check the p-values, apply ``rule`` to the non-NaN ones sorted ascending, put the
+    adjusted values back in input order (NaN passes through and does not count towards m)."""
+    p = np.atleast_1d(np.asarray(pvalues, dtype=float)).ravel()
+    valid = ~np.isnan(p)
+    if np.any((p[valid] < 0) | (p[valid] > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {p[valid][(p[valid] < 0) | (p[valid] > 1)].tolist()}")
+    pv = p[valid]
+    m = int(pv.size)
+    order = np.argsort(pv, kind="stable")
+    inner = np.empty(m)
+    inner[order] = rule(pv[order])
+    adjusted = np.full(p.shape, NAN)
+    adjusted[valid] = inner
+    n_nan = int(p.size - m)
+    note = _join("no p-values" if p.size == 0 else "",
+                 f"{n_nan} NaN p-value(s) passed through, not counted in m={m}" if n_nan else "")
+    return p, adjusted, m, note
+
+
 @dataclass(frozen=True)
 class Holm:
     """Holm-adjusted p-values, in the input order; ``reject`` is ``adjusted < alpha`` (False for NaN)."""
@@ -307,21 +328,11 @@ def holm(pvalues: Sequence[float], alpha: float = 0.05) -> Holm:
     ``max_{j <= i} min(1, (m - j + 1) p_(j))``: monotone in the raw order, never below the raw p, capped at 1.
     NaN p-values are passed through as NaN and do not count towards m.
     """
-    p = np.atleast_1d(np.asarray(pvalues, dtype=float)).ravel()
-    valid = ~np.isnan(p)
-    if np.any((p[valid] < 0) | (p[valid] > 1)):
-        raise ValueError(f"p-values must lie in [0, 1], got {p[valid][(p[valid] < 0) | (p[valid] > 1)].tolist()}")
-    pv = p[valid]
-    m = int(pv.size)
-    order = np.argsort(pv, kind="stable")
-    steps = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * pv[order]))
-    adjusted = np.full(p.shape, NAN)
-    inner = np.empty(m)
-    inner[order] = steps
-    adjusted[valid] = inner
-    n_nan = int(p.size - m)
-    note = _join("no p-values" if p.size == 0 else "",
-                 f"{n_nan} NaN p-value(s) passed through, not counted in m={m}" if n_nan else "")
+    def step_down(sorted_p: np.ndarray) -> np.ndarray:
+        m = sorted_p.size
+        return np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * sorted_p))
+
+    p, adjusted, m, note = _adjust(pvalues, step_down)
     reject = tuple(bool(v < alpha) for v in adjusted)  # NaN < alpha is False
     return Holm(tuple(map(float, p)), tuple(map(float, adjusted)), reject, m, alpha, note)
 
@@ -346,22 +357,11 @@ def benjamini_hochberg(pvalues: Sequence[float], alpha: float = 0.05) -> BH:
     With the m non-NaN p-values sorted ascending, the adjusted value of p_(i) is ``min_{j >= i} min(1, m p_(j) / j)``.
     NaN p-values pass through as NaN and do not count towards m.
     """
-    p = np.atleast_1d(np.asarray(pvalues, dtype=float)).ravel()
-    valid = ~np.isnan(p)
-    if np.any((p[valid] < 0) | (p[valid] > 1)):
-        raise ValueError(f"p-values must lie in [0, 1], got {p[valid][(p[valid] < 0) | (p[valid] > 1)].tolist()}")
-    pv = p[valid]
-    m = int(pv.size)
-    order = np.argsort(pv, kind="stable")
-    scaled = pv[order] * m / np.arange(1, m + 1)
-    steps = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    adjusted = np.full(p.shape, NAN)
-    inner = np.empty(m)
-    inner[order] = steps
-    adjusted[valid] = inner
-    n_nan = int(p.size - m)
-    note = _join("no p-values" if p.size == 0 else "",
-                 f"{n_nan} NaN p-value(s) passed through, not counted in m={m}" if n_nan else "")
+    def step_up(sorted_p: np.ndarray) -> np.ndarray:
+        scaled = sorted_p * sorted_p.size / np.arange(1, sorted_p.size + 1)
+        return np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+
+    p, adjusted, m, note = _adjust(pvalues, step_up)
     return BH(tuple(map(float, p)), tuple(map(float, adjusted)), tuple(bool(v < alpha) for v in adjusted), m,
               alpha, note)
 
