@@ -129,6 +129,10 @@ class MultiTaskArch(nn.Module):
         Every ``state_dict`` key must fall under exactly one prefix."""
         return None
 
+    def per_task_groups(self) -> dict[str, str]:
+        """``selection_groups`` for an arch whose whole network per task lives under ``heads.<task>``."""
+        return {t: f"heads.{t}." for t in self.task_names}
+
     def describe(self) -> dict[str, Any]:
         """Arch facts resolved at build time (e.g. HoME's task groups), stored in the run record."""
         return {}

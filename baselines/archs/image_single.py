@@ -48,4 +48,4 @@ class ImageSingleTask(ImageArch):
         """Per-task model selection (as T separate runs would do); ``selection=joint``: one epoch for all."""
         if self.options is not None and getattr(self.options, "selection", "per_task") == "joint":
             return None
-        return {t: f"heads.{t}." for t in self.task_names}
+        return self.per_task_groups()

@@ -53,7 +53,7 @@ class SingleTask(MultiTaskArch):
     def selection_groups(self):
         if self.options is not None and self.options.selection == "joint":
             return None
-        return {t: f"heads.{t}." for t in self.task_names}
+        return self.per_task_groups()
 
     def encode(self, batch):
         return ()
