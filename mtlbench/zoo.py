@@ -38,7 +38,7 @@ def zoo_dir(given: str | os.PathLike | None = None) -> Path:
     env = os.environ.get(ZOO_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    from mtlbench.tasks._files import cache_dir
+    from mtlbench.tasks.helpers import cache_dir
 
     return cache_dir() / "zoo"
 

@@ -27,7 +27,7 @@ import torch
 
 from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
 from mtlbench.data import ImageSpec
-from mtlbench.tasks._files import cached_tensors, resolve_data_dir, sha256_file
+from mtlbench.tasks.helpers import cached_tensors, resolve_data_dir, sha256_file
 
 ATTRIBUTES = ("5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
               "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby",

@@ -28,7 +28,7 @@ import torch
 
 from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
 from mtlbench.data import ImageSpec
-from mtlbench.tasks._files import SourceFile, cached_tensors, hash_order, locate, resolve_data_dir, source_info
+from mtlbench.tasks.helpers import SourceFile, cached_tensors, hash_order, locate, resolve_data_dir, source_info
 
 MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 FILES = (

@@ -29,7 +29,7 @@ import torch
 
 from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
 from mtlbench.data import ImageSpec
-from mtlbench.tasks._files import cached_tensors, hash_order, resolve_data_dir
+from mtlbench.tasks.helpers import cached_tensors, hash_order, resolve_data_dir
 
 KINDS = ("image", "label", "depth", "normal")
 HOW_TO_GET = "download the preprocessed NYUv2 archive linked from the README of github.com/lorenmt/mtan and unpack it"

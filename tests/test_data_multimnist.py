@@ -12,7 +12,7 @@ from mtlbench import registry
 from mtlbench.errors import MtlbenchError
 from mtlbench.registry import build_options
 from mtlbench.tasks import multimnist
-from mtlbench.tasks._files import hash_order
+from mtlbench.tasks.helpers import hash_order
 
 import os
 from pathlib import Path
