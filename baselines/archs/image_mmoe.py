@@ -24,18 +24,23 @@ def mix_maps(experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.einsum("eb...,be->b...", experts, weights)
 
 
+@dataclass
+class ExpertEncoderOptions(EncoderOptions):
+    """The image encoder's options plus the number of whole-encoder experts (image ``mmoe`` and ``omoe``)."""
+
+    n_experts: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts must be at least 1, got {self.n_experts}")
+
+
 @register_arch("mmoe")
 class ImageMMoE(ImageArch):
     """MMoE on images (LibMTL style): whole-encoder experts, one gate per task on the flattened input."""
 
-    @dataclass
-    class Options(EncoderOptions):
-        n_experts: int = 2
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            if self.n_experts < 1:
-                raise ValueError(f"n_experts must be at least 1, got {self.n_experts}")
+    Options = ExpertEncoderOptions
 
     def __init__(self, schema, tasks, embed_dim, options=None):
         super().__init__(schema, tasks, embed_dim, options)

@@ -4,29 +4,19 @@ shared by every task. Shared: experts and the gate; per task: the decoder. The s
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from mtlbench import register_arch
-from mtlbench.baselines.archs.image_mmoe import mix_maps
+from mtlbench.baselines.archs.image_mmoe import ExpertEncoderOptions, mix_maps
 from mtlbench.vision.arch import ImageArch
-from mtlbench.vision.nets import EncoderOptions
 
 
 @register_arch("omoe")
 class ImageOMoE(ImageArch):
     """One-gate MoE on images: whole-encoder experts, one gate shared by all tasks."""
 
-    @dataclass
-    class Options(EncoderOptions):
-        n_experts: int = 2
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            if self.n_experts < 1:
-                raise ValueError(f"n_experts must be at least 1, got {self.n_experts}")
+    Options = ExpertEncoderOptions
 
     def __init__(self, schema, tasks, embed_dim, options=None):
         super().__init__(schema, tasks, embed_dim, options)
