@@ -57,6 +57,10 @@ class StepContext:
         self._feature_grads: list[tuple[torch.Tensor, ...]] | None = None
         self._head_grads: list[tuple[torch.Tensor | None, ...]] | None = None
         self._jacobian: torch.Tensor | None = None
+        # the arch's auxiliary loss (ArchOutput.aux), added once: folded into the first ``backward`` (one pass),
+        # else backpropagated alone by ``apply_aux`` after the method's step; the flag is shared with ``restrict``
+        self.aux: torch.Tensor | None = getattr(output, "aux", None)
+        self._aux_done = [self.aux is None]
 
     # -- losses ----------------------------------------------------------------------------------------------
     @property
@@ -105,7 +109,17 @@ class StepContext:
             total = torch.stack(self.losses).sum()
         else:
             total = (weights.to(self.losses[0].dtype) * torch.stack(self.losses)).sum()
+        if not self._aux_done[0]:
+            total = total + self.aux
+            self._aux_done[0] = True
         total.backward(retain_graph=retain_graph)
+
+    def apply_aux(self) -> None:
+        """Backpropagate the arch's auxiliary loss if the method's step did not (gradient methods write their
+        update with ``set_grads``; their graph is still alive): its gradient adds to the update unchanged."""
+        if not self._aux_done[0]:
+            self._aux_done[0] = True
+            self.aux.backward()
 
     def forward(self) -> tuple[Any, list[torch.Tensor]]:
         """An extra forward at the current parameters (same batch, training mode): ``(output, losses)``."""
