@@ -109,10 +109,15 @@ class StepContext:
             total = torch.stack(self.losses).sum()
         else:
             total = (weights.to(self.losses[0].dtype) * torch.stack(self.losses)).sum()
-        if not self._aux_done[0]:
-            total = total + self.aux
-            self._aux_done[0] = True
-        total.backward(retain_graph=retain_graph)
+        self.plus_aux(total).backward(retain_graph=retain_graph)
+
+    def plus_aux(self, total: torch.Tensor) -> torch.Tensor:
+        """``total`` plus the arch's auxiliary loss if not yet added: for a method that backpropagates its own
+        objective (Rep-MTL's regularised sum) instead of calling :meth:`backward`."""
+        if self._aux_done[0]:
+            return total
+        self._aux_done[0] = True
+        return total + self.aux
 
     def apply_aux(self) -> None:
         """Backpropagate the arch's auxiliary loss if the method's step did not (gradient methods write their
