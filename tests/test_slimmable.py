@@ -298,3 +298,19 @@ def test_controllability_definition():
     sec = _section(lambda r: [-x for x in r])
     sec["directions"] = {t: "min" for t in "abc"}
     assert controllability(sec)["spearman"] == pytest.approx(1.0)
+
+
+def test_raising_a_tasks_preference_never_narrows_its_decoder(model):
+    """Across requests (not guaranteed by construction, unlike the order within one configuration): moving weight
+    to task t, the others scaled down in proportion, at the same budget, never gives t a narrower decoder."""
+    table = model.flops_table()
+    rng = np.random.default_rng(1)
+    T = len(model.task_names)
+    for rule in ("log_compute", "widest_encoder"):
+        for _ in range(300):
+            r = rng.dirichlet(np.ones(T))
+            b = rng.uniform(table.minimum, table.full)
+            t = int(rng.integers(T))
+            r2 = r * (1 - (r[t] + rng.uniform(0, 1 - r[t]))) / (1 - r[t])
+            r2[t] = 1 - (r2.sum() - r2[t])
+            assert search(table, b, r2, rule).decoders[t] >= search(table, b, r, rule).decoders[t]
