@@ -132,7 +132,7 @@ def _spec(**kw):
                                                r"of 8 \(3 levels of 2x2 pooling\)"),
     (dict(dataset_options={"resolution": 20}, arch_options={"encoder": "vit", "patch": 8}), r"multiples of 8 \(8x8 "
                                                                                            r"patches\)"),
-    (dict(arch_options={"encoder": "unet"}), r"encoder must be one of segnet, resnet, vit, got 'unet'"),
+    (dict(arch_options={"encoder": "unet"}), r"encoder must be one of segnet, resnet, vit, lenet, got 'unet'"),
 ])
 def test_bad_input_one_line(kw, match):
     with pytest.raises(MtlbenchError, match=match) as info:
@@ -194,3 +194,41 @@ def test_mtan_attention_is_per_task(tiny_scenes):
     assert all(any(p is q for q in tp["seg"]) for p in model.heads["seg"]["enc_att"].parameters())
     assert len(model.heads["seg"]["enc_att"]) == 2 and len(model.heads["seg"]["dec_att"]) == 2
     assert [l.tasks for l in model.feature_layouts()] == [("seg",), ("depth",)]
+
+
+LENET_ARCHS = [a for a in IMAGE_ARCHS if "lenet" in registry.get("arch", a, modality="image").obj.encoders]
+
+
+@pytest.mark.parametrize("arch", LENET_ARCHS)
+def test_lenet_encoder_keeps_position(arch):
+    """The F-MTL LeNet (9x9 conv, 5x5 conv, fc 500 -> 50 on 36x36) gives a vector per image; heads read it
+    without pooling, so two images that differ only by where a blob is get different outputs."""
+    from mtlbench.data import FeatureSchema, ImageSpec, TaskSpec
+
+    schema = FeatureSchema(extras=("images",), image=ImageSpec(1, 36, 36))
+    tasks = tuple(TaskSpec(t, "multiclass", ("accuracy",), n_classes=10) for t in ("left", "right"))
+    e = registry.get("arch", arch, modality="image")
+    torch.manual_seed(0)
+    model = e.obj(schema, tasks, 8, build_options(e.options_class, e.resolve_options({"encoder": "lenet"}))).eval()
+    enc = next(m for m in model.modules() if isinstance(m, nets.LeNet))
+    assert enc.stages[2][1].in_features == 500
+    images = torch.zeros(2, 1, 36, 36, dtype=torch.uint8)
+    images[0, :, 2:12, 2:12] = 255
+    images[1, :, 24:34, 24:34] = 255
+    batch = {"images": images, "labels": torch.zeros(2, 2), "masks": torch.ones(2, 2, dtype=torch.bool)}
+    out = model(batch)
+    assert all(o.shape == (2, 10) for o in out.outputs)
+    assert not torch.allclose(out.outputs[0][0], out.outputs[0][1])
+    for f, lay in zip(out.features, model.feature_layouts()):
+        assert {lay.batch_axis, lay.channel_axis, *lay.position_axes} == set(range(f.dim()))
+    conv = 28 * 28 * 10 * 81 + 10 * 10 * 20 * 10 * 25  # per LeNet: conv1 on 36x36, conv2 on 14x14
+    if arch == "shared_bottom":
+        assert model.flops()["shared_macs"] == conv + 500 * 50
+
+
+def test_lenet_refuses_dense_and_small_images():
+    with pytest.raises(MtlbenchError, match=r"encoder 'lenet' has no dense decoder .* task\(s\) seg"):
+        _spec(arch_options={"encoder": "lenet"})
+    e = registry.get("arch", "shared_bottom", modality="image")
+    with pytest.raises(MtlbenchError, match=r"cannot take 16x16 images: height and width must be at least 18"):
+        e.obj.check_input("shared_bottom", "x", build_options(e.options_class, {"encoder": "lenet"}), (1, 16, 16), [])

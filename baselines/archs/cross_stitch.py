@@ -4,7 +4,7 @@ CVPR 2016 (arXiv 1604.03539).
 One network per task (here each task's column is the ``encoder`` option: SegNet, ResNet or ViT, with the
 ``shared_bottom`` decoder on top), joined by cross-stitch units after every level: after each pooling and
 unpooling level of SegNet (the paper puts units after every pooling layer of AlexNet), after each ResNet stage,
-after each ViT block. A unit mixes the T columns' activations linearly, ``x~_t = sum_s alpha_ts x_s``, with one
+after each ViT block, after each of LeNet's three levels. A unit mixes the T columns' activations linearly, ``x~_t = sum_s alpha_ts x_s``, with one
 scalar per task pair per unit, as in the paper (Eq. 1; LibMTL learns one per channel instead). Initialisation:
 the paper's best setting (alpha_S, alpha_D) = (0.9, 0.1) for two tasks, Sec. 4.1; for T tasks the off-diagonal
 0.1 is split as ``0.1 / (T - 1)`` so each row sums to 1 (our generalisation, option ``alpha_same``). The paper
@@ -45,7 +45,7 @@ class CrossStitch(nn.Module):
 def n_levels(enc: nn.Module) -> int:
     if isinstance(enc, nets.SegNet):
         return 2 * enc.depth
-    if isinstance(enc, nets.ResNet):
+    if isinstance(enc, (nets.ResNet, nets.LeNet)):
         return len(enc.stages)
     return len(enc.blocks)
 
@@ -64,6 +64,8 @@ def run_level(enc: nn.Module, k: int, h: torch.Tensor, state: dict) -> torch.Ten
         return enc.dec_conv[i](enc.dec_block[i](F.max_unpool2d(h, ind, 2, 2, output_size=size)))
     if isinstance(enc, nets.ResNet):
         return enc.stages[k](enc.stem(h) if k == 0 else h)
+    if isinstance(enc, nets.LeNet):
+        return enc.stages[k](h)
     h = enc.tokens(h) if k == 0 else h
     h = enc.blocks[k](h)
     return enc.norm(h) if k == len(enc.blocks) - 1 else h

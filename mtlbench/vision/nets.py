@@ -15,6 +15,11 @@ Encoders (``build_encoder``), all with ``width`` and ``depth`` options:
   embeddings, ``depth`` pre-norm blocks (multi-head self-attention, MLP with ratio ``mlp_ratio`` and GELU), final
   LayerNorm; no class token (dense tasks read every token). Output tokens ``[B, N, dim]``; ``forward_blocks``
   returns the tokens after every block (TaskExpert taps them). Needs H and W divisible by ``patch``.
+- ``lenet``: the LeNet of the F-MTL / Pareto-MTL MultiMNIST experiments (official code ``VietHoang1512/FS-MTL``,
+  ``multi-mnist/model_lenet.py``): conv 9x9 to 10 channels, ReLU, 2x2 max-pool, conv 5x5 to 20, ReLU, 2x2
+  max-pool, flatten, linear to 50, ReLU (on 36x36: 20 x 5 x 5 = 500 inputs, as the official ``fc1``). Output a
+  vector ``[B, 50]`` that keeps where each digit is (a pooled CNN map does not, which is why left/right digit
+  tasks need it). Fixed sizes (``width``/``depth`` do not apply); classification heads only; needs H, W >= 18.
 
 FLOPs (:func:`count_macs`): multiply-accumulates of every conv, linear layer and attention matrix product, from
 the layers' shapes on one sample; batch norm, activations, pooling, unpooling and interpolation are not counted,
@@ -33,7 +38,7 @@ from torch import nn
 
 from mtlbench.data import ImageSpec
 
-ENCODERS = ("segnet", "resnet", "vit")
+ENCODERS = ("segnet", "resnet", "vit", "lenet")
 
 
 class ImageInput(nn.Module):
@@ -209,6 +214,28 @@ class ViT(nn.Module):
         return self.forward_blocks(x)[-1]
 
 
+# ------------------------------------------------------------------------------------------------------- LeNet
+class LeNet(nn.Module):
+    """The F-MTL MultiMNIST LeNet (``LenetModel.encode``); ``stages`` are the three levels cross-stitch joins."""
+
+    layout = "vector"
+    min_size = 18  # (H - 8) // 2 - 4 >= 2 so that the second pooling has a 2x2 window
+
+    def __init__(self, in_ch: int, hw: tuple[int, int]) -> None:
+        super().__init__()
+        h, w = (((s - 8) // 2 - 4) // 2 for s in hw)
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(in_ch, 10, 9), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(10, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Flatten(), nn.Linear(20 * h * w, 50), nn.ReLU(inplace=True))])
+        self.out_channels, self.out_stride = 50, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            x = s(x)
+        return x
+
+
 def tokens_to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``[B, N, D]`` -> ``[B, D, h, w]``."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
@@ -247,6 +274,8 @@ def resolution_constraint(o: EncoderOptions) -> int:
         return 2 ** o.depth
     if o.encoder == "resnet":
         return 2 ** (o.depth - 1)
+    if o.encoder == "lenet":
+        return 1
     return o.patch
 
 
@@ -255,6 +284,8 @@ def build_encoder(o: EncoderOptions, spec: ImageSpec) -> nn.Module:
         return SegNet(spec.channels, o.width, o.depth)
     if o.encoder == "resnet":
         return ResNet(spec.channels, o.width, o.depth)
+    if o.encoder == "lenet":
+        return LeNet(spec.channels, (spec.height, spec.width))
     return ViT(spec.channels, (spec.height, spec.width), o.patch, o.vit_dim, o.depth, o.vit_heads, o.mlp_ratio)
 
 
@@ -280,14 +311,15 @@ class DenseHead(nn.Module):
 
 
 class ClassHead(nn.Module):
-    """Global average pooling (over positions or tokens), then Linear-ReLU-Linear to the task's outputs."""
+    """Global average pooling (over positions or tokens; a vector feature is read as it is), then
+    Linear-ReLU-Linear to the task's outputs (MGDA's ``MultiLeNetO`` head; F-MTL's LeNet head is one Linear)."""
 
     def __init__(self, c_in: int, c_out: int, hidden: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(1) if x.dim() == 3 else x.mean((2, 3))
+        pooled = x if x.dim() == 2 else x.mean(1) if x.dim() == 3 else x.mean((2, 3))
         return self.net(pooled)
 
 
