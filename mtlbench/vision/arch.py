@@ -105,6 +105,17 @@ class ImageArch(MultiTaskArch):
         kind = getattr(enc, "layout", "map")
         return {"tokens": token_layout, "vector": vector_layout}.get(kind, map_layout)(tasks, lead)
 
+    def use_channels_last(self) -> "ImageArch":
+        """Lay the input and every 4-D weight out NHWC (``torch.channels_last``); convolutions then run on
+        oneDNN's NHWC kernels, several times faster on CPU for these narrow nets. The maths is unchanged (same
+        shapes, weights and formulas); only the kernels' summation order differs, so values agree to float32
+        rounding, not bit for bit. The training loop calls it (``mtlbench.train.build``); a model built directly
+        stays NCHW."""
+        for m in self.modules():
+            if isinstance(m, nets.ImageInput):
+                m.channels_last = True
+        return self.to(memory_format=torch.channels_last)
+
     # -- facts -----------------------------------------------------------------------------------------------
     def flops(self) -> dict[str, Any]:
         """Analytical MACs per sample of a forward pass (see :func:`mtlbench.vision.nets.count_macs`), split into

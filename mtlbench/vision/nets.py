@@ -42,7 +42,11 @@ ENCODERS = ("segnet", "resnet", "vit", "lenet")
 
 
 class ImageInput(nn.Module):
-    """``(images / 255 - mean) / std`` per channel, on the batch's device: uint8 ``[B, C, H, W]`` -> float."""
+    """``(images / 255 - mean) / std`` per channel, on the batch's device: uint8 ``[B, C, H, W]`` -> float.
+    With ``channels_last`` the result is laid out NHWC in memory (same shape and values; see
+    :meth:`mtlbench.vision.arch.ImageArch.use_channels_last`)."""
+
+    channels_last = False
 
     def __init__(self, spec: ImageSpec) -> None:
         super().__init__()
@@ -54,7 +58,10 @@ class ImageInput(nn.Module):
         self.register_buffer("shift", (-mean / std), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.addcmul(self.shift, batch["images"].to(self.scale.dtype), self.scale)
+        x = batch["images"]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # the (cheap) uint8 copy; addcmul keeps the layout
+        return torch.addcmul(self.shift, x.to(self.scale.dtype), self.scale)
 
 
 def conv_bn_relu(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
