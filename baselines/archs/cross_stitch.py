@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtlbench import register_arch
@@ -42,35 +41,6 @@ class CrossStitch(nn.Module):
         return list(torch.einsum("ts,s...->t...", self.alpha, x).unbind(0))
 
 
-def n_levels(enc: nn.Module) -> int:
-    if isinstance(enc, nets.SegNet):
-        return 2 * enc.depth
-    if isinstance(enc, (nets.ResNet, nets.LeNet)):
-        return len(enc.stages)
-    return len(enc.blocks)
-
-
-def run_level(enc: nn.Module, k: int, h: torch.Tensor, state: dict) -> torch.Tensor:
-    """Level ``k`` of encoder ``enc`` on ``h`` (``state`` keeps SegNet's pooling indices per column)."""
-    if isinstance(enc, nets.SegNet):
-        L = enc.depth
-        if k < L:
-            b = enc.enc_conv[k](enc.enc_block[k](h))
-            p, ind = F.max_pool2d(b, 2, 2, return_indices=True)
-            state.setdefault("idx", []).append((ind, b.shape[-2:]))
-            return p
-        i = 2 * L - 1 - k
-        ind, size = state["idx"][i]
-        return enc.dec_conv[i](enc.dec_block[i](F.max_unpool2d(h, ind, 2, 2, output_size=size)))
-    if isinstance(enc, nets.ResNet):
-        return enc.stages[k](enc.stem(h) if k == 0 else h)
-    if isinstance(enc, nets.LeNet):
-        return enc.stages[k](h)
-    h = enc.tokens(h) if k == 0 else h
-    h = enc.blocks[k](h)
-    return enc.norm(h) if k == len(enc.blocks) - 1 else h
-
-
 @register_arch("cross_stitch")
 class CrossStitchNet(ImageArch):
     """Cross-stitch networks (Misra et al., CVPR 2016): one column per task, linear units mixing them per level."""
@@ -90,7 +60,7 @@ class CrossStitchNet(ImageArch):
         self.shared["input"] = self.input_stage()
         self.shared["columns"] = nn.ModuleList(self.encoder() for _ in range(T))
         enc = self.shared["columns"][0]
-        self.shared["units"] = nn.ModuleList(CrossStitch(T, self.o.alpha_same) for _ in range(n_levels(enc)))
+        self.shared["units"] = nn.ModuleList(CrossStitch(T, self.o.alpha_same) for _ in range(nets.n_stages(enc)))
         for t in self.tasks:
             self.heads[t.name]["decoder"] = self.head(t, enc)
 
@@ -100,7 +70,7 @@ class CrossStitchNet(ImageArch):
         hs = [x] * len(cols)
         states = [dict() for _ in cols]
         for k, unit in enumerate(self.shared["units"]):
-            hs = unit([run_level(c, k, h, s) for c, h, s in zip(cols, hs, states)])
+            hs = unit([nets.run_stage(c, k, h, s) for c, h, s in zip(cols, hs, states)])
         return tuple(hs)
 
     def decode(self, features, batch):

@@ -296,6 +296,68 @@ def build_encoder(o: EncoderOptions, spec: ImageSpec) -> nn.Module:
     return ViT(spec.channels, (spec.height, spec.width), o.patch, o.vit_dim, o.depth, o.vit_heads, o.mlp_ratio)
 
 
+# ------------------------------------------------------------------------------------------------------ stages
+# An encoder as a sequence of stages, for archs that act between them (cross-stitch units, PLE's extraction levels):
+# SegNet: its L pooling levels, then its L unpooling levels; ResNet: its stages (the stem joins the first); ViT: its
+# blocks (patch embedding before the first, the final norm after the last); LeNet: its three levels.
+def n_stages(enc: nn.Module) -> int:
+    if isinstance(enc, SegNet):
+        return 2 * enc.depth
+    if isinstance(enc, (ResNet, LeNet)):
+        return len(enc.stages)
+    return len(enc.blocks)
+
+
+def stages_of_options(o: "EncoderOptions") -> int:
+    """:func:`n_stages` of the encoder ``o`` builds, known before it is built."""
+    return {"segnet": 2 * o.depth, "lenet": 3}.get(o.encoder, o.depth)
+
+
+def run_stage(enc: nn.Module, k: int, h: torch.Tensor, state: dict) -> torch.Tensor:
+    """Stage ``k`` of encoder ``enc`` on ``h``; ``state`` (one dict per pass through the encoder) keeps SegNet's
+    pooling indices for its unpooling stages."""
+    if isinstance(enc, SegNet):
+        L = enc.depth
+        if k < L:
+            b = enc.enc_conv[k](enc.enc_block[k](h))
+            p, ind = F.max_pool2d(b, 2, 2, return_indices=True)
+            state.setdefault("idx", []).append((ind, b.shape[-2:]))
+            return p
+        i = 2 * L - 1 - k
+        ind, size = state["idx"][i]
+        return enc.dec_conv[i](enc.dec_block[i](F.max_unpool2d(h, ind, 2, 2, output_size=size)))
+    if isinstance(enc, ResNet):
+        return enc.stages[k](enc.stem(h) if k == 0 else h)
+    if isinstance(enc, LeNet):
+        return enc.stages[k](h)
+    h = enc.tokens(h) if k == 0 else h
+    h = enc.blocks[k](h)
+    return enc.norm(h) if k == len(enc.blocks) - 1 else h
+
+
+class _Holder(nn.Module):
+    """Registers a bare parameter (the ViT's position embeddings) inside a stage's module group."""
+
+    def __init__(self, p: nn.Parameter) -> None:
+        super().__init__()
+        self.p = p
+
+
+def stage_modules(enc: nn.Module, k: int) -> nn.ModuleList:
+    """The modules that hold every parameter and buffer stage ``k`` of ``enc`` uses (each in exactly one stage)."""
+    if isinstance(enc, SegNet):
+        L = enc.depth
+        i = k if k < L else 2 * L - 1 - k
+        return nn.ModuleList([enc.enc_block[i], enc.enc_conv[i]] if k < L else [enc.dec_block[i], enc.dec_conv[i]])
+    if isinstance(enc, ResNet):
+        return nn.ModuleList(([enc.stem] if k == 0 else []) + [enc.stages[k]])
+    if isinstance(enc, LeNet):
+        return nn.ModuleList([enc.stages[k]])
+    last = len(enc.blocks) - 1
+    return nn.ModuleList(([enc.embed, _Holder(enc.pos)] if k == 0 else []) + [enc.blocks[k]]
+                         + ([enc.norm] if k == last else []))
+
+
 # ------------------------------------------------------------------------------------------------------- heads
 class DenseHead(nn.Module):
     """MTAN's prediction layer (``conv_layer(..., pred=True)``): 3x3 conv then 1x1 conv to the task's channels;
