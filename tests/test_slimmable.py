@@ -254,14 +254,25 @@ def test_every_optimizer_steps_the_slimmable_arch(opt, three):
 
 
 # ------------------------------------------------------------------------------------ grid and record
-def test_run_record_holds_the_grid_and_controllability(three, tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiny stored runs of one protocol: the controllable model, a static one at 50 %, and the single baseline."""
     from mtlbench.spec import build_spec
     from mtlbench.train import run
 
-    spec = build_spec(dataset="scenes", tasks=("seg", "depth", "normal"), arch="slimmable", optimizer="ew",
-                      dataset_options={"resolution": 16, "train": 8, "val": 4, "test": 4}, epochs=1,
-                      batch_size=4, arch_options={**TINY, "calib_batches": 1}, device="cpu")
-    _, rec = run(spec, tmp_path)
+    d = tmp_path_factory.mktemp("runs")
+    recs = {}
+    for name, arch, opts in (("ctl", "slimmable", {**TINY, "calib_batches": 1}),
+                             ("static", "slimmable", {**TINY, "fixed_budget": 0.5}), ("single", "single", TINY)):
+        spec = build_spec(dataset="scenes", tasks=("seg", "depth", "normal"), arch=arch, optimizer="ew",
+                          dataset_options={"resolution": 16, "train": 8, "val": 4, "test": 4}, epochs=1,
+                          batch_size=4, arch_options=opts, device="cpu")
+        recs[name] = run(spec, d)[1]
+    return d, recs
+
+
+def test_run_record_holds_the_grid_and_controllability(runs):
+    rec = runs[1]["ctl"]
     sec = rec["arch_info"]["controllable"]
     assert len(sec["grid"]) == 4 * 16  # 4 budgets x (15 lattice points + uniform)
     assert all(p["within_budget"] and p["flops"] <= p["budget_flops"] for p in sec["grid"])
@@ -269,6 +280,32 @@ def test_run_record_holds_the_grid_and_controllability(three, tmp_path):
         assert set(c["metrics"]) == {"val", "test"} and set(c["metrics"]["test"]) == {"seg", "depth", "normal"}
     assert set(sec["controllability"]["per_budget"]) == {"0.25", "0.5", "0.75", "1"}
     assert rec["flops"]["flops"] == sec["full_flops"]
+    static = runs[1]["static"]
+    assert "controllable" not in static["arch_info"]
+    assert static["flops"]["flops"] == static["arch_info"]["slimmable"]["fixed_flops"] <= 0.5 * sec["full_flops"]
+
+
+def test_leaderboard_has_the_controllable_table_and_figures(runs, tmp_path):
+    from mtlbench.results.report import write_leaderboard
+
+    write_leaderboard(runs[0], tmp_path)
+    md = (tmp_path / "leaderboard.md").read_text()
+    section = md[md.index("## Controllable models"):]
+    row = next(line for line in section.splitlines() if line.startswith("| slimmable(") and "fixed_budget=0.0" in line)
+    assert row.split(" | ")[1] == "1" and row.split(" | ")[-2] == "0.000"  # one seed, no budget violation
+    assert "fixed_budget=0.5" in section and "| e 0.75 / d 0.5,0.5,0.5 |" in section
+    figs = sorted(p.name for p in (tmp_path / "figures").glob("*controllable*"))
+    assert len(figs) == 2 and any("pareto" in f for f in figs)
+    import json
+
+    doc = json.loads((tmp_path / "leaderboard.json").read_text())
+    (ct,) = doc["controllable"]
+    ((label, (summary,)),) = ct["methods"].items()
+    assert summary["violations"] == 0.0 and -1 <= summary["spearman"] <= 1
+    # Δm% needs a non-zero single-task baseline on every metric (a 1-epoch tiny run may have delta1 = 0: n/a)
+    assert summary["delta_full"] is None or math.isfinite(summary["delta_full"])
+    assert ct["equal_flops"][0]["config"] == {"encoder": 0.75, "decoders": {"seg": 0.5, "depth": 0.5, "normal": 0.5}}
+    assert label in ct["equal_flops"][0]["at"]
 
 
 def _section(gains_of):
@@ -298,3 +335,19 @@ def test_controllability_definition():
     sec = _section(lambda r: [-x for x in r])
     sec["directions"] = {t: "min" for t in "abc"}
     assert controllability(sec)["spearman"] == pytest.approx(1.0)
+
+
+def test_raising_a_tasks_preference_never_narrows_its_decoder(model):
+    """Across requests (not guaranteed by construction, unlike the order within one configuration): moving weight
+    to task t, the others scaled down in proportion, at the same budget, never gives t a narrower decoder."""
+    table = model.flops_table()
+    rng = np.random.default_rng(1)
+    T = len(model.task_names)
+    for rule in ("log_compute", "widest_encoder"):
+        for _ in range(300):
+            r = rng.dirichlet(np.ones(T))
+            b = rng.uniform(table.minimum, table.full)
+            t = int(rng.integers(T))
+            r2 = r * (1 - (r[t] + rng.uniform(0, 1 - r[t]))) / (1 - r[t])
+            r2[t] = 1 - (r2.sum() - r2[t])
+            assert search(table, b, r2, rule).decoders[t] >= search(table, b, r, rule).decoders[t]
