@@ -312,13 +312,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     training = {s.name: st[s.name] for s in settings.spec_settings()}
     if st["merger"]:
         return _run_merges(st, data_dir, training)
-    switches = _check_ablation(st["ablate"], st["arch"])
+    switches = _check_ablation(st["ablate"], st["arch"], st["dataset"])
     jobs = st["jobs"] or max(1, min(total, available_cores()))
 
     def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
         arch_options = _options_for(st["arch_options"], arch, st["arch"])
-        if flip is not None and flip in switches[arch]:
-            arch_options[flip] = not switches[arch][flip] if flip not in arch_options else not arch_options[flip]
+        sw = switches[arch, dataset]
+        if flip is not None and flip in sw:
+            arch_options[flip] = not sw[flip] if flip not in arch_options else not arch_options[flip]
         spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, seed=seed,
                           dataset_options=_options_for(st["dataset_options"], dataset, st["dataset"]),
                           arch_options=arch_options,
@@ -432,15 +433,23 @@ def _single_run(spec, st: dict[str, Any], data_dir: str | None) -> int:
     return 0
 
 
-def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, bool]]:
-    """Per arch, its on/off options and their defaults; each ablated name must be a switch of some listed arch."""
+def _arch_variant(arch: str, dataset: str):
+    """The registry entry of ``arch`` for ``dataset``'s kind of data (its image variant on an image dataset)."""
     from mtlbench import registry
 
-    switches: dict[str, dict[str, bool]] = {}
+    modality = getattr(registry.get("dataset", dataset).obj, "modality", "tabular")
+    return registry.variants(arch).get(modality) or registry.get("arch", arch)
+
+
+def _check_ablation(names: list[str], archs: list[str], datasets: list[str]) -> dict[tuple[str, str], dict[str, bool]]:
+    """Per arch and dataset, the on/off options (and defaults) of the arch's variant for that dataset's data (an
+    image dataset reads the image arch's switches); each ablated name must be a switch of some listed arch."""
+    switches: dict[tuple[str, str], dict[str, bool]] = {}
     for arch in archs:
-        cls = registry.get("arch", arch).options_class
-        fields = dataclasses.fields(cls) if cls is not None else ()
-        switches[arch] = {f.name: f.default for f in fields if isinstance(f.default, bool)}
+        for dataset in datasets:
+            cls = _arch_variant(arch, dataset).options_class
+            fields = dataclasses.fields(cls) if cls is not None else ()
+            switches[arch, dataset] = {f.name: f.default for f in fields if isinstance(f.default, bool)}
     valid = sorted({n for sw in switches.values() for n in sw})
     for name in names:
         if not any(name in sw for sw in switches.values()):
@@ -463,7 +472,7 @@ def _dry_run(plan, results_dir: str, force: bool, total: int) -> int:
         n += 1
         done = not force and finished_record(results_dir, spec.run_id) is not None
         todo += not done
-        entry = registry.get("arch", spec.arch)
+        entry = _arch_variant(spec.arch, spec.dataset)
         defaults = registry.resolve_options(entry.options_class, {}, f"arch '{spec.arch}'")
         changed = ", ".join(f"{k}={v}" for k, v in sorted(spec.arch_options.items()) if defaults.get(k) != v)
         print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label(max_tasks=6)}"

@@ -67,6 +67,8 @@ def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
                            build_options(arch_entry.options_class, spec.arch_options))
     model = model.to(spec.device)
+    if hasattr(model, "use_channels_last"):  # image archs: NHWC convolutions (same maths, faster kernels)
+        model = model.use_channels_last()
     opt_entry = registry.get("optimizer", spec.optimizer)
     method = opt_entry.obj(tuple(model.loss_tasks()),
                            build_options(opt_entry.options_class, spec.optimizer_options))
