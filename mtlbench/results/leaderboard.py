@@ -389,7 +389,9 @@ def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metric
         out[m][t]["t_p_adjusted"] = float(pt)
         out[m][t]["wilcoxon_p_adjusted"] = float(pw)
     notes = []
-    floor = stats.wilcoxon_floor(pairs, raw_w, alpha, options.correction, alternative="the paired t-test can")
+    t_can = max(pairs, default=0) >= 2    # a paired t-test needs 2 pairs; with fewer nothing can reject
+    floor = stats.wilcoxon_floor(pairs, raw_w, alpha, options.correction, alternative="the paired t-test can" if
+                                 t_can else "nor can the paired t-test, which needs at least 2 pairs")
     if math.isfinite(floor.floor) and floor.floor >= alpha:
         notes.append(floor.note)
     return out, notes
