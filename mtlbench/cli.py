@@ -298,7 +298,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
     training = {s.name: st[s.name] for s in settings.spec_settings()}
     if st["merger"]:
+        if st["vectorize_seeds"]:
+            raise MtlbenchError("--vectorize-seeds trains seeds together; merges (--merger) are not training runs: "
+                                "drop one of the two")
         return _run_merges(st, data_dir, training)
+    if st["vectorize_seeds"] and st["executor"] != "local":
+        raise MtlbenchError(f"--vectorize-seeds trains a spec's seeds together in one process, on the local "
+                            f"executor; executor '{st['executor']}' places each run on its own worker: drop one of "
+                            "the two")
     switches = _check_ablation(st["ablate"], st["arch"])
     jobs = st["jobs"] or max(1, min(total, available_cores()))
 
@@ -331,6 +338,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for (arch, optimizer, reason), n in pairs.items():
         print(f"skipped (incompatible): {arch} x {optimizer} ({n} run{'s' if n > 1 else ''}): {reason}",
               file=sys.stderr)
+    if st["vectorize_seeds"]:
+        from mtlbench.seedgroup import ungroupable
+
+        alone: dict[str, int] = {}  # one line per arch x optimizer whose seeds cannot train together
+        for spec in specs:
+            if (reason := ungroupable(spec)) is not None:
+                what = f"{spec.arch} x {spec.optimizer}: {reason}"
+                alone[what] = alone.get(what, 0) + 1
+        for what, n in alone.items():
+            print(f"--vectorize-seeds: {what}; its {n} seed(s) run one by one, as separate runs", file=sys.stderr)
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
         return _single_run(specs[0], st, data_dir)
     if not quiet:
@@ -339,7 +356,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f", {len(skipped)} incompatible combination(s) skipped" if skipped else ""), file=sys.stderr)
     result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=min(jobs, len(specs)),
                              executor=st["executor"], ray_address=st["ray_address"], plugins=st["plugins"],
-                             force=st["force"], track=st["log"], progress=not quiet)
+                             force=st["force"], track=st["log"], progress=not quiet,
+                             vectorize_seeds=st["vectorize_seeds"])
     result.incompatible = len(skipped)
     print(result.summary())
     if result.interrupted:
