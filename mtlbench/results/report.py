@@ -611,6 +611,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
                              lambda: plot_expert_usage(t, store.records, frame, d / f"{s}-experts.png"))]
         figures[s] = [f for f in figs if f is not None]
     cross = across_datasets(tables, out / "figures", plots, cache)
+    ctl, ctl_figs = _controllable(tables, store, out / "figures", plots, cache)
     if cache:
         cache.finish()
     written = {}
@@ -618,8 +619,49 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
              "json": lambda: as_json(tables, store, cross), "html": lambda: html_page(tables, figures, cross, store.records),
              "csv": lambda: frame.drop(columns=INTERNAL_COLUMNS).to_csv(index=False, float_format="%.17g",
                                                                          lineterminator="\n")}
+    if ctl:  # controllable models (issue 11): their section in md and json, only where such runs exist
+        from mtlbench.results import controllable
+
+        md, js = texts["md"], texts["json"]
+        texts["md"] = lambda: _insert_section(md(), controllable.markdown(ctl, ctl_figs))
+        texts["json"] = lambda: _json_with(js(), "controllable", controllable.as_dict(ctl))
     for fmt in formats:
         path = out / f"leaderboard.{fmt}"
         path.write_text(texts[fmt](), encoding="utf-8")
         written[fmt] = path
     return written
+
+
+def _controllable(tables: list[Table], store: Store, fig_dir: Path, plots: bool, cache: Any
+                  ) -> tuple[list[Any], dict[str, list[str]]]:
+    """The controllable-models tables (``mtlbench.results.controllable``) and their figures, by table title."""
+    from mtlbench.results import controllable
+
+    cts = controllable.build(tables, store.records)
+    figs: dict[str, list[str]] = {}
+    for ct in cts if plots else []:
+        stem = f"{slug(ct.table)}-controllable"
+        shown = json.dumps([ct.sections, ct.static, repr(ct.table.stats), Path(controllable.__file__).read_text(
+            encoding="utf-8")], sort_keys=True, default=str)
+        drawn = [cache.figure(fig_dir / f"{stem}-pareto.png", shown,
+                              lambda ct=ct, p=fig_dir / f"{stem}-pareto.png": controllable.plot_pareto(ct, p))]
+        for i, m in enumerate(sorted(ct.sections)):
+            p = fig_dir / f"{stem}-fan{i}.png"
+            drawn.append(cache.figure(p, shown + m, lambda ct=ct, m=m, p=p: controllable.plot_fan(ct, m, p)))
+        figs[ct.title] = [f"figures/{Path(f).name}" for f in drawn if f is not None]
+    return cts, figs
+
+
+def _insert_section(text: str, section: str) -> str:
+    """``section`` before the "Across datasets" / "Not included" sections of the markdown, else at the end."""
+    for marker in ("## Across datasets", "## Not included"):
+        i = text.find("\n" + marker)
+        if i >= 0:
+            return text[:i + 1] + section + "\n" + text[i + 1:]
+    return text + section + "\n"
+
+
+def _json_with(text: str, key: str, value: Any) -> str:
+    doc = json.loads(text)
+    doc[key] = value
+    return json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
