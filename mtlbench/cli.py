@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from mtlbench import settings
+from mtlbench.results import options as stat_options
 from mtlbench.errors import MtlbenchError, RunFailed, unknown
 
 # This module imports nothing heavy at start-up (torch, pandas and scipy are imported by the commands that need
@@ -56,6 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html "
                     "(figures are drawn only for md and html)")
     lb.add_argument("--no-plots", action="store_true", help="draw no figures (tables only)")
+    stat_options.add_flags(lb)
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
     cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew; options as home(expert_norm=false):ew)")
     cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER, named the same way")
@@ -506,13 +508,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
     if bad or not formats:
         raise unknown("format", (bad or [""])[0], ("md", "csv", "tex", "json", "html"))
+    options = stat_options.from_args(args)
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
     stores: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
                                 tables_out=tables, baseline=args.baseline, store_out=stores,
-                                plots=False if args.no_plots else None)
+                                plots=False if args.no_plots else None, options=options)
     _say_skipped(stores)
     for line in summary_lines(tables):
         print(line)
