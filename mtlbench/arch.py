@@ -49,6 +49,9 @@ class ArchOutput:
 
     outputs: list[torch.Tensor]
     features: tuple[torch.Tensor, ...]
+    # an auxiliary loss of the shared parameters outside the MTL aggregation (e.g. the slimmable arch's CIKD): the
+    # training step adds its gradient to the method's update once (``StepContext.backward`` / ``apply_aux``)
+    aux: torch.Tensor | None = None
 
 
 class MultiTaskArch(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from mtlbench import settings
+from mtlbench.results import options as stat_options
 from mtlbench.errors import MtlbenchError, RunFailed, unknown
 
 # This module imports nothing heavy at start-up (torch, pandas and scipy are imported by the commands that need
@@ -56,6 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html "
                     "(figures are drawn only for md and html)")
     lb.add_argument("--no-plots", action="store_true", help="draw no figures (tables only)")
+    stat_options.add_flags(lb)
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
     cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew; options as home(expert_norm=false):ew)")
     cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER, named the same way")
@@ -63,6 +65,17 @@ def make_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tasks", help="task set, comma-separated (needed when there are several)")
     cmp_.add_argument("--split", default="test", help="split to compare on (default test)")
     cmp_.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR)
+    se = sub.add_parser("search", help="a controllable arch's widths for a compute budget and a task preference",
+                        description="The width configuration a controllable (slimmable) arch runs at for a FLOPs "
+                        "budget and a task preference, with its exact analytical FLOPs; builds the untrained model "
+                        "for the dataset's image size (the search needs FLOPs only).")
+    se.add_argument("--dataset", default="scenes", help="an image dataset (default scenes)")
+    se.add_argument("--tasks", help="comma-separated tasks (default: the dataset's)")
+    se.add_argument("--arch", default="slimmable", help="a controllable arch (default slimmable)")
+    se.add_argument("--budget", required=True, help="a fraction of the full model's FLOPs in (0, 1], or N%%")
+    se.add_argument("--preference", required=True, help="one weight per task, comma-separated, summing to 1")
+    se.add_argument("-A", "--arch-option", action="append", default=[], metavar="KEY=VALUE")
+    se.add_argument("-D", "--dataset-option", action="append", default=[], metavar="KEY=VALUE")
     ls = sub.add_parser("list", help="list datasets, archs, optimizers and metrics")
     ls.add_argument("--verbose", "-v", action="store_true",
                     help="also show every option with its default, range and help text, and each dataset's "
@@ -299,13 +312,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     training = {s.name: st[s.name] for s in settings.spec_settings()}
     if st["merger"]:
         return _run_merges(st, data_dir, training)
-    switches = _check_ablation(st["ablate"], st["arch"])
+    switches = _check_ablation(st["ablate"], st["arch"], st["dataset"])
     jobs = st["jobs"] or max(1, min(total, available_cores()))
 
     def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
         arch_options = _options_for(st["arch_options"], arch, st["arch"])
-        if flip is not None and flip in switches[arch]:
-            arch_options[flip] = not switches[arch][flip] if flip not in arch_options else not arch_options[flip]
+        sw = switches[arch, dataset]
+        if flip is not None and flip in sw:
+            arch_options[flip] = not sw[flip] if flip not in arch_options else not arch_options[flip]
         spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, seed=seed,
                           dataset_options=_options_for(st["dataset_options"], dataset, st["dataset"]),
                           arch_options=arch_options,
@@ -434,15 +448,23 @@ def _single_run(spec, st: dict[str, Any], data_dir: str | None) -> int:
     return 0
 
 
-def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, bool]]:
-    """Per arch, its on/off options and their defaults; each ablated name must be a switch of some listed arch."""
+def _arch_variant(arch: str, dataset: str):
+    """The registry entry of ``arch`` for ``dataset``'s kind of data (its image variant on an image dataset)."""
     from mtlbench import registry
 
-    switches: dict[str, dict[str, bool]] = {}
+    modality = getattr(registry.get("dataset", dataset).obj, "modality", "tabular")
+    return registry.variants(arch).get(modality) or registry.get("arch", arch)
+
+
+def _check_ablation(names: list[str], archs: list[str], datasets: list[str]) -> dict[tuple[str, str], dict[str, bool]]:
+    """Per arch and dataset, the on/off options (and defaults) of the arch's variant for that dataset's data (an
+    image dataset reads the image arch's switches); each ablated name must be a switch of some listed arch."""
+    switches: dict[tuple[str, str], dict[str, bool]] = {}
     for arch in archs:
-        cls = registry.get("arch", arch).options_class
-        fields = dataclasses.fields(cls) if cls is not None else ()
-        switches[arch] = {f.name: f.default for f in fields if isinstance(f.default, bool)}
+        for dataset in datasets:
+            cls = _arch_variant(arch, dataset).options_class
+            fields = dataclasses.fields(cls) if cls is not None else ()
+            switches[arch, dataset] = {f.name: f.default for f in fields if isinstance(f.default, bool)}
     valid = sorted({n for sw in switches.values() for n in sw})
     for name in names:
         if not any(name in sw for sw in switches.values()):
@@ -465,7 +487,7 @@ def _dry_run(plan, results_dir: str, force: bool, total: int) -> int:
         n += 1
         done = not force and finished_record(results_dir, spec.run_id) is not None
         todo += not done
-        entry = registry.get("arch", spec.arch)
+        entry = _arch_variant(spec.arch, spec.dataset)
         defaults = registry.resolve_options(entry.options_class, {}, f"arch '{spec.arch}'")
         changed = ", ".join(f"{k}={v}" for k, v in sorted(spec.arch_options.items()) if defaults.get(k) != v)
         print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label(max_tasks=6)}"
@@ -483,13 +505,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
     if bad or not formats:
         raise unknown("format", (bad or [""])[0], ("md", "csv", "tex", "json", "html"))
+    options = stat_options.from_args(args)
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
     stores: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
                                 tables_out=tables, baseline=args.baseline, store_out=stores,
-                                plots=False if args.no_plots else None)
+                                plots=False if args.no_plots else None, options=options)
     _say_skipped(stores)
     for line in summary_lines(tables):
         print(line)
@@ -510,6 +533,64 @@ def cmd_compare(args: argparse.Namespace) -> int:
     finally:
         _say_skipped(stores)
     print(text)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """`mtlbench search`: every input checked (one line each) before the model is built."""
+    import time
+
+    from mtlbench import registry
+    from mtlbench.spec import build_spec
+    from mtlbench.train import build
+
+    registry.load_builtins()
+    controllable = sorted(n for n in registry.names("arch") if "image" in registry.variants(n)
+                          and hasattr(registry.get("arch", n, modality="image").obj, "flops_table"))
+    registry.get("arch", args.arch)  # an unknown name: one line with the valid ones
+    if args.arch not in controllable:
+        raise MtlbenchError(f"arch '{args.arch}' is not controllable: only a slimmable arch takes a budget and a "
+                            f"preference (controllable archs: {', '.join(controllable)})")
+    text = args.budget.strip()
+    try:
+        budget = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise MtlbenchError(f"budget must be a fraction of the full model's FLOPs in (0, 1] or N%, got "
+                            f"{args.budget!r}") from None
+    if not 0 < budget <= 1:
+        raise MtlbenchError(f"budget must be a fraction of the full model's FLOPs in (0, 1] or N%, got "
+                            f"{args.budget!r}")
+    try:
+        pref = [float(x) for x in args.preference.split(",")]
+    except ValueError:
+        raise MtlbenchError(f"preference must be comma-separated numbers (one weight per task), got "
+                            f"{args.preference!r}") from None
+
+    def kv(items: list[str], what: str) -> dict[str, Any]:
+        out = {}
+        for it in items:
+            if "=" not in it:
+                raise MtlbenchError(f"{what} must be KEY=VALUE, got {it!r}")
+            k, v = it.split("=", 1)
+            out[k.strip()] = registry.parse_value(v.strip())
+        return out
+
+    spec = build_spec(dataset=args.dataset, tasks=_csv(args.tasks), arch=args.arch, optimizer="ew",
+                      arch_options=kv(args.arch_option, "-A"), dataset_options=kv(args.dataset_option, "-D"),
+                      device="cpu")
+    model = build(spec).model
+    from mtlbench.vision.slim_search import check_preference
+
+    check_preference(pref, model.task_names)
+    table = model.flops_table()
+    t0 = time.perf_counter()
+    cfg = model.configure(budget, pref)
+    ms = 1000 * (time.perf_counter() - t0)
+    f = table.flops(cfg)
+    print(f"encoder width {cfg.encoder:g}; decoder widths " + ", ".join(
+        f"{t} {w:g}" for t, w in zip(model.task_names, cfg.decoders)))
+    print(f"FLOPs per sample {f:,} = {100 * f / table.full:.1f}% of the full model ({table.full:,}); budget "
+          f"{budget * table.full:,.0f}; search {ms:.2f} ms")
     return 0
 
 
@@ -535,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard,
-                "compare": cmd_compare}[args.command](args)
+                "compare": cmd_compare, "search": cmd_search}[args.command](args)
     except RunFailed as exc:
         print(f"mtlbench: run failed: {_one_line(exc)} (recorded as failed)", file=sys.stderr)
         return 1

@@ -57,6 +57,10 @@ class StepContext:
         self._feature_grads: list[tuple[torch.Tensor, ...]] | None = None
         self._head_grads: list[tuple[torch.Tensor | None, ...]] | None = None
         self._jacobian: torch.Tensor | None = None
+        # the arch's auxiliary loss (ArchOutput.aux), added once: folded into the first ``backward`` (one pass),
+        # else backpropagated alone by ``apply_aux`` after the method's step; the flag is shared with ``restrict``
+        self.aux: torch.Tensor | None = getattr(output, "aux", None)
+        self._aux_done = [self.aux is None]
 
     # -- losses ----------------------------------------------------------------------------------------------
     @property
@@ -105,7 +109,22 @@ class StepContext:
             total = torch.stack(self.losses).sum()
         else:
             total = (weights.to(self.losses[0].dtype) * torch.stack(self.losses)).sum()
-        total.backward(retain_graph=retain_graph)
+        self.plus_aux(total).backward(retain_graph=retain_graph)
+
+    def plus_aux(self, total: torch.Tensor) -> torch.Tensor:
+        """``total`` plus the arch's auxiliary loss if not yet added: for a method that backpropagates its own
+        objective (Rep-MTL's regularised sum) instead of calling :meth:`backward`."""
+        if self._aux_done[0]:
+            return total
+        self._aux_done[0] = True
+        return total + self.aux
+
+    def apply_aux(self) -> None:
+        """Backpropagate the arch's auxiliary loss if the method's step did not (gradient methods write their
+        update with ``set_grads``; their graph is still alive): its gradient adds to the update unchanged."""
+        if not self._aux_done[0]:
+            self._aux_done[0] = True
+            self.aux.backward()
 
     def forward(self) -> tuple[Any, list[torch.Tensor]]:
         """An extra forward at the current parameters (same batch, training mode): ``(output, losses)``."""

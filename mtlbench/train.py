@@ -67,6 +67,8 @@ def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None
     model = arch_entry.obj(data.schema, data.tasks, spec.embed_dim,
                            build_options(arch_entry.options_class, spec.arch_options))
     model = model.to(spec.device)
+    if hasattr(model, "use_channels_last"):  # image archs: NHWC convolutions (same maths, faster kernels)
+        model = model.use_channels_last()
     opt_entry = registry.get("optimizer", spec.optimizer)
     method = opt_entry.obj(tuple(model.loss_tasks()),
                            build_options(opt_entry.options_class, spec.optimizer_options))
@@ -305,6 +307,7 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
                 except Exception:
                     watch.check(epoch)  # a non-finite loss earlier is the cause (e.g. a host solver fed NaN)
                     raise
+                view.apply_aux()  # the arch's auxiliary loss (e.g. CIKD), if the method's step did not add it
                 watch.grads(params)
                 optimizer.step()
                 method.after_step(view)
@@ -380,6 +383,9 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     model.load_state_dict(best_state)
     metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
     extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+    grid = getattr(model, "evaluate_grid", None)
+    if callable(grid):  # controllable archs: their preference x budget grid, once, after selection
+        extras = {**extras, **grid(data, device, evaluate, spec.batch_size)}
     return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, **extra, "epochs_run": len(curves),
             "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,

@@ -226,7 +226,7 @@ class RepMTL(MTLOptimizer):
             task_losses = list(ctx.losses)
         if not (use_tsr or use_csa):  # plain (log-)equal weighting, bit for bit
             if o.log_losses:
-                torch.stack(task_losses).sum().backward()
+                ctx.plus_aux(torch.stack(task_losses).sum()).backward()  # + an arch's auxiliary loss
             else:
                 ctx.backward()
             self.last_regularisers = {}
@@ -252,5 +252,5 @@ class RepMTL(MTLOptimizer):
             total = total + o.lambda_tsr * regs["tsr"]
         if "csa" in regs:
             total = total + o.lambda_csa * regs["csa"]
-        total.backward()
+        ctx.plus_aux(total).backward()  # + an arch's auxiliary loss (e.g. the slimmable arch's CIKD)
         self.last_regularisers = {k: float(v.detach()) for k, v in regs.items()}

@@ -91,7 +91,7 @@ class UncertaintyWeighting(MTLOptimizer):
         s = self.log_vars if self.active is None else self.log_vars[torch.as_tensor(self.active,
                                                                                     device=self.log_vars.device)]
         losses = torch.stack(ctx.losses).to(device=s.device, dtype=s.dtype)  # autograd flows through .to()
-        uw_loss(losses, s, self.options.form).backward()
+        ctx.plus_aux(uw_loss(losses, s, self.options.form)).backward()  # + an arch's auxiliary loss
         self.last_weights = uw_weights(s, self.options.form)
 
     def state_dict(self) -> dict[str, Any]:
