@@ -379,12 +379,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
-def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
-    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
-    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
-    with the same settings is the same protocol at the same total fine-tuning budget."""
+def merge_plan(st: dict[str, Any], training: dict[str, Any]) -> tuple[list, list[tuple[str, dict[str, Any]]]]:
+    """The recipes (one per dataset x task set x arch x seed) and the resolved (merger, options) of a merge run's
+    settings; every bad input is refused here, before anything loads (``benchmarks/merging_times.py`` plans the
+    whole published table with it)."""
     from mtlbench import registry
-    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
     from mtlbench.merging import merger_declaration
     from mtlbench.spec import build_spec
 
@@ -401,6 +400,22 @@ def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, An
                           dataset_options=_options_for(st["dataset_options"], d, st["dataset"]),
                           arch_options=_options_for(st["arch_options"], a, archs), jobs=1, **training)
                for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
+    return recipes, mergers
+
+
+def settings_of(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checked settings of ``mtlbench run ARGV`` and the training settings (the recipe's fields) among them."""
+    st = _settings(make_parser().parse_args(["run", *argv]))
+    return st, {s.name: st[s.name] for s in settings.spec_settings()}
+
+
+def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
+    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
+    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
+    with the same settings is the same protocol at the same total fine-tuning budget."""
+    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
+
+    recipes, mergers = merge_plan(st, training)
     if st["dry_run"]:
         from mtlbench.results.store import finished_record
 
