@@ -246,6 +246,52 @@ def _git_sha() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def adam_foreach(device: str | torch.device) -> bool | None:
+    """Adam's multi-tensor (``foreach``) implementation on the CPU, where torch defaults to the per-tensor loop:
+    the same operations in the same order, so the same numbers bit for bit (tests/test_step_speed.py checks it),
+    about half the optimizer's time. Elsewhere torch's default (foreach on CUDA). Adam's ``fused`` kernel is
+    faster still but rounds differently (up to 2e-7 apart after 5 steps here), so it is not used."""
+    return True if torch.device(device).type == "cpu" else None
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Keep freed host memory in the process instead of handing it back to the kernel (glibc only; a no-op
+    elsewhere). Returns whether the setting was applied.
+
+    Why: glibc serves blocks above its mmap threshold (at most 32 MB) with fresh ``mmap`` pages and unmaps them on
+    free, so every large activation of every step (MMoE at batch 2048: [2048, 8 x 512] floats, 33.5 MB) is
+    page-faulted and zeroed again: 50-60k minor faults per step, about 14% of the CPU step time (measured with
+    benchmarks/peer_throughput.py). With the thresholds raised, freed blocks are reused. The numbers do not change
+    (only where memory comes from); the process keeps its peak memory until it exits. ``enable=False`` restores
+    glibc's default thresholds (128 KiB), for before/after measurements. Set ``MTLBENCH_KEEP_FREED_MEMORY=0`` to
+    leave the allocator alone."""
+    global _MALLOC_TUNED
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("MTLBENCH_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    if enable and _MALLOC_TUNED:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (musl...)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if enable:  # older glibc refuses an mmap threshold above 32 MB
+        ok = any(bool(mallopt(m_mmap_threshold, v)) for v in (1 << 30, 32 << 20))
+        ok = ok and bool(mallopt(m_trim_threshold, 1 << 30))
+    else:
+        ok = bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_trim_threshold, 128 * 1024))
+    _MALLOC_TUNED = enable and ok
+    return ok
+
+
 def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[str], None] | None = None,
           on_epoch: Callable[[dict[str, Any]], None] | None = None, group: Any = None) -> dict[str, Any]:
     """Train and evaluate; returns the record body (metrics, curves, timings). Raises RunFailed on a
@@ -255,6 +301,8 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
     run then draws its training randomness from its own thread's generator instead of torch's global one (seeded
     alike: the same numbers), hands its core to a waiting seed after every step, and its times exclude the
     waits."""
+    if torch.device(spec.device).type == "cpu":
+        keep_freed_memory()
     if group is None:
         torch.manual_seed(spec.seed)
         return _train(spec, built, progress, log, on_epoch, None)
@@ -272,7 +320,7 @@ def _train(spec: RunSpec, built: Built, progress: bool, log: Callable[[str], Non
     method_gen = torch.Generator().manual_seed(spec.seed + 7919)
     method.to(device)
     params = list(model.parameters()) + list(method.parameters())
-    optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=adam_foreach(device))
     train_loader = BatchLoader(data.splits["train"], spec.batch_size, shuffle=True, generator=shuffle_gen,
                                device=device)
     val_split = data.splits["val"].to(device)
