@@ -295,6 +295,13 @@ def print_summary(record: dict[str, Any], path: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     st = _settings(args)
+    if st["vectorize_seeds"] and st["merger"]:  # settings alone: answered before torch is imported
+        raise MtlbenchError("--vectorize-seeds trains seeds together; merges (--merger) are not training runs: "
+                            "drop one of the two")
+    if st["vectorize_seeds"] and st["executor"] != "local":
+        raise MtlbenchError(f"--vectorize-seeds trains a spec's seeds together in one process, on the local "
+                            f"executor; executor '{st['executor']}' places each run on its own worker: drop one of "
+                            "the two")
     axes = {"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
             "optimizer": st["optimizer"], "seed": st["seeds"], "flip": [None, *st["ablate"]]}
     total = math.prod(len(v) for v in axes.values())
@@ -311,14 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_dir = st["data_dir"] or os.environ.get(DATA_DIR_ENV)
     training = {s.name: st[s.name] for s in settings.spec_settings()}
     if st["merger"]:
-        if st["vectorize_seeds"]:
-            raise MtlbenchError("--vectorize-seeds trains seeds together; merges (--merger) are not training runs: "
-                                "drop one of the two")
         return _run_merges(st, data_dir, training)
-    if st["vectorize_seeds"] and st["executor"] != "local":
-        raise MtlbenchError(f"--vectorize-seeds trains a spec's seeds together in one process, on the local "
-                            f"executor; executor '{st['executor']}' places each run on its own worker: drop one of "
-                            "the two")
     switches = _check_ablation(st["ablate"], st["arch"], st["dataset"])
     jobs = st["jobs"] or max(1, min(total, available_cores()))
 
