@@ -19,6 +19,7 @@ models on the CPU).
 
     python benchmarks/seed_group.py                       # the measurement (about 10-25 minutes on one core)
     python benchmarks/seed_group.py --rows 4000 --epochs 1 --reps 1     # a smoke run
+    python benchmarks/seed_group.py --device cuda --single   # on a GPU (benchmarks/gpu_check.py runs this)
     taskset -c 0,1 python benchmarks/seed_group.py        # on 2 cores (the issue's goal: faster than 5 runs)
 
 A measurement script, not a test; the load average is printed, and numbers from a busy machine mean little.
@@ -57,6 +58,18 @@ def timed_sweep(results: str, seeds: str, rows: int | None, epochs: int | None, 
     return time.perf_counter() - t0
 
 
+def _metric_diff(x: dict, y: dict) -> float:
+    """The largest absolute difference between two records' metrics (every split, task and metric)."""
+    worst = 0.0
+    for split, tasks in x.items():
+        for task, ms in tasks.items():
+            for m, v in ms.items():
+                w = y[split][task][m]
+                if isinstance(v, float) and isinstance(w, float):
+                    worst = max(worst, abs(v - w))
+    return worst
+
+
 def compare(a: Path, b: Path) -> tuple[int, list[str]]:
     """Number of records compared and the differences found (run ids, metrics, curves without timings)."""
     ra = {p.name: json.loads(p.read_text()) for p in a.glob("*.json")}
@@ -70,7 +83,7 @@ def compare(a: Path, b: Path) -> tuple[int, list[str]]:
             diffs.append(f"{name}: status {x['status']} / {y['status']}")
             continue
         if x["metrics"] != y["metrics"]:
-            diffs.append(f"{name}: metrics differ")
+            diffs.append(f"{name}: metrics differ (max abs {_metric_diff(x['metrics'], y['metrics']):.2e})")
         strip = lambda cs: [{k: v for k, v in c.items() if k != "seconds"} for c in cs]  # noqa: E731
         if strip(x["curves"]) != strip(y["curves"]):
             diffs.append(f"{name}: curves differ")
@@ -146,6 +159,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs (default: the dataset's, 5)")
     ap.add_argument("--reps", type=int, default=1, help="repetitions of the interleaved pair")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--single", action="store_true", help="also time one seed alone (the GPU goal: 5 seeds "
+                    "grouped in under 2x the time of one)")
     ap.add_argument("--no-vmap", dest="vmap", action="store_false", help="skip the torch.func vmap probe")
     ap.add_argument("--vmap-only", action="store_true", help="only the torch.func vmap probe")
     args = ap.parse_args()
@@ -169,6 +184,13 @@ def main() -> int:
         s, g = statistics.median(sep_t), statistics.median(grp_t)
         print(f"separate runs {s:.1f} s, --vectorize-seeds {g:.1f} s: {s / g:.2f}x "
               f"(median of {args.reps}; load average now {os.getloadavg()[0]:.2f})", flush=True)
+        if args.single:
+            from mtlbench.settings import parse_seeds
+
+            with tempfile.TemporaryDirectory() as tmp:
+                one = timed_sweep(tmp, str(parse_seeds(args.seeds)[0]), args.rows, args.epochs, False, args.device)
+            print(f"one seed alone {one:.1f} s: {len(parse_seeds(args.seeds))} seeds with --vectorize-seeds take "
+                  f"{g / one:.2f}x its time, separately {s / one:.2f}x", flush=True)
     if args.vmap or args.vmap_only:
         import torch
 
