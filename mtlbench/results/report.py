@@ -213,7 +213,7 @@ def robust_header(table: Table, name: Any = str) -> list[str]:
 def _robust_md(table: Table) -> list[str]:
     title = "### Robust aggregates and practical significance"
     if not table.robust:
-        return [title, "", "n/a: " + md_escape("; ".join(_robust_notes(table))).replace("\\_", "_") + ".", ""] \
+        return [title, "", md_escape("; ".join(_robust_notes(table))).replace("\\_", "_") + ".", ""] \
             if _robust_notes(table) else []
     head = robust_header(table, md_escape)
     lines = [title, "",
