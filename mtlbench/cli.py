@@ -295,6 +295,13 @@ def print_summary(record: dict[str, Any], path: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     st = _settings(args)
+    if st["vectorize_seeds"] and st["merger"]:  # settings alone: answered before torch is imported
+        raise MtlbenchError("--vectorize-seeds trains seeds together; merges (--merger) are not training runs: "
+                            "drop one of the two")
+    if st["vectorize_seeds"] and st["executor"] != "local":
+        raise MtlbenchError(f"--vectorize-seeds trains a spec's seeds together in one process, on the local "
+                            f"executor; executor '{st['executor']}' places each run on its own worker: drop one of "
+                            "the two")
     axes = {"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
             "optimizer": st["optimizer"], "seed": st["seeds"], "flip": [None, *st["ablate"]]}
     total = math.prod(len(v) for v in axes.values())
@@ -345,6 +352,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for (arch, optimizer, reason), n in pairs.items():
         print(f"skipped (incompatible): {arch} x {optimizer} ({n} run{'s' if n > 1 else ''}): {reason}",
               file=sys.stderr)
+    if st["vectorize_seeds"]:
+        from mtlbench.seedgroup import ungroupable
+
+        alone: dict[str, int] = {}  # one line per arch x optimizer whose seeds cannot train together
+        for spec in specs:
+            if (reason := ungroupable(spec)) is not None:
+                what = f"{spec.arch} x {spec.optimizer}: {reason}"
+                alone[what] = alone.get(what, 0) + 1
+        for what, n in alone.items():
+            print(f"--vectorize-seeds: {what}; its {n} seed(s) run one by one, as separate runs", file=sys.stderr)
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
         return _single_run(specs[0], st, data_dir)
     if not quiet:
@@ -353,7 +370,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f", {len(skipped)} incompatible combination(s) skipped" if skipped else ""), file=sys.stderr)
     result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=min(jobs, len(specs)),
                              executor=st["executor"], ray_address=st["ray_address"], plugins=st["plugins"],
-                             force=st["force"], track=st["log"], progress=not quiet)
+                             force=st["force"], track=st["log"], progress=not quiet,
+                             vectorize_seeds=st["vectorize_seeds"])
     result.incompatible = len(skipped)
     print(result.summary())
     if result.interrupted:

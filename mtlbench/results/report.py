@@ -167,7 +167,7 @@ def robust_note(table: Table, name: Any = lambda m: f"`{m}`") -> str:
            f"the mean of {name(table.reference)}, over runs × metrics ({metrics}, as Δm%), with a {boot}"
            if table.reference else "IQM Δ% n/a (no `single` runs: no Δm% reference)")
     return (f"{iqm}. P(> {name(base)}) = probability of improvement (Agarwal et al. 2021): the chance that a random run "
-            f"of the method beats a random run of {name(base)} on a metric (ties count ½), averaged over the same "
+            f"of the method beats a random run of {name(base)} on a metric (ties count 1/2), averaged over the same "
             f"metrics, same interval. Bayes = Bayesian signed-rank test (Benavoli et al. 2017; Dirichlet process "
             f"prior of weight {o.bayes_prior:g} at 0, {o.bayes_samples} posterior samples, seed {o.stat_seed}) on "
             f"the per-seed Δm% of the method against the other method's run with the same seed, with a region of "
@@ -213,7 +213,7 @@ def robust_header(table: Table, name: Any = str) -> list[str]:
 def _robust_md(table: Table) -> list[str]:
     title = "### Robust aggregates and practical significance"
     if not table.robust:
-        return [title, "", "n/a: " + md_escape("; ".join(_robust_notes(table))).replace("\\_", "_") + ".", ""] \
+        return [title, "", md_escape("; ".join(_robust_notes(table))).replace("\\_", "_") + ".", ""] \
             if _robust_notes(table) else []
     head = robust_header(table, md_escape)
     lines = [title, "",
@@ -406,7 +406,8 @@ def _robust_tex(table: Table) -> list[str]:
 
 _TEX = {"\\": "\\textbackslash{}", "{": "\\{", "}": "\\}", "$": "\\$", "&": "\\&", "#": "\\#", "%": "\\%",
         "_": "\\_", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "×": "$\\times$", "Δ": "$\\Delta$",
-        "±": "$\\pm$", "–": "--", "—": "---", "`": "", "<": "\\textless{}", ">": "\\textgreater{}"}
+        "±": "$\\pm$", "–": "--", "—": "---", "`": "", "<": "\\textless{}", ">": "\\textgreater{}",
+        "↑": "$\\uparrow$", "↓": "$\\downarrow$", "½": "1/2"}
 
 
 def _tex(s: str) -> str:
