@@ -175,7 +175,8 @@ def robust_note(table: Table, name: Any = lambda m: f"`{m}`") -> str:
             f"practically better / equivalent / worse (the share of posterior samples in which that region is the "
             f"most probable; above 0.95 is a clear decision). These estimate and decide instead of rejecting: no "
             f"multiple-comparison correction applies, and with n seeds the prior pseudo-observation weighs "
-            f"{o.bayes_prior:g}/(n+{o.bayes_prior:g}) (9 % with 5 seeds, 14 % with 3)")
+            f"{o.bayes_prior:g}/(n+{o.bayes_prior:g}) ({o.bayes_prior / (5 + o.bayes_prior):.0%} with 5 seeds, "
+            f"{o.bayes_prior / (3 + o.bayes_prior):.0%} with 3); it is not shown below {o.bayes_min_pairs} shared seeds")
 
 
 def _interval(r: dict[str, Any] | None, signed: bool = True, digits: int = 2) -> str:
