@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from mtlbench import settings
+from mtlbench.results import options as stat_options
 from mtlbench.errors import MtlbenchError, RunFailed, unknown
 
 # This module imports nothing heavy at start-up (torch, pandas and scipy are imported by the commands that need
@@ -56,6 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html "
                     "(figures are drawn only for md and html)")
     lb.add_argument("--no-plots", action="store_true", help="draw no figures (tables only)")
+    stat_options.add_flags(lb)
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
     cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew; options as home(expert_norm=false):ew)")
     cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER, named the same way")
@@ -293,6 +295,13 @@ def print_summary(record: dict[str, Any], path: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     st = _settings(args)
+    if st["vectorize_seeds"] and st["merger"]:  # settings alone: answered before torch is imported
+        raise MtlbenchError("--vectorize-seeds trains seeds together; merges (--merger) are not training runs: "
+                            "drop one of the two")
+    if st["vectorize_seeds"] and st["executor"] != "local":
+        raise MtlbenchError(f"--vectorize-seeds trains a spec's seeds together in one process, on the local "
+                            f"executor; executor '{st['executor']}' places each run on its own worker: drop one of "
+                            "the two")
     axes = {"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
             "optimizer": st["optimizer"], "seed": st["seeds"], "flip": [None, *st["ablate"]]}
     total = math.prod(len(v) for v in axes.values())
@@ -310,13 +319,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     training = {s.name: st[s.name] for s in settings.spec_settings()}
     if st["merger"]:
         return _run_merges(st, data_dir, training)
-    switches = _check_ablation(st["ablate"], st["arch"])
+    switches = _check_ablation(st["ablate"], st["arch"], st["dataset"])
     jobs = st["jobs"] or max(1, min(total, available_cores()))
 
     def build(dataset: str, tasks: list[str] | None, arch: str, optimizer: str, seed: int, flip: str | None):
         arch_options = _options_for(st["arch_options"], arch, st["arch"])
-        if flip is not None and flip in switches[arch]:
-            arch_options[flip] = not switches[arch][flip] if flip not in arch_options else not arch_options[flip]
+        sw = switches[arch, dataset]
+        if flip is not None and flip in sw:
+            arch_options[flip] = not sw[flip] if flip not in arch_options else not arch_options[flip]
         spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, seed=seed,
                           dataset_options=_options_for(st["dataset_options"], dataset, st["dataset"]),
                           arch_options=arch_options,
@@ -342,6 +352,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for (arch, optimizer, reason), n in pairs.items():
         print(f"skipped (incompatible): {arch} x {optimizer} ({n} run{'s' if n > 1 else ''}): {reason}",
               file=sys.stderr)
+    if st["vectorize_seeds"]:
+        from mtlbench.seedgroup import ungroupable
+
+        alone: dict[str, int] = {}  # one line per arch x optimizer whose seeds cannot train together
+        for spec in specs:
+            if (reason := ungroupable(spec)) is not None:
+                what = f"{spec.arch} x {spec.optimizer}: {reason}"
+                alone[what] = alone.get(what, 0) + 1
+        for what, n in alone.items():
+            print(f"--vectorize-seeds: {what}; its {n} seed(s) run one by one, as separate runs", file=sys.stderr)
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
         return _single_run(specs[0], st, data_dir)
     if not quiet:
@@ -350,7 +370,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f", {len(skipped)} incompatible combination(s) skipped" if skipped else ""), file=sys.stderr)
     result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=min(jobs, len(specs)),
                              executor=st["executor"], ray_address=st["ray_address"], plugins=st["plugins"],
-                             force=st["force"], track=st["log"], progress=not quiet)
+                             force=st["force"], track=st["log"], progress=not quiet,
+                             vectorize_seeds=st["vectorize_seeds"])
     result.incompatible = len(skipped)
     print(result.summary())
     if result.interrupted:
@@ -358,12 +379,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
-def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
-    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
-    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
-    with the same settings is the same protocol at the same total fine-tuning budget."""
+def merge_plan(st: dict[str, Any], training: dict[str, Any]) -> tuple[list, list[tuple[str, dict[str, Any]]]]:
+    """The recipes (one per dataset x task set x arch x seed) and the resolved (merger, options) of a merge run's
+    settings; every bad input is refused here, before anything loads (``benchmarks/merging_times.py`` plans the
+    whole published table with it)."""
     from mtlbench import registry
-    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
     from mtlbench.merging import merger_declaration
     from mtlbench.spec import build_spec
 
@@ -380,6 +400,22 @@ def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, An
                           dataset_options=_options_for(st["dataset_options"], d, st["dataset"]),
                           arch_options=_options_for(st["arch_options"], a, archs), jobs=1, **training)
                for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
+    return recipes, mergers
+
+
+def settings_of(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checked settings of ``mtlbench run ARGV`` and the training settings (the recipe's fields) among them."""
+    st = _settings(make_parser().parse_args(["run", *argv]))
+    return st, {s.name: st[s.name] for s in settings.spec_settings()}
+
+
+def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
+    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
+    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
+    with the same settings is the same protocol at the same total fine-tuning budget."""
+    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
+
+    recipes, mergers = merge_plan(st, training)
     if st["dry_run"]:
         from mtlbench.results.store import finished_record
 
@@ -430,15 +466,23 @@ def _single_run(spec, st: dict[str, Any], data_dir: str | None) -> int:
     return 0
 
 
-def _check_ablation(names: list[str], archs: list[str]) -> dict[str, dict[str, bool]]:
-    """Per arch, its on/off options and their defaults; each ablated name must be a switch of some listed arch."""
+def _arch_variant(arch: str, dataset: str):
+    """The registry entry of ``arch`` for ``dataset``'s kind of data (its image variant on an image dataset)."""
     from mtlbench import registry
 
-    switches: dict[str, dict[str, bool]] = {}
+    modality = getattr(registry.get("dataset", dataset).obj, "modality", "tabular")
+    return registry.variants(arch).get(modality) or registry.get("arch", arch)
+
+
+def _check_ablation(names: list[str], archs: list[str], datasets: list[str]) -> dict[tuple[str, str], dict[str, bool]]:
+    """Per arch and dataset, the on/off options (and defaults) of the arch's variant for that dataset's data (an
+    image dataset reads the image arch's switches); each ablated name must be a switch of some listed arch."""
+    switches: dict[tuple[str, str], dict[str, bool]] = {}
     for arch in archs:
-        cls = registry.get("arch", arch).options_class
-        fields = dataclasses.fields(cls) if cls is not None else ()
-        switches[arch] = {f.name: f.default for f in fields if isinstance(f.default, bool)}
+        for dataset in datasets:
+            cls = _arch_variant(arch, dataset).options_class
+            fields = dataclasses.fields(cls) if cls is not None else ()
+            switches[arch, dataset] = {f.name: f.default for f in fields if isinstance(f.default, bool)}
     valid = sorted({n for sw in switches.values() for n in sw})
     for name in names:
         if not any(name in sw for sw in switches.values()):
@@ -461,7 +505,7 @@ def _dry_run(plan, results_dir: str, force: bool, total: int) -> int:
         n += 1
         done = not force and finished_record(results_dir, spec.run_id) is not None
         todo += not done
-        entry = registry.get("arch", spec.arch)
+        entry = _arch_variant(spec.arch, spec.dataset)
         defaults = registry.resolve_options(entry.options_class, {}, f"arch '{spec.arch}'")
         changed = ", ".join(f"{k}={v}" for k, v in sorted(spec.arch_options.items()) if defaults.get(k) != v)
         print(f"{'done  ' if done else 'to run'}  {spec.run_id}  {spec.label(max_tasks=6)}"
@@ -479,13 +523,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
     if bad or not formats:
         raise unknown("format", (bad or [""])[0], ("md", "csv", "tex", "json", "html"))
+    options = stat_options.from_args(args)
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
     stores: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
                                 tables_out=tables, baseline=args.baseline, store_out=stores,
-                                plots=False if args.no_plots else None)
+                                plots=False if args.no_plots else None, options=options)
     _say_skipped(stores)
     for line in summary_lines(tables):
         print(line)

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
+from mtlbench import (DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, option_field,
+                      register_dataset)
 from mtlbench.data import ImageSpec
 from mtlbench.tasks.helpers import cached_tensors, resolve_data_dir, sha256_file
 
@@ -94,8 +95,8 @@ class CelebA(DatasetAdapter):
 
     @dataclass
     class Options:
-        resolution: int = 64
-        max_images: int | None = None
+        resolution: int = option_field(64, "image height and width after resizing", minimum=8)
+        max_images: int | None = option_field(None, "at most this many images per split (none: all)", minimum=1)
 
         def __post_init__(self) -> None:
             if self.resolution < 8:

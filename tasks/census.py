@@ -56,7 +56,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, TaskSpec, register_dataset
+from mtlbench import (DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, TaskSpec, option_field,
+                      register_dataset)
 from mtlbench.data import CategoricalField
 from mtlbench.tasks import helpers as F
 
@@ -171,8 +172,8 @@ class Census(DatasetAdapter):
         education_positive: Literal["associate_or_above", "bachelors_or_above",
                                     "some_college_or_above"] = "associate_or_above"
         drop_columns: tuple[str, ...] = ()
-        max_rows: int | None = None
-        split_seed: int = 2018
+        max_rows: int | None = option_field(None, "at most this many rows (none: all)", minimum=1)
+        split_seed: int = option_field(2018, "seed of the train/validation split", minimum=0)
 
         def __post_init__(self) -> None:
             if self.mode not in MODES:

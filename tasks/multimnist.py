@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
+from mtlbench import (DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, option_field,
+                      register_dataset)
 from mtlbench.data import ImageSpec
 from mtlbench.tasks.helpers import SourceFile, cached_tensors, hash_order, locate, resolve_data_dir, source_info
 
@@ -100,14 +101,14 @@ class MultiMNIST(DatasetAdapter):
 
     @dataclass
     class Options:
-        train: int = 10000
-        val: int = 2000
-        test: int = 2000
-        size: int = 36
+        train: int = option_field(10000, "training pairs (from 7,000 source digits)", minimum=1)
+        val: int = option_field(2000, "validation pairs (from 1,000 source digits)", minimum=1)
+        test: int = option_field(2000, "test pairs (from 2,000 source digits)", minimum=1)
+        size: int = option_field(36, "canvas height and width in pixels", minimum=32)
         dense: bool = False
-        threshold: int = 128
-        split_seed: int = 0
-        data_seed: int | None = None
+        threshold: int = option_field(128, "foreground intensity threshold", minimum=1, maximum=255)
+        split_seed: int = option_field(0, "seed of the source-digit split", minimum=0)
+        data_seed: int | None = option_field(None, "seed of the pairing and shifts (none: the run seed)", minimum=0)
 
         def __post_init__(self) -> None:
             for name in ("train", "val", "test"):

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
+from mtlbench import (DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, option_field,
+                      register_dataset)
 from mtlbench.data import ImageSpec
 from mtlbench.tasks.helpers import cached_tensors, hash_order, resolve_data_dir
 
@@ -88,8 +89,9 @@ class NYUv2(DatasetAdapter):
 
     @dataclass
     class Options:
-        val_images: int = 95
-        split_seed: int = 0
+        val_images: int = option_field(95, "validation images carved from the 795 training images", minimum=1,
+                                       maximum=794)
+        split_seed: int = option_field(0, "seed of the validation carve-out", minimum=0)
 
         def __post_init__(self) -> None:
             if self.val_images < 1:

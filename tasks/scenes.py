@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, register_dataset
+from mtlbench import (DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, Split, TaskSpec, option_field,
+                      register_dataset)
 from mtlbench.data import ImageSpec
 from mtlbench.tasks.helpers import cached_tensors
 
@@ -254,15 +255,15 @@ class Scenes(DatasetAdapter):
 
     @dataclass
     class Options:
-        resolution: int = 64
-        train: int = 800
-        val: int = 200
-        test: int = 200
-        classes: int = 4
-        objects: int = 4
-        fov: float = 70.0
-        noise: float = 0.02
-        data_seed: int | None = None
+        resolution: int = option_field(64, "image height and width in pixels", minimum=8)
+        train: int = option_field(800, "training scenes", minimum=1)
+        val: int = option_field(200, "validation scenes", minimum=1)
+        test: int = option_field(200, "test scenes", minimum=1)
+        classes: int = option_field(4, "object classes (segmentation adds floor and walls)", minimum=1, maximum=250)
+        objects: int = option_field(4, "objects per scene", minimum=1)
+        fov: float = option_field(70.0, "camera field of view in degrees", minimum=10, maximum=150)
+        noise: float = option_field(0.02, "texture noise amplitude", minimum=0, maximum=1)
+        data_seed: int | None = option_field(None, "seed of the scenes (none: the run seed)", minimum=0)
 
         def __post_init__(self) -> None:
             if self.resolution < 8:

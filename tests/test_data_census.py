@@ -254,7 +254,8 @@ def test_empty_split_after_max_rows(cache):
     ({"education_positive": "phd"}, "associate_or_above"),
     ({"drop_columns": ["nope"]}, "unknown feature column 'nope'"),
     ({"drop_columns": ["education"]}, "unknown feature column 'education'"),
-    ({"max_rows": 0}, "max_rows must be a positive"),
+    ({"max_rows": 0}, "option 'max_rows' must be >= 1, got 0"),
+    ({"split_seed": -1}, "option 'split_seed' must be >= 0, got -1"),
 ])
 def test_bad_options_one_line(opts, needle):
     e = get("dataset", "census")

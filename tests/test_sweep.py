@@ -340,3 +340,18 @@ def test_ctrl_c_prints_the_summary(tmp_path):
     assert "interrupted (not recorded" in out and "done" in out and "failed" in out, out
     assert "Traceback" not in err
     assert not list((results / ".claims").glob("*.claim"))
+
+
+def test_ablation_reads_the_image_variants_switches(tmp_path, capsys):
+    """On an image dataset --ablate looks up the image arch's switches (ple's shared_gate), not the tabular
+    variant's under the same name; the dry run lists only the options that differ from that variant's defaults."""
+    args = ["run", "--dataset", "scenes", "--arch", "ple,shared_bottom", "--ablate", "shared_gate", "--seed", "0",
+            "--results-dir", str(tmp_path / "runs"), "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[shared_gate=False]" in out and "3 runs, 0 already done" in out
+    assert "encoder=" not in out  # image defaults are not reported as changes
+    assert main(["run", "--dataset", "scenes", "--arch", "ple", "--ablate", "batch_norm", "--dry-run",
+                 "--results-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown switch to ablate for arch ple 'batch_norm'" in err and "shared_gate" in err

@@ -16,7 +16,7 @@ from mtlbench.vision import nets
 
 IMAGE_ARCHS = sorted(n for n in registry.names("arch") if "image" in registry.variants(n))
 ENCODERS = [{"encoder": "segnet", "depth": 2, "width": 4}, {"encoder": "resnet", "depth": 2, "width": 4},
-            {"encoder": "vit", "patch": 4, "depth": 1, "vit_dim": 8, "vit_heads": 2}]
+            {"encoder": "vit", "patch": 4, "depth": 2, "vit_dim": 8, "vit_heads": 2}]
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,12 @@ def test_image_archs_registered():
 def test_contract(arch, enc, tiny_scenes):
     if enc["encoder"] not in registry.get("arch", arch, modality="image").obj.encoders:
         pytest.skip(f"{arch} is not defined on {enc['encoder']}")
+    check_contract(arch, tiny_scenes, **enc)
+
+
+def check_contract(arch, data, **options):
     torch.manual_seed(0)
-    data = tiny_scenes
-    model = build_image_arch(arch, data, **enc)
+    model = build_image_arch(arch, data, **options)
     model.train()
     batch = _batch(data)
     out = model(batch)
@@ -93,6 +96,32 @@ def test_contract(arch, enc, tiny_scenes):
     assert f["macs"] == f["shared_macs"] + sum(f["task_macs"].values()) > 0
 
 
+@pytest.mark.parametrize("options", [{"shared_gate": False}, {"levels": 1}, {"levels": 3, "shared_experts": 2},
+                                     {"levels": 4, "shared_gate": False, "task_experts": 2}], ids=str)
+def test_ple_variants_contract(options, tiny_scenes):
+    """PLE's shared/task split holds for the paper's form at every depth and for LibMTL's form (no shared gate)."""
+    check_contract("ple", tiny_scenes, encoder="segnet", depth=2, width=4, **options)
+
+
+def test_ple_split_follows_the_paper(tiny_scenes):
+    """levels=3 with the shared gate: level-1 task gates and level-1/2 task experts are shared; task t owns its
+    level-2 gate and its level-3 experts and gate. Without the shared gate every task part is the task's."""
+    m = build_image_arch("ple", tiny_scenes, encoder="segnet", depth=2, width=4, levels=3)
+    assert set(m.shared["levels"][0]) == {"shared_experts", "task_experts", "shared_gate", "task_gates"}
+    assert set(m.shared["levels"][1]) == {"shared_experts", "task_experts", "shared_gate"}
+    assert set(m.shared["levels"][2]) == {"shared_experts"}
+    own = m.heads["seg"]["levels"]
+    assert set(own) == {"1", "2"} and set(own["1"]) == {"gate"} and set(own["2"]) == {"gate", "experts"}
+    T = len(m.task_names)
+    assert m.shared["levels"][0]["shared_gate"].out_features == 1 + T  # over ALL experts of the level
+    m = build_image_arch("ple", tiny_scenes, encoder="segnet", depth=2, width=4, levels=3, shared_gate=False)
+    assert all(set(m.shared["levels"][j]) == {"shared_experts"} for j in range(3))
+    assert m.describe()["stages_per_level"] == [2, 1, 1]
+    with pytest.raises(MtlbenchError, match=r"levels must be at most 4 \(the stages of a segnet encoder of depth 2\), "
+                                            r"got 5"):
+        _spec(arch="ple", arch_options={"depth": 2, "levels": 5})
+
+
 def test_flops_hand_count():
     """SegNet depth 1 width 2 on 1x4x4 plus one depth head, counted by hand."""
     from mtlbench.data import FeatureSchema, ImageSpec, TaskSpec
@@ -132,7 +161,7 @@ def _spec(**kw):
                                                r"of 8 \(3 levels of 2x2 pooling\)"),
     (dict(dataset_options={"resolution": 20}, arch_options={"encoder": "vit", "patch": 8}), r"multiples of 8 \(8x8 "
                                                                                            r"patches\)"),
-    (dict(arch_options={"encoder": "unet"}), r"encoder must be one of segnet, resnet, vit, got 'unet'"),
+    (dict(arch_options={"encoder": "unet"}), r"encoder must be one of segnet, resnet, vit, lenet, got 'unet'"),
 ])
 def test_bad_input_one_line(kw, match):
     with pytest.raises(MtlbenchError, match=match) as info:
@@ -194,3 +223,40 @@ def test_mtan_attention_is_per_task(tiny_scenes):
     assert all(any(p is q for q in tp["seg"]) for p in model.heads["seg"]["enc_att"].parameters())
     assert len(model.heads["seg"]["enc_att"]) == 2 and len(model.heads["seg"]["dec_att"]) == 2
     assert [l.tasks for l in model.feature_layouts()] == [("seg",), ("depth",)]
+
+
+LENET_ARCHS = [a for a in IMAGE_ARCHS if "lenet" in registry.get("arch", a, modality="image").obj.encoders]
+
+
+@pytest.mark.parametrize("arch", LENET_ARCHS)
+def test_lenet_encoder_keeps_position(arch):
+    """The F-MTL LeNet (9x9 conv, 5x5 conv, fc 500 -> 50 on 36x36) gives a vector per image; heads read it
+    without pooling, so two images that differ only by where a blob is get different outputs."""
+    from mtlbench.data import FeatureSchema, ImageSpec, TaskSpec
+
+    schema = FeatureSchema(extras=("images",), image=ImageSpec(1, 36, 36))
+    tasks = tuple(TaskSpec(t, "multiclass", ("accuracy",), n_classes=10) for t in ("left", "right"))
+    e = registry.get("arch", arch, modality="image")
+    torch.manual_seed(0)
+    model = e.obj(schema, tasks, 8, build_options(e.options_class, e.resolve_options({"encoder": "lenet"}))).eval()
+    assert any(isinstance(m, torch.nn.Linear) and m.in_features == 500 for m in model.modules())  # 20 x 5 x 5
+    images = torch.zeros(2, 1, 36, 36, dtype=torch.uint8)
+    images[0, :, 2:12, 2:12] = 255
+    images[1, :, 24:34, 24:34] = 255
+    batch = {"images": images, "labels": torch.zeros(2, 2), "masks": torch.ones(2, 2, dtype=torch.bool)}
+    out = model(batch)
+    assert all(o.shape == (2, 10) for o in out.outputs)
+    assert not torch.allclose(out.outputs[0][0], out.outputs[0][1])
+    for f, lay in zip(out.features, model.feature_layouts()):
+        assert {lay.batch_axis, lay.channel_axis, *lay.position_axes} == set(range(f.dim()))
+    conv = 28 * 28 * 10 * 81 + 10 * 10 * 20 * 10 * 25  # per LeNet: conv1 on 36x36, conv2 on 14x14
+    if arch == "shared_bottom":
+        assert model.flops()["shared_macs"] == conv + 500 * 50
+
+
+def test_lenet_refuses_dense_and_small_images():
+    with pytest.raises(MtlbenchError, match=r"encoder 'lenet' has no dense decoder .* task\(s\) seg"):
+        _spec(arch_options={"encoder": "lenet"})
+    e = registry.get("arch", "shared_bottom", modality="image")
+    with pytest.raises(MtlbenchError, match=r"cannot take 16x16 images: height and width must be at least 18"):
+        e.obj.check_input("shared_bottom", "x", build_options(e.options_class, {"encoder": "lenet"}), (1, 16, 16), [])

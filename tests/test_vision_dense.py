@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -176,3 +177,27 @@ def test_leaderboard_dense_delta_m_uses_every_metric():
     expect = 100 * (0.04 / 0.40 + 0.0 - 0.05 / 0.50) / 3
     assert table.delta_m["shared_bottom × ew"] == pytest.approx(expect)
     assert "every task" in table.delta_m_note and "Vandenhende" in table.delta_m_note
+
+
+@pytest.mark.parametrize("dataset, opts, needle", [
+    ("scenes", {"resolution": 4}, "option 'resolution' must be >= 8, got 4"),
+    ("scenes", {"classes": 251}, "option 'classes' must be >= 1 and <= 250, got 251"),
+    ("scenes", {"fov": 5.0}, "option 'fov' must be >= 10 and <= 150, got 5.0"),
+    ("scenes", {"noise": 1.5}, "option 'noise' must be >= 0 and <= 1, got 1.5"),
+    ("scenes", {"data_seed": -2}, "option 'data_seed' must be >= 0, got -2"),
+    ("multimnist", {"size": 20}, "option 'size' must be >= 32, got 20"),
+    ("multimnist", {"threshold": 0}, "option 'threshold' must be >= 1 and <= 255, got 0"),
+    ("multimnist", {"train": 0}, "option 'train' must be >= 1, got 0"),
+    ("nyuv2", {"val_images": 795}, "option 'val_images' must be >= 1 and <= 794, got 795"),
+    ("celeba", {"resolution": 2}, "option 'resolution' must be >= 8, got 2"),
+    ("celeba", {"max_images": 0}, "option 'max_images' must be >= 1, got 0"),
+])
+def test_image_dataset_options_declare_ranges(dataset, opts, needle):
+    """Each numeric option of the image datasets declares its range: a bad value is one line naming it."""
+    from mtlbench import registry
+    from mtlbench.errors import MtlbenchError
+
+    e = registry.get("dataset", dataset)
+    with pytest.raises(MtlbenchError, match=re.escape(needle)) as info:
+        e.resolve_options(opts)
+    assert "\n" not in str(info.value)

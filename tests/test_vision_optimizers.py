@@ -12,7 +12,7 @@ from mtlbench.registry import build_options
 from test_vision_archs import build_image_arch, tiny_scenes  # noqa: F401  (fixture)
 
 OPTIMIZERS = registry.names("optimizer")
-ARCHS = ["shared_bottom", "mtan", "mmoe", "cross_stitch", "taskexpert"]
+ARCHS = ["shared_bottom", "mtan", "mmoe", "cross_stitch", "taskexpert", "ple"]
 
 
 def _method(name, tasks, **o):

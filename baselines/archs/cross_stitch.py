@@ -4,7 +4,7 @@ CVPR 2016 (arXiv 1604.03539).
 One network per task (here each task's column is the ``encoder`` option: SegNet, ResNet or ViT, with the
 ``shared_bottom`` decoder on top), joined by cross-stitch units after every level: after each pooling and
 unpooling level of SegNet (the paper puts units after every pooling layer of AlexNet), after each ResNet stage,
-after each ViT block. A unit mixes the T columns' activations linearly, ``x~_t = sum_s alpha_ts x_s``, with one
+after each ViT block, after each of LeNet's three levels. A unit mixes the T columns' activations linearly, ``x~_t = sum_s alpha_ts x_s``, with one
 scalar per task pair per unit, as in the paper (Eq. 1; LibMTL learns one per channel instead). Initialisation:
 the paper's best setting (alpha_S, alpha_D) = (0.9, 0.1) for two tasks, Sec. 4.1; for T tasks the off-diagonal
 0.1 is split as ``0.1 / (T - 1)`` so each row sums to 1 (our generalisation, option ``alpha_same``). The paper
@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtlbench import register_arch
@@ -42,33 +41,6 @@ class CrossStitch(nn.Module):
         return list(torch.einsum("ts,s...->t...", self.alpha, x).unbind(0))
 
 
-def n_levels(enc: nn.Module) -> int:
-    if isinstance(enc, nets.SegNet):
-        return 2 * enc.depth
-    if isinstance(enc, nets.ResNet):
-        return len(enc.stages)
-    return len(enc.blocks)
-
-
-def run_level(enc: nn.Module, k: int, h: torch.Tensor, state: dict) -> torch.Tensor:
-    """Level ``k`` of encoder ``enc`` on ``h`` (``state`` keeps SegNet's pooling indices per column)."""
-    if isinstance(enc, nets.SegNet):
-        L = enc.depth
-        if k < L:
-            b = enc.enc_conv[k](enc.enc_block[k](h))
-            p, ind = F.max_pool2d(b, 2, 2, return_indices=True)
-            state.setdefault("idx", []).append((ind, b.shape[-2:]))
-            return p
-        i = 2 * L - 1 - k
-        ind, size = state["idx"][i]
-        return enc.dec_conv[i](enc.dec_block[i](F.max_unpool2d(h, ind, 2, 2, output_size=size)))
-    if isinstance(enc, nets.ResNet):
-        return enc.stages[k](enc.stem(h) if k == 0 else h)
-    h = enc.tokens(h) if k == 0 else h
-    h = enc.blocks[k](h)
-    return enc.norm(h) if k == len(enc.blocks) - 1 else h
-
-
 @register_arch("cross_stitch")
 class CrossStitchNet(ImageArch):
     """Cross-stitch networks (Misra et al., CVPR 2016): one column per task, linear units mixing them per level."""
@@ -88,7 +60,7 @@ class CrossStitchNet(ImageArch):
         self.shared["input"] = self.input_stage()
         self.shared["columns"] = nn.ModuleList(self.encoder() for _ in range(T))
         enc = self.shared["columns"][0]
-        self.shared["units"] = nn.ModuleList(CrossStitch(T, self.o.alpha_same) for _ in range(n_levels(enc)))
+        self.shared["units"] = nn.ModuleList(CrossStitch(T, self.o.alpha_same) for _ in range(nets.n_stages(enc)))
         for t in self.tasks:
             self.heads[t.name]["decoder"] = self.head(t, enc)
 
@@ -98,7 +70,7 @@ class CrossStitchNet(ImageArch):
         hs = [x] * len(cols)
         states = [dict() for _ in cols]
         for k, unit in enumerate(self.shared["units"]):
-            hs = unit([run_level(c, k, h, s) for c, h, s in zip(cols, hs, states)])
+            hs = unit([nets.run_stage(c, k, h, s) for c, h, s in zip(cols, hs, states)])
         return tuple(hs)
 
     def decode(self, features, batch):

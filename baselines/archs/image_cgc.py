@@ -3,7 +3,7 @@ LibMTL's ``CGC`` does (``LibMTL/architecture/CGC.py``): per task ``task_experts`
 ``shared_experts`` shared ones; task k's linear-softmax gate on the flattened input weighs its own experts and the
 shared ones. Same names and expert options as the tabular ``cgc``. Shared: the shared experts; per task: its
 experts, gate and decoder. The shared feature is the stack of shared expert outputs ``[m_s, B, ...]``.
-Multi-level ``ple`` on images is not provided (the registry says so in one line).
+Multi-level ``ple`` on images is ``baselines/archs/image_ple.py`` (``levels=1`` there is this CGC, cut the same way).
 """
 from __future__ import annotations
 

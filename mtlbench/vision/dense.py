@@ -48,6 +48,12 @@ ANGLE_BINS_PER_DEGREE = 100
 PROB_BINS = 1000
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=1)`` (``x / max(|x|, 1e-12)`` over channels) written out: the same formula, several
+    times faster on CPU than ``linalg_vector_norm`` over a 3-wide strided axis; agrees to float rounding."""
+    return x / x.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
 def is_dense(task: Any) -> bool:
     return getattr(task, "kind", None) in DENSE_KINDS
 
@@ -80,7 +86,7 @@ def dense_loss(task: Any, output: torch.Tensor, batch: dict[str, torch.Tensor], 
     elif task.kind == "depth":
         per_px = (output[:, 0] - batch[task.target][:, 0].to(output.dtype)).abs()
     elif task.kind == "normals":
-        pred = F.normalize(output, dim=1)
+        pred = unit(output)
         per_px = 1.0 - (pred * batch[task.target].to(output.dtype)).sum(1)
     else:
         y = batch[task.target][:, 0].to(output.dtype)
@@ -102,7 +108,7 @@ def prediction(task: Any, output: torch.Tensor) -> torch.Tensor:
     if task.kind == "segmentation":
         return output.argmax(1)
     if task.kind == "normals":
-        return F.normalize(output, dim=1)
+        return unit(output)
     if task.kind == "binary_map":
         return torch.sigmoid(output)
     return output

@@ -15,6 +15,11 @@ Encoders (``build_encoder``), all with ``width`` and ``depth`` options:
   embeddings, ``depth`` pre-norm blocks (multi-head self-attention, MLP with ratio ``mlp_ratio`` and GELU), final
   LayerNorm; no class token (dense tasks read every token). Output tokens ``[B, N, dim]``; ``forward_blocks``
   returns the tokens after every block (TaskExpert taps them). Needs H and W divisible by ``patch``.
+- ``lenet``: the LeNet of the F-MTL / Pareto-MTL MultiMNIST experiments (official code ``VietHoang1512/FS-MTL``,
+  ``multi-mnist/model_lenet.py``): conv 9x9 to 10 channels, ReLU, 2x2 max-pool, conv 5x5 to 20, ReLU, 2x2
+  max-pool, flatten, linear to 50, ReLU (on 36x36: 20 x 5 x 5 = 500 inputs, as the official ``fc1``). Output a
+  vector ``[B, 50]`` that keeps where each digit is (a pooled CNN map does not, which is why left/right digit
+  tasks need it). Fixed sizes (``width``/``depth`` do not apply); classification heads only; needs H, W >= 18.
 
 FLOPs (:func:`count_macs`): multiply-accumulates of every conv, linear layer and attention matrix product, from
 the layers' shapes on one sample; batch norm, activations, pooling, unpooling and interpolation are not counted,
@@ -33,11 +38,15 @@ from torch import nn
 
 from mtlbench.data import ImageSpec
 
-ENCODERS = ("segnet", "resnet", "vit")
+ENCODERS = ("segnet", "resnet", "vit", "lenet")
 
 
 class ImageInput(nn.Module):
-    """``(images / 255 - mean) / std`` per channel, on the batch's device: uint8 ``[B, C, H, W]`` -> float."""
+    """``(images / 255 - mean) / std`` per channel, on the batch's device: uint8 ``[B, C, H, W]`` -> float.
+    With ``channels_last`` the result is laid out NHWC in memory (same shape and values; see
+    :meth:`mtlbench.vision.arch.ImageArch.use_channels_last`)."""
+
+    channels_last = False
 
     def __init__(self, spec: ImageSpec) -> None:
         super().__init__()
@@ -49,7 +58,10 @@ class ImageInput(nn.Module):
         self.register_buffer("shift", (-mean / std), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.addcmul(self.shift, batch["images"].to(self.scale.dtype), self.scale)
+        x = batch["images"]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # the (cheap) uint8 copy; addcmul keeps the layout
+        return torch.addcmul(self.shift, x.to(self.scale.dtype), self.scale)
 
 
 def conv_bn_relu(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
@@ -209,6 +221,28 @@ class ViT(nn.Module):
         return self.forward_blocks(x)[-1]
 
 
+# ------------------------------------------------------------------------------------------------------- LeNet
+class LeNet(nn.Module):
+    """The F-MTL MultiMNIST LeNet (``LenetModel.encode``); ``stages`` are the three levels cross-stitch joins."""
+
+    layout = "vector"
+    min_size = 18  # (H - 8) // 2 - 4 >= 2 so that the second pooling has a 2x2 window
+
+    def __init__(self, in_ch: int, hw: tuple[int, int]) -> None:
+        super().__init__()
+        h, w = (((s - 8) // 2 - 4) // 2 for s in hw)
+        self.stages = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(in_ch, 10, 9), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Conv2d(10, 20, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+            nn.Sequential(nn.Flatten(), nn.Linear(20 * h * w, 50), nn.ReLU(inplace=True))])
+        self.out_channels, self.out_stride = 50, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for s in self.stages:
+            x = s(x)
+        return x
+
+
 def tokens_to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``[B, N, D]`` -> ``[B, D, h, w]``."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
@@ -247,6 +281,8 @@ def resolution_constraint(o: EncoderOptions) -> int:
         return 2 ** o.depth
     if o.encoder == "resnet":
         return 2 ** (o.depth - 1)
+    if o.encoder == "lenet":
+        return 1
     return o.patch
 
 
@@ -255,7 +291,71 @@ def build_encoder(o: EncoderOptions, spec: ImageSpec) -> nn.Module:
         return SegNet(spec.channels, o.width, o.depth)
     if o.encoder == "resnet":
         return ResNet(spec.channels, o.width, o.depth)
+    if o.encoder == "lenet":
+        return LeNet(spec.channels, (spec.height, spec.width))
     return ViT(spec.channels, (spec.height, spec.width), o.patch, o.vit_dim, o.depth, o.vit_heads, o.mlp_ratio)
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+# An encoder as a sequence of stages, for archs that act between them (cross-stitch units, PLE's extraction levels):
+# SegNet: its L pooling levels, then its L unpooling levels; ResNet: its stages (the stem joins the first); ViT: its
+# blocks (patch embedding before the first, the final norm after the last); LeNet: its three levels.
+def n_stages(enc: nn.Module) -> int:
+    if isinstance(enc, SegNet):
+        return 2 * enc.depth
+    if isinstance(enc, (ResNet, LeNet)):
+        return len(enc.stages)
+    return len(enc.blocks)
+
+
+def stages_of_options(o: "EncoderOptions") -> int:
+    """:func:`n_stages` of the encoder ``o`` builds, known before it is built."""
+    return {"segnet": 2 * o.depth, "lenet": 3}.get(o.encoder, o.depth)
+
+
+def run_stage(enc: nn.Module, k: int, h: torch.Tensor, state: dict) -> torch.Tensor:
+    """Stage ``k`` of encoder ``enc`` on ``h``; ``state`` (one dict per pass through the encoder) keeps SegNet's
+    pooling indices for its unpooling stages."""
+    if isinstance(enc, SegNet):
+        L = enc.depth
+        if k < L:
+            b = enc.enc_conv[k](enc.enc_block[k](h))
+            p, ind = F.max_pool2d(b, 2, 2, return_indices=True)
+            state.setdefault("idx", []).append((ind, b.shape[-2:]))
+            return p
+        i = 2 * L - 1 - k
+        ind, size = state["idx"][i]
+        return enc.dec_conv[i](enc.dec_block[i](F.max_unpool2d(h, ind, 2, 2, output_size=size)))
+    if isinstance(enc, ResNet):
+        return enc.stages[k](enc.stem(h) if k == 0 else h)
+    if isinstance(enc, LeNet):
+        return enc.stages[k](h)
+    h = enc.tokens(h) if k == 0 else h
+    h = enc.blocks[k](h)
+    return enc.norm(h) if k == len(enc.blocks) - 1 else h
+
+
+class _Holder(nn.Module):
+    """Registers a bare parameter (the ViT's position embeddings) inside a stage's module group."""
+
+    def __init__(self, p: nn.Parameter) -> None:
+        super().__init__()
+        self.p = p
+
+
+def stage_modules(enc: nn.Module, k: int) -> nn.ModuleList:
+    """The modules that hold every parameter and buffer stage ``k`` of ``enc`` uses (each in exactly one stage)."""
+    if isinstance(enc, SegNet):
+        L = enc.depth
+        i = k if k < L else 2 * L - 1 - k
+        return nn.ModuleList([enc.enc_block[i], enc.enc_conv[i]] if k < L else [enc.dec_block[i], enc.dec_conv[i]])
+    if isinstance(enc, ResNet):
+        return nn.ModuleList(([enc.stem] if k == 0 else []) + [enc.stages[k]])
+    if isinstance(enc, LeNet):
+        return nn.ModuleList([enc.stages[k]])
+    last = len(enc.blocks) - 1
+    return nn.ModuleList(([enc.embed, _Holder(enc.pos)] if k == 0 else []) + [enc.blocks[k]]
+                         + ([enc.norm] if k == last else []))
 
 
 # ------------------------------------------------------------------------------------------------------- heads
@@ -280,14 +380,15 @@ class DenseHead(nn.Module):
 
 
 class ClassHead(nn.Module):
-    """Global average pooling (over positions or tokens), then Linear-ReLU-Linear to the task's outputs."""
+    """Global average pooling (over positions or tokens; a vector feature is read as it is), then
+    Linear-ReLU-Linear to the task's outputs (MGDA's ``MultiLeNetO`` head; F-MTL's LeNet head is one Linear)."""
 
     def __init__(self, c_in: int, c_out: int, hidden: int) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(c_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(1) if x.dim() == 3 else x.mean((2, 3))
+        pooled = x if x.dim() == 2 else x.mean(1) if x.dim() == 3 else x.mean((2, 3))
         return self.net(pooled)
 
 
