@@ -800,9 +800,11 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     if ctl:  # controllable models (issue 11): their section in md and json, only where such runs exist
         from mtlbench.results import controllable
 
-        md, js = texts["md"], texts["json"]
+        md, js, page = texts["md"], texts["json"], texts["html"]
         texts["md"] = lambda: _insert_section(md(), controllable.markdown(ctl, ctl_figs))
         texts["json"] = lambda: _json_with(js(), "controllable", controllable.as_dict(ctl))
+        texts["html"] = lambda: page().replace(f"<script>{HTML_SCRIPT}</script>", controllable.html(
+            ctl, ctl_figs, out / "figures") + f"<script>{HTML_SCRIPT}</script>", 1)
     for fmt in formats:
         path = out / f"leaderboard.{fmt}"
         path.write_text(texts[fmt](), encoding="utf-8")
