@@ -279,3 +279,12 @@ def test_adamerging_module_doc_names_defaults():
     text = importlib.import_module(doc).__doc__
     for fact in ("0.3", "clamp", "1e-3", "500", "entropy", "EnnengYang/AdaMerging"):
         assert fact in text
+
+
+def test_adamerging_defaults_are_the_official_recipe():
+    """EnnengYang/AdaMerging main_*_adamerging.py: layer-wise, init 0.3, clamp [0, 1], Adam lr 1e-3, 500 steps of
+    32 unlabelled inputs per task; published configs may reduce the budget but must say so, never the defaults."""
+    o = AdaMerging.Options()
+    assert (o.granularity, o.ties, o.init, o.clamp, o.lr, o.steps, o.batch_per_task) == \
+        ("layer", False, 0.3, True, 1e-3, 500, 32)
+    assert build("adamerging").access == "unlabelled"    # ours: the adaptation split, not test (option inputs=test)
