@@ -10,6 +10,9 @@ The arms (interleaved: arm 1, arm 2, ..., arm 1, arm 2, ... for ``--reps`` repet
                         ``train_seconds`` (evaluation excluded)
     mtlbench before     the same loop without issue 13's exact CPU speed-ups (glibc's default allocator
                         thresholds, Adam's per-tensor loop): the before/after ratio of one run (CPU only)
+Every arm and repetition runs in its own fresh process (interleaved), so a process-wide setting of one arm (the
+allocator thresholds mtlbench's loop sets) never helps or hurts another; the GEMM floor is timed in the parent with
+those thresholds set (no page faults: the best case for the matmuls alone).
     torch-rechub        ``torch_rechub.models.multi_task.MMOE`` trained by its ``MTLTrainer.train_one_epoch`` on
                         the DataLoader of its ``DataGenerator.generate_dataloader`` (its defaults: one sample per
                         ``__getitem__``, ``num_workers=0``, Adam lr 1e-3 weight decay 1e-5, tqdm, ``.item()`` per step)
@@ -43,6 +46,7 @@ import dataclasses
 import io
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,27 +121,18 @@ class Mtlbench(Arm):
 
 
 class MtlbenchBefore(Mtlbench):
-    """The same loop as it ran before issue 13's exact CPU speed-ups: glibc's default allocator thresholds (every
-    large activation page-faulted afresh each step) and Adam's per-tensor loop. Interleaved with the current arm
-    in one process, so the before/after ratio comes from one run."""
+    """The same loop as it ran before issue 13's exact CPU speed-ups: glibc's default allocator (every large
+    activation page-faulted afresh each step; its process never calls ``keep_freed_memory``) and Adam's per-tensor
+    loop."""
 
     name = "mtlbench before (default malloc, per-tensor Adam)"
 
-    def run(self, data: dict[str, torch.Tensor]) -> float:
+    def __init__(self, embed_dim: int, device: str, warm: dict[str, torch.Tensor]) -> None:
         import mtlbench.train as mt
 
-        foreach, env = mt.adam_foreach, os.environ.get("MTLBENCH_KEEP_FREED_MEMORY")
-        mt.keep_freed_memory(False)
-        os.environ["MTLBENCH_KEEP_FREED_MEMORY"] = "0"
+        os.environ["MTLBENCH_KEEP_FREED_MEMORY"] = "0"  # its own process: glibc's defaults stay as they are
         mt.adam_foreach = lambda device: False
-        try:
-            return super().run(data)
-        finally:
-            mt.adam_foreach = foreach
-            if env is None:
-                os.environ.pop("MTLBENCH_KEEP_FREED_MEMORY")
-            else:
-                os.environ["MTLBENCH_KEEP_FREED_MEMORY"] = env
+        super().__init__(embed_dim, device, warm)
 
 
 def _rechub_features(embed_dim: int):
@@ -283,6 +278,15 @@ ARMS = {"mtlbench": Mtlbench, "mtlbench before": MtlbenchBefore, "torch-rechub":
 NEEDS = {"torch-rechub": "torch_rechub", "DeepCTR-Torch": "deepctr_torch", "rechub+our loader": "torch_rechub"}
 
 
+def child(name: str, args: argparse.Namespace) -> None:
+    """One arm, one repetition, in this fresh process: prints ``CHILD <seconds per step> <parameters>``."""
+    data = make_data((args.steps + 1) * BATCH, seed=0)
+    warm = {k: v[:BATCH] for k, v in data.items()}
+    timed = {k: v[BATCH:] for k, v in data.items()}
+    arm = ARMS[name](args.embed_dim, args.device, warm)
+    print(f"CHILD {arm.run(timed)!r} {arm.params}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--embed-dim", type=int, default=16)
@@ -293,40 +297,57 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="at most 3 steps, 1 repetition")
     ap.add_argument("--no-before", dest="before", action="store_false",
                     help="skip the 'mtlbench before' arm (the loop without issue 13's exact CPU speed-ups)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.reps = min(args.steps, 3), 1
     torch.set_num_threads(args.threads)
+    if args.child:
+        child(args.child, args)
+        return 0
     import importlib.util
 
-    arms: dict[str, Arm] = {}
-    data = make_data((args.steps + 1) * BATCH, seed=0)
-    warm = {k: v[:BATCH] for k, v in data.items()}
-    timed = {k: v[BATCH:] for k, v in data.items()}
-    for name, cls in ARMS.items():
+    names = []
+    for name in ARMS:
         if name == "mtlbench before" and (not args.before or not args.device.startswith("cpu")):
             continue
         if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
             print(f"{name}: not installed, skipped (pip install -e '.[bench]')")
             continue
-        arms[name] = cls(args.embed_dim, args.device, warm)
+        names.append(name)
     if importlib.util.find_spec("fuxictr") is not None:
         print("FuxiCTR: installed, but its MMoE is in its model_zoo (GitHub), not in the PyPI package: no arm")
-    times: dict[str, list[float]] = {n: [] for n in arms}
+    # every arm and repetition in a fresh process, interleaved: process-wide settings (the allocator thresholds
+    # mtlbench's loop sets, torch's caches) never leak from one arm into another
+    times: dict[str, list[float]] = {n: [] for n in names}
+    params: dict[str, int] = {}
+    base = [sys.executable, str(Path(__file__).resolve()), "--embed-dim", str(args.embed_dim), "--steps",
+            str(args.steps), "--threads", str(args.threads), "--device", args.device]
     for _ in range(args.reps):
-        for name, arm in arms.items():
-            times[name].append(arm.run(timed))
+        for name in names:
+            r = subprocess.run(base + ["--child", name], capture_output=True, text=True)
+            line = next((x for x in r.stdout.splitlines() if x.startswith("CHILD ")), None)
+            if r.returncode != 0 or line is None:
+                print(f"{name}: failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                return 1
+            _, secs, n = line.split()
+            times[name].append(float(secs))
+            params[name] = int(n)
+    from mtlbench.train import keep_freed_memory
+
+    keep_freed_memory()  # the floor without page faults: the best case for the matmuls alone
     floor = gemm_floor(args.embed_dim, args.device)
     med = {n: statistics.median(t) for n, t in times.items()}
     peers = [med[n] for n in ("torch-rechub", "DeepCTR-Torch") if n in med]
     fastest_peer = min(peers) if peers else None
-    print(f"\nMMoE, embedding {args.embed_dim}, batch {BATCH}, {args.steps} steps x {args.reps} reps (median), "
-          f"device {args.device}, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"\nMMoE, embedding {args.embed_dim}, batch {BATCH}, {args.steps} steps x {args.reps} reps (median; each "
+          f"arm and repetition in its own process, interleaved), device {args.device}, {args.threads} thread(s), "
+          f"torch {torch.__version__}")
     print("\n| arm | parameters | ms / step | samples / s | x GEMM floor | fastest peer's step / this step |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, t in med.items():
         vs = f"{fastest_peer / t:.2f}" if fastest_peer else "n/a"
-        print(f"| {arms[name].name} | {arms[name].params:,} | {t * 1e3:.1f} | {BATCH / t:,.0f} | "
+        print(f"| {ARMS[name].name} | {params[name]:,} | {t * 1e3:.1f} | {BATCH / t:,.0f} | "
               f"{t / floor:.2f} | {vs} |")
     print(f"| GEMM floor (mtlbench's matmuls alone) | | {floor * 1e3:.1f} | {BATCH / floor:,.0f} | 1.00 | |")
     ours = med["mtlbench"]

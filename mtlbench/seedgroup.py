@@ -5,15 +5,21 @@ separate run has: its own data draw, model (built from its own seed), data order
 its own run id and its own normal record. The group trains them in one process, one thread per seed, and lets
 ``workers`` of them compute at a time (the sweep's ``--jobs``: a core each, as the separate runs would have):
 after every training step a seed hands its core to the seed that has waited longest, so S seeds spread evenly
-over the cores instead of running in ceil(S / cores) rounds of whole runs (5 seeds on 2 cores: 2.5 runs' time
-instead of 3), and the process starts, imports and plugin loading happen once.
+over the cores instead of running in ceil(S / cores) rounds of whole runs (5 seeds on 2 idle cores: 2.5 runs'
+time instead of 3, at best 1.2x), and the process starts, imports and plugin loading happen once. Measured with
+the default job, 5 seeds, on a machine whose other users kept the load average at 5-7 (``benchmarks/seed_group.py``
+via the core-1 queue): one core, separate runs 316.8 s, grouped 310.2 s (1.02x); two shared cores, 297.9 s and
+293.4 s (1.02x); the records identical in both. The even-spread gain needs idle cores and was not measured.
 
 Why not one batched model (``torch.func.stack_module_state`` + ``vmap``, or seeds stacked into grouped
 parameters): on the CPU the step of these models is compute-bound (HoME's default job: batched GEMMs), so
 batching saves no arithmetic, and it changes the kernels. Measured with the default job's HoME, 5 seeds, one
-thread (``benchmarks/seed_group.py`` prints it): forward + backward through ``vmap`` took 1.5x the time of the 5
-separate passes, and 322 of 345 gradient tensors differed from the separate runs' (batched GEMMs and BatchNorm
-reduce in another order). Here every seed runs exactly the kernels, shapes and thread count of its separate run.
+thread, batch 1024 (``benchmarks/seed_group.py`` prints it): one forward + backward through ``vmap`` took 757 ms
+against 464 ms for the 5 separate passes (0.61x), and 322 of 345 gradient tensors differed from the separate
+passes' (largest difference 1.8x the tensor's largest gradient: batched GEMMs and BatchNorm reduce in another
+order, and training amplifies it). On a GPU, where these small steps wait on kernel launches, batching is the
+way to many seeds at once; it is not built (no GPU to measure it on); ``benchmarks/gpu_check.py`` runs the vmap
+probe there. Here every seed runs exactly the kernels, shapes and thread count of its separate run.
 
 Same numbers as separate runs, bit for bit, on the CPU: the kernels are the same; torch's global generator, which
 a separate run seeds at the start of training (dropout draws from it), is replaced per thread by a generator

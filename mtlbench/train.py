@@ -263,8 +263,9 @@ def keep_freed_memory(enable: bool = True) -> bool:
 
     Why: glibc serves blocks above its mmap threshold (at most 32 MB) with fresh ``mmap`` pages and unmaps them on
     free, so every large activation of every step (MMoE at batch 2048: [2048, 8 x 512] floats, 33.5 MB) is
-    page-faulted and zeroed again: 50-60k minor faults per step, about 14% of the CPU step time (measured with
-    benchmarks/peer_throughput.py). With the thresholds raised, freed blocks are reused. The numbers do not change
+    page-faulted and zeroed again: 50-60k minor faults per step. With the thresholds raised, freed blocks are
+    reused: with multi-tensor Adam, that MMoE step went from 568 to 498 ms on one core (1.14x;
+    benchmarks/peer_throughput.py, each arm in its own process). The numbers do not change
     (only where memory comes from); the process keeps its peak memory until it exits. ``enable=False`` restores
     glibc's default thresholds (128 KiB), for before/after measurements. Set ``MTLBENCH_KEEP_FREED_MEMORY=0`` to
     leave the allocator alone."""
