@@ -11,11 +11,15 @@ Three parts, each printed as a table:
    float32 on two devices rounds differently (different kernels and reduction orders), and training amplifies
    it, so metrics agree to a few 1e-3 relative, not bit for bit; the table says what is observed.
 3. The throughput table: ``benchmarks/peer_throughput.py`` on the GPU (mtlbench against the peers' own loops).
+4. Seeds at once: ``benchmarks/seed_group.py --device cuda --single``: the default job with seeds 0-4 as separate
+   runs and with ``--vectorize-seeds``, one seed alone (the goal: 5 seeds in under 2x the time of one), whether
+   the grouped records equal the separate ones (on a GPU some kernels, e.g. embedding backward, are not
+   deterministic, so the largest metric difference is printed), and the torch.func vmap probe on the GPU.
 
 Without a CUDA GPU it says so in one line and runs part 1 on the CPU instead (``--quick``: three combinations),
 so CI exercises the script itself (tests/test_gpu_check.py). Exit code 1 if any run failed.
 
-    .venv/bin/python benchmarks/gpu_check.py            # on a GPU machine: all three parts (~5 min on an H200)
+    .venv/bin/python benchmarks/gpu_check.py            # on a GPU machine: all four parts (~10 min on an H200)
     .venv/bin/python benchmarks/gpu_check.py --quick    # a smoke run; on CPU about 10 s
 """
 from __future__ import annotations
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} GPU(s)"
           + (f": {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
     if not torch.cuda.is_available():
-        print("no CUDA GPU here: skipping the GPU parts (2, 3); part 1 runs on the CPU")
+        print("no CUDA GPU here: skipping the GPU parts (2, 3, 4); part 1 runs on the CPU")
         return 1 if every_method("cpu", args.quick) else 0
     failed = every_method("cuda", args.quick)
     failed += default_job_gpu_vs_cpu(args.quick)
@@ -154,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Path(__file__).with_name("peer_throughput.py")
     r = subprocess.run([sys.executable, str(bench), "--device", "cuda"] + (["--quick"] if args.quick else []))
     failed += r.returncode != 0
+    print("\n## 4. seeds at once (benchmarks/seed_group.py on cuda)\n", flush=True)
+    seeds = Path(__file__).with_name("seed_group.py")
+    quick = ["--rows", "4000", "--epochs", "1"] if args.quick else []
+    r = subprocess.run([sys.executable, str(seeds), "--device", "cuda", "--single", *quick])
+    failed += r.returncode not in (0, 1)  # 1: records differ (reported in the table; GPU kernels may not be exact)
     return 1 if failed else 0
 
 

@@ -8,6 +8,8 @@ The arms (interleaved: arm 1, arm 2, ..., arm 1, arm 2, ... for ``--reps`` repet
     mtlbench            our real loop: ``mtlbench.train.train`` (BatchLoader slices, the registered ``mmoe``, the
                         ``ew`` step through StepContext, the lazy non-finite checks, Adam), timed by the loop's own
                         ``train_seconds`` (evaluation excluded)
+    mtlbench before     the same loop without issue 13's exact CPU speed-ups (glibc's default allocator
+                        thresholds, Adam's per-tensor loop): the before/after ratio of one run (CPU only)
     torch-rechub        ``torch_rechub.models.multi_task.MMOE`` trained by its ``MTLTrainer.train_one_epoch`` on
                         the DataLoader of its ``DataGenerator.generate_dataloader`` (its defaults: one sample per
                         ``__getitem__``, ``num_workers=0``, Adam lr 1e-3 weight decay 1e-5, tqdm, ``.item()`` per step)
@@ -112,6 +114,30 @@ class Mtlbench(Arm):
                             {"train": Split(dict(data)), "val": Split(small), "test": Split(small)})
         body = train(self.spec, Built(mtd, self.model, self.method))
         return body["train_seconds"] / (len(data["labels"]) // BATCH)
+
+
+class MtlbenchBefore(Mtlbench):
+    """The same loop as it ran before issue 13's exact CPU speed-ups: glibc's default allocator thresholds (every
+    large activation page-faulted afresh each step) and Adam's per-tensor loop. Interleaved with the current arm
+    in one process, so the before/after ratio comes from one run."""
+
+    name = "mtlbench before (default malloc, per-tensor Adam)"
+
+    def run(self, data: dict[str, torch.Tensor]) -> float:
+        import mtlbench.train as mt
+
+        foreach, env = mt.adam_foreach, os.environ.get("MTLBENCH_KEEP_FREED_MEMORY")
+        mt.keep_freed_memory(False)
+        os.environ["MTLBENCH_KEEP_FREED_MEMORY"] = "0"
+        mt.adam_foreach = lambda device: False
+        try:
+            return super().run(data)
+        finally:
+            mt.adam_foreach = foreach
+            if env is None:
+                os.environ.pop("MTLBENCH_KEEP_FREED_MEMORY")
+            else:
+                os.environ["MTLBENCH_KEEP_FREED_MEMORY"] = env
 
 
 def _rechub_features(embed_dim: int):
@@ -252,7 +278,8 @@ def gemm_floor(embed_dim: int, device: str, reps: int = 5) -> float:
 
 # ---------------------------------------------------------------------------------------------------- main
 
-ARMS = {"mtlbench": Mtlbench, "torch-rechub": Rechub, "DeepCTR-Torch": DeepCTR, "rechub+our loader": RechubOurLoader}
+ARMS = {"mtlbench": Mtlbench, "mtlbench before": MtlbenchBefore, "torch-rechub": Rechub, "DeepCTR-Torch": DeepCTR,
+        "rechub+our loader": RechubOurLoader}
 NEEDS = {"torch-rechub": "torch_rechub", "DeepCTR-Torch": "deepctr_torch", "rechub+our loader": "torch_rechub"}
 
 
@@ -264,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="at most 3 steps, 1 repetition")
+    ap.add_argument("--no-before", dest="before", action="store_false",
+                    help="skip the 'mtlbench before' arm (the loop without issue 13's exact CPU speed-ups)")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.reps = min(args.steps, 3), 1
@@ -275,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     warm = {k: v[:BATCH] for k, v in data.items()}
     timed = {k: v[BATCH:] for k, v in data.items()}
     for name, cls in ARMS.items():
+        if name == "mtlbench before" and (not args.before or not args.device.startswith("cpu")):
+            continue
         if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:
             print(f"{name}: not installed, skipped (pip install -e '.[bench]')")
             continue
@@ -299,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{t / floor:.2f} | {vs} |")
     print(f"| GEMM floor (mtlbench's matmuls alone) | | {floor * 1e3:.1f} | {BATCH / floor:,.0f} | 1.00 | |")
     ours = med["mtlbench"]
+    if "mtlbench before" in med:
+        print(f"\nissue 13's exact CPU speed-ups (allocator thresholds, multi-tensor Adam): "
+              f"{med['mtlbench before'] * 1e3:.1f} -> {ours * 1e3:.1f} ms / step ({med['mtlbench before'] / ours:.2f}x)")
     print(f"\ngoal: >= 3x the fastest peer's loop ({fastest_peer / ours:.2f}x)" if fastest_peer else
           "\ngoal: no peer installed, no ratio", f"or within 1.2x of the GEMM floor ({ours / floor:.2f}x)")
     if hasattr(os, "getloadavg"):

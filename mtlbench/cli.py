@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from mtlbench import settings
+from mtlbench.results import options as stat_options
 from mtlbench.errors import MtlbenchError, RunFailed, unknown
 
 # This module imports nothing heavy at start-up (torch, pandas and scipy are imported by the commands that need
@@ -56,6 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
     lb.add_argument("--format", default="md,csv,tex,json,html", help="comma-separated: md, csv, tex, json, html "
                     "(figures are drawn only for md and html)")
     lb.add_argument("--no-plots", action="store_true", help="draw no figures (tables only)")
+    stat_options.add_flags(lb)
     cmp_ = sub.add_parser("compare", help="two methods on one dataset: per-task differences, CIs, p-values")
     cmp_.add_argument("a", help="ARCH or ARCH:OPTIMIZER (e.g. home:ew; options as home(expert_norm=false):ew)")
     cmp_.add_argument("b", help="ARCH or ARCH:OPTIMIZER, named the same way")
@@ -293,6 +295,13 @@ def print_summary(record: dict[str, Any], path: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     st = _settings(args)
+    if st["vectorize_seeds"] and st["merger"]:  # settings alone: answered before torch is imported
+        raise MtlbenchError("--vectorize-seeds trains seeds together; merges (--merger) are not training runs: "
+                            "drop one of the two")
+    if st["vectorize_seeds"] and st["executor"] != "local":
+        raise MtlbenchError(f"--vectorize-seeds trains a spec's seeds together in one process, on the local "
+                            f"executor; executor '{st['executor']}' places each run on its own worker: drop one of "
+                            "the two")
     axes = {"dataset": st["dataset"], "tasks": st["tasks"] or [None], "arch": st["arch"],
             "optimizer": st["optimizer"], "seed": st["seeds"], "flip": [None, *st["ablate"]]}
     total = math.prod(len(v) for v in axes.values())
@@ -343,6 +352,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for (arch, optimizer, reason), n in pairs.items():
         print(f"skipped (incompatible): {arch} x {optimizer} ({n} run{'s' if n > 1 else ''}): {reason}",
               file=sys.stderr)
+    if st["vectorize_seeds"]:
+        from mtlbench.seedgroup import ungroupable
+
+        alone: dict[str, int] = {}  # one line per arch x optimizer whose seeds cannot train together
+        for spec in specs:
+            if (reason := ungroupable(spec)) is not None:
+                what = f"{spec.arch} x {spec.optimizer}: {reason}"
+                alone[what] = alone.get(what, 0) + 1
+        for what, n in alone.items():
+            print(f"--vectorize-seeds: {what}; its {n} seed(s) run one by one, as separate runs", file=sys.stderr)
     if len(specs) == 1 and st["executor"] == "local" and (st["jobs"] or 1) == 1 and not skipped:
         return _single_run(specs[0], st, data_dir)
     if not quiet:
@@ -351,7 +370,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               + (f", {len(skipped)} incompatible combination(s) skipped" if skipped else ""), file=sys.stderr)
     result = sweep.run_sweep(specs, st["results_dir"], data_dir=data_dir, jobs=min(jobs, len(specs)),
                              executor=st["executor"], ray_address=st["ray_address"], plugins=st["plugins"],
-                             force=st["force"], track=st["log"], progress=not quiet)
+                             force=st["force"], track=st["log"], progress=not quiet,
+                             vectorize_seeds=st["vectorize_seeds"])
     result.incompatible = len(skipped)
     print(result.summary())
     if result.interrupted:
@@ -359,12 +379,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
-def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
-    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
-    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
-    with the same settings is the same protocol at the same total fine-tuning budget."""
+def merge_plan(st: dict[str, Any], training: dict[str, Any]) -> tuple[list, list[tuple[str, dict[str, Any]]]]:
+    """The recipes (one per dataset x task set x arch x seed) and the resolved (merger, options) of a merge run's
+    settings; every bad input is refused here, before anything loads (``benchmarks/merging_times.py`` plans the
+    whole published table with it)."""
     from mtlbench import registry
-    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
     from mtlbench.merging import merger_declaration
     from mtlbench.spec import build_spec
 
@@ -381,6 +400,22 @@ def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, An
                           dataset_options=_options_for(st["dataset_options"], d, st["dataset"]),
                           arch_options=_options_for(st["arch_options"], a, archs), jobs=1, **training)
                for d in st["dataset"] for t in (st["tasks"] or [None]) for a in archs for seed in st["seeds"]]
+    return recipes, mergers
+
+
+def settings_of(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The checked settings of ``mtlbench run ARGV`` and the training settings (the recipe's fields) among them."""
+    st = _settings(make_parser().parse_args(["run", *argv]))
+    return st, {s.name: st[s.name] for s in settings.spec_settings()}
+
+
+def _run_merges(st: dict[str, Any], data_dir: str | None, training: dict[str, Any]) -> int:
+    """`run --merger ...`: each merger on each dataset x task set x seed, over one cached expert zoo per seed;
+    the zoo's recipe (arch, epochs, batch size, lr, ...) is this command's training settings, so joint training
+    with the same settings is the same protocol at the same total fine-tuning budget."""
+    from mtlbench.merge_run import build_merge_spec, label, merge_run_id, run_merges
+
+    recipes, mergers = merge_plan(st, training)
     if st["dry_run"]:
         from mtlbench.results.store import finished_record
 
@@ -488,13 +523,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     bad = [f for f in formats if f not in ("md", "csv", "tex", "json", "html")]
     if bad or not formats:
         raise unknown("format", (bad or [""])[0], ("md", "csv", "tex", "json", "html"))
+    options = stat_options.from_args(args)
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     tables: list = []
     stores: list = []
     written = write_leaderboard(args.results_dir, args.out, flat_delta_m=args.flat_delta_m, formats=formats,
                                 tables_out=tables, baseline=args.baseline, store_out=stores,
-                                plots=False if args.no_plots else None)
+                                plots=False if args.no_plots else None, options=options)
     _say_skipped(stores)
     for line in summary_lines(tables):
         print(line)

@@ -9,8 +9,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Literal, Sequence
+import threading
+from typing import Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,29 @@ from torch import nn
 from mtlbench.data import FeatureSchema
 
 Activation = Literal["relu", "swish"]
+
+_THREAD = threading.local()
+
+
+def thread_generator() -> torch.Generator | None:
+    """The generator this thread's training draws from instead of torch's global one (None: the global one).
+
+    Set only while seeds are trained together in one process (``--vectorize-seeds``, one thread per seed): the
+    global generator would then be shared by every seed. Each seed's generator is seeded as a separate run seeds
+    the global one (``torch.manual_seed(seed)`` at the start of training), so the draws, and the results, are the
+    same as in separate runs."""
+    return getattr(_THREAD, "generator", None)
+
+
+@contextlib.contextmanager
+def seeded_thread(seed: int) -> Iterator[torch.Generator]:
+    """Within the block, this thread's dropout draws from its own generator seeded with ``seed``."""
+    old = thread_generator()
+    _THREAD.generator = torch.Generator().manual_seed(seed)
+    try:
+        yield _THREAD.generator
+    finally:
+        _THREAD.generator = old
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +103,7 @@ class MLP(nn.Module):
                 layers.append(nn.BatchNorm1d(u))
             layers.append(nn.SiLU() if act == "swish" else nn.ReLU())
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             d = u
         if out_dim is not None:
             layers.append(nn.Linear(d, out_dim))
@@ -92,10 +117,31 @@ class MLP(nn.Module):
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout from a uniform mask: same maths as ``F.dropout``, ~1.5x faster on CPU (its bernoulli
-    sampler is the slow part)."""
+    sampler is the slow part). Draws from :func:`thread_generator` when one is set (the same stream as the global
+    generator seeded alike)."""
     if not training or p <= 0.0:
         return x
-    return x * ((torch.rand_like(x) >= p).to(x.dtype) * (1.0 / (1.0 - p)))
+    g = thread_generator()
+    u = torch.rand_like(x) if g is None else torch.empty_like(x).uniform_(0.0, 1.0, generator=g)  # rand_like's layout
+    return x * ((u >= p).to(x.dtype) * (1.0 / (1.0 - p)))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout``, drawing from :func:`thread_generator` when one is set. Without one (every separate run)
+    it is ``nn.Dropout`` itself; with one, on the CPU, it computes what ``F.dropout`` computes there (a Bernoulli
+    mask of keep-probability ``1 - p`` scaled by ``1 / (1 - p)``) from that generator, so a seed trained in a
+    group draws what its separate run draws. The seed groups refuse other devices with dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = thread_generator()
+        if g is None or not self.training or self.p <= 0.0:
+            return super().forward(x)
+        if x.device.type != "cpu":
+            raise RuntimeError("per-thread dropout generators exist on the CPU only")
+        if self.p >= 1.0:
+            return x * 0.0
+        noise = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=g).div_(1.0 - self.p)
+        return x * noise
 
 
 class ExpertBatchNorm(nn.Module):

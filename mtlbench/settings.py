@@ -169,6 +169,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("plugins", "paths", [], "load a plugin (a .py file or a module) first; repeatable",
             flags=("--plugin",), metavar="FILE_OR_MODULE"),
     Setting("jobs", "int", None, "parallel runs in a sweep (default: one per core)", minimum=1),
+    Setting("vectorize_seeds", "bool", False, "train the seeds of each spec together in this process, --jobs of "
+            "them at a time, each handing its core on after every step; one normal record per seed, the same "
+            "numbers as separate runs (dropout on a GPU: those seeds run one by one)"),
     Setting("executor", "str", "local", "local (processes on this machine) or ray", choices=EXECUTORS),
     Setting("ray_address", "str", None, "a Ray cluster to join (default: start a local one)"),
     Setting("log", "names", [], "mirror metrics to mlflow and/or tensorboard (comma-separated; optional extras)"),

@@ -151,10 +151,12 @@ def release(results_dir: str | Path, run_id: str) -> None:
 # ------------------------------------------------------------------------------------------ running one spec
 
 def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | None, threads: int | None,
-                plugins: list[str], write: bool = True, track: list[str] | None = None) -> dict[str, Any]:
+                plugins: list[str], write: bool = True, track: list[str] | None = None,
+                group: Any = None) -> dict[str, Any]:
     """Run one spec in this process with output going to its log file; returns {run_id, status, reason,
     record}. Used in-process, by the worker processes and by Ray workers (which return the record for the
-    driver to write). ``threads`` is unused (the spec carries its thread count) and kept for callers."""
+    driver to write). ``threads`` is unused (the spec carries its thread count) and kept for callers.
+    ``group``: the seed group this run trains in (``--vectorize-seeds``; the plugins are loaded already)."""
     from mtlbench import registry
     from mtlbench.spec import RunSpec
     from mtlbench.results.store import store_run
@@ -166,18 +168,21 @@ def execute_one(spec_dict: dict[str, Any], results_dir: str, data_dir: str | Non
         log.parent.mkdir(parents=True, exist_ok=True)
     stream = open(log, "w", buffering=1) if log else None
     try:
-        registry.load_builtins()
-        for p in plugins:
-            registry.load_plugin(p)
+        if group is None:
+            registry.load_builtins()
+            for p in plugins:
+                registry.load_plugin(p)
         say = (lambda m: print(m, file=stream)) if stream else None
         if say:
-            say(f"run {spec.run_id}: {spec.label()} on {spec.device}, {spec.threads} thread(s)")
+            say(f"run {spec.run_id}: {spec.label()} on {spec.device}, {spec.threads} thread(s)"
+                + (f"; trained with seeds {','.join(map(str, group.seeds))} (--vectorize-seeds, {group.workers} "
+                   "at a time)" if group is not None else ""))
         trackers = None
         if track:
             from mtlbench.tracking import Trackers
 
             trackers = Trackers(track, spec.run_id, spec.to_dict(), results_dir)
-        record = run_to_record(spec, data_dir=data_dir, log=say, trackers=trackers)
+        record = run_to_record(spec, data_dir=data_dir, log=say, trackers=trackers, group=group)
         if write:
             store_run(results_dir, record)
         status = record["status"]
@@ -263,9 +268,10 @@ class _Progress:
 def run_sweep(specs: list[Any], results_dir: str, *, data_dir: str | None = None, jobs: int = 1,
               executor: str = "local", ray_address: str | None = None, plugins: Iterable[str] = (),
               force: bool = False, progress: bool = True, threads: int | None = None,
-              track: list[str] | None = None) -> SweepResult:
+              track: list[str] | None = None, vectorize_seeds: bool = False) -> SweepResult:
     """Run every spec not already finished; failures are recorded and the sweep goes on. Ctrl-C stops it and
-    returns what happened (``interrupted`` lists the runs not finished)."""
+    returns what happened (``interrupted`` lists the runs not finished). ``vectorize_seeds``: the specs that
+    differ only in their seed train together in this process, ``jobs`` at a time (:mod:`mtlbench.seedgroup`)."""
     from mtlbench.results.store import finished_record
 
     result = SweepResult(results_dir=str(results_dir))
@@ -310,6 +316,8 @@ def run_sweep(specs: list[Any], results_dir: str, *, data_dir: str | None = None
     try:
         if executor == "ray":
             _run_ray(queue, results_dir, data_dir, plugins, ray_address, admit, collect, track)
+        elif vectorize_seeds:
+            _run_groups(queue, results_dir, data_dir, plugins, jobs, admit, collect, track)
         elif jobs <= 1:
             while queue:
                 spec = queue.popleft()
@@ -328,6 +336,38 @@ def run_sweep(specs: list[Any], results_dir: str, *, data_dir: str | None = None
     finally:
         bar.close()
     return result
+
+
+def _run_groups(queue: deque, results_dir, data_dir, plugins, jobs: int, admit, collect,
+                track: list[str] | None = None) -> None:
+    """``--vectorize-seeds``: each group of specs that differ only in their seed trains in this process, ``jobs``
+    seeds at a time (:func:`mtlbench.seedgroup.run_group`); groups run one after another."""
+    from mtlbench import registry, seedgroup
+
+    registry.load_builtins()
+    for p in plugins:
+        registry.load_plugin(p)
+    groups = seedgroup.partition(list(queue))
+    for group in groups:
+        admitted = [s for s in group if admit(s)]
+        for s in group:
+            queue.remove(s)
+        if not admitted:
+            continue
+
+        def execute(spec: Any, g: Any) -> dict[str, Any]:
+            return execute_one(spec.to_dict(), str(results_dir), data_dir, None, plugins, True, track, group=g)
+
+        try:
+            unfinished = seedgroup.run_group(admitted, jobs, execute, collect)
+        except seedgroup.GroupInterrupted as exc:
+            for s in reversed(exc.unfinished):
+                release(results_dir, s.run_id)
+                queue.appendleft(s)
+            raise KeyboardInterrupt from None
+        for s in reversed(unfinished):
+            release(results_dir, s.run_id)
+            queue.appendleft(s)
 
 
 # ----------------------------------------------------------------------------------- the local worker pool

@@ -54,13 +54,19 @@ class Built:
     method: MTLOptimizer
 
 
+def load_data(spec: RunSpec, data_dir: str | None = None) -> MultiTaskData:
+    """The spec's data (its seed's draw for generated datasets), as the dataset adapter loads it."""
+    ds_entry = registry.get("dataset", spec.dataset)
+    adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
+    return adapter.load(spec.seed)
+
+
 def build(spec: RunSpec, data_dir: str | None = None, data: MultiTaskData | None = None) -> Built:
     """Load the data (unless ``data``, the spec's data already loaded, is given) and build the model and method;
     every incompatibility is one clear line."""
     ds_entry = registry.get("dataset", spec.dataset)
     if data is None:
-        adapter = ds_entry.obj(build_options(ds_entry.options_class, spec.dataset_options), data_dir=data_dir)
-        data = adapter.load(spec.seed)
+        data = load_data(spec, data_dir)
     data = data.validate().select_tasks(spec.tasks)
     torch.manual_seed(spec.seed)
     arch_entry = registry.get("arch", spec.arch, modality=getattr(ds_entry.obj, "modality", "tabular"))
@@ -240,18 +246,81 @@ def _git_sha() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def adam_foreach(device: str | torch.device) -> bool | None:
+    """Adam's multi-tensor (``foreach``) implementation on the CPU, where torch defaults to the per-tensor loop:
+    the same operations in the same order, so the same numbers bit for bit (tests/test_step_speed.py checks it),
+    about half the optimizer's time. Elsewhere torch's default (foreach on CUDA). Adam's ``fused`` kernel is
+    faster still but rounds differently (up to 2e-7 apart after 5 steps here), so it is not used."""
+    return True if torch.device(device).type == "cpu" else None
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Keep freed host memory in the process instead of handing it back to the kernel (glibc only; a no-op
+    elsewhere). Returns whether the setting was applied.
+
+    Why: glibc serves blocks above its mmap threshold (at most 32 MB) with fresh ``mmap`` pages and unmaps them on
+    free, so every large activation of every step (MMoE at batch 2048: [2048, 8 x 512] floats, 33.5 MB) is
+    page-faulted and zeroed again: 50-60k minor faults per step, about 14% of the CPU step time (measured with
+    benchmarks/peer_throughput.py). With the thresholds raised, freed blocks are reused. The numbers do not change
+    (only where memory comes from); the process keeps its peak memory until it exits. ``enable=False`` restores
+    glibc's default thresholds (128 KiB), for before/after measurements. Set ``MTLBENCH_KEEP_FREED_MEMORY=0`` to
+    leave the allocator alone."""
+    global _MALLOC_TUNED
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("MTLBENCH_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    if enable and _MALLOC_TUNED:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (musl...)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if enable:  # older glibc refuses an mmap threshold above 32 MB
+        ok = any(bool(mallopt(m_mmap_threshold, v)) for v in (1 << 30, 32 << 20))
+        ok = ok and bool(mallopt(m_trim_threshold, 1 << 30))
+    else:
+        ok = bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_trim_threshold, 128 * 1024))
+    _MALLOC_TUNED = enable and ok
+    return ok
+
+
 def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[str], None] | None = None,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_epoch: Callable[[dict[str, Any]], None] | None = None, group: Any = None) -> dict[str, Any]:
     """Train and evaluate; returns the record body (metrics, curves, timings). Raises RunFailed on a
-    non-finite loss, naming the epoch and the task."""
+    non-finite loss, naming the epoch and the task.
+
+    ``group``: the :class:`mtlbench.seedgroup.SeedGroup` this seed is trained in (``--vectorize-seeds``): the
+    run then draws its training randomness from its own thread's generator instead of torch's global one (seeded
+    alike: the same numbers), hands its core to a waiting seed after every step, and its times exclude the
+    waits."""
+    if torch.device(spec.device).type == "cpu":
+        keep_freed_memory()
+    if group is None:
+        torch.manual_seed(spec.seed)
+        return _train(spec, built, progress, log, on_epoch, None)
+    from mtlbench.layers import seeded_thread
+
+    with seeded_thread(spec.seed):
+        return _train(spec, built, progress, log, on_epoch, group)
+
+
+def _train(spec: RunSpec, built: Built, progress: bool, log: Callable[[str], None] | None,
+           on_epoch: Callable[[dict[str, Any]], None] | None, group: Any) -> dict[str, Any]:
     data, model, method = built.data, built.model, built.method
     device = spec.device
-    torch.manual_seed(spec.seed)
     shuffle_gen = torch.Generator().manual_seed(spec.seed)
     method_gen = torch.Generator().manual_seed(spec.seed + 7919)
     method.to(device)
     params = list(model.parameters()) + list(method.parameters())
-    optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=adam_foreach(device))
     train_loader = BatchLoader(data.splits["train"], spec.batch_size, shuffle=True, generator=shuffle_gen,
                                device=device)
     val_split = data.splits["val"].to(device)
@@ -282,7 +351,10 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{spec.epochs}", disable=not progress, leave=False,
                    unit="batch", dynamic_ncols=True)
         next_note = t0 + PROGRESS_EVERY_S
+        waited = 0.0  # seconds this seed waited for a core in a seed group (not its training time)
         for batch in bar:
+            if group is not None:
+                waited += group.pass_turn()
             out, losses = losses_of(batch)
             stacked = torch.stack([l.detach() for l in losses])
             if first_loss is None:
@@ -332,7 +404,9 @@ def train(spec: RunSpec, built: Built, progress: bool = False, log: Callable[[st
                 bar.set_postfix(loss=f"{float(stacked.sum()):.4f}")
         bar.close()
         watch.check(epoch)
-        epoch_seconds = time.perf_counter() - t0
+        epoch_seconds = time.perf_counter() - t0 - waited
+        if group is not None:
+            group.check_rng()
         train_seconds += epoch_seconds
         # each task's mean over the steps where it had labels (NaN if none: methods treat it as unknown)
         sums_h, counts_h = sums.cpu().tolist(), counts.cpu().tolist()  # one copy per epoch
@@ -461,15 +535,23 @@ def _jsonable_state(state: Any) -> Any:
 
 
 def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = False,
-                  log: Callable[[str], None] | None = None, trackers: Any = None) -> dict[str, Any]:
+                  log: Callable[[str], None] | None = None, trackers: Any = None,
+                  group: Any = None) -> dict[str, Any]:
     """Build, train and evaluate one run and return its record, status ``ok`` or ``failed`` (with the reason).
-    Bad input raises MtlbenchError before any training; Ctrl-C propagates."""
+    Bad input raises MtlbenchError before any training; Ctrl-C propagates. ``group``: the seed group this run
+    trains in (see :func:`train`); the model is then built under the group's lock (initialisation draws from
+    torch's global generator) and the record notes the group."""
     started = time.time()
     torch.set_num_threads(spec.threads)  # part of the run's identity: results differ between thread counts
     created = datetime.now(timezone.utc)
     record: dict[str, Any] = {"status": "running", "option_defaults": _option_defaults(spec)}
+    if group is not None:
+        record["seed_group"] = group.describe()
     try:
-        built = build(spec, data_dir)
+        if group is None:
+            built = build(spec, data_dir)
+        else:
+            built = group.build(spec, load_data(spec, data_dir))
         record["directions"] = {m: metric(m).direction for t in built.data.tasks for m in t.metrics}
         record["dataset"] = built.data.describe()
         record["parameters"] = built.model.parameter_counts()
@@ -485,7 +567,8 @@ def run_to_record(spec: RunSpec, data_dir: str | None = None, progress: bool = F
                 d = built.data.info["rows_without_labels_dropped"]
                 log("dropped rows with no label for any selected task: "
                     + ", ".join(f"{s} {n:,}" for s, n in d.items()))
-        body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None)
+        body = train(spec, built, progress=progress, log=log, on_epoch=trackers.log_epoch if trackers else None,
+                     group=group)
     except KeyboardInterrupt:
         raise
     except MtlbenchError as exc:

@@ -198,3 +198,22 @@ def test_val_loss_selection_on_a_second_device():
         body = train(spec, build(spec, data=_data()))
     _check(body)
     assert all(math.isfinite(c["selection_score"]) for c in body["curves"])
+
+
+@pytest.mark.parametrize("device,gpus,needle", [
+    ("cuda", 0, "device 'cuda': no CUDA GPU is visible to torch"),
+    ("cuda:7", 1, "device 'cuda:7': this machine has 1 CUDA GPU(s) (valid: cuda:0)"),
+    ("mps", 0, "device 'mps': Apple's MPS backend is not available here (it needs Apple silicon"),
+])
+def test_a_device_this_machine_lacks_is_one_line(monkeypatch, tmp_path, capsys, device, gpus, needle):
+    """Issue 13's bad inputs: `--device cuda` without a GPU, `cuda:7` on a one-GPU machine (simulated), `mps`
+    without Apple silicon: one line naming the device and what is available, before anything loads."""
+    from mtlbench.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code = main(["run", "--arch", "mmoe", "--device", device, "--results-dir", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").glob("*.json"))

@@ -61,7 +61,7 @@ def test_missing_baseline_is_said_never_faked(tmp_path):
 def test_significance_and_small_n_note(tmp_path):
     (t,) = build_tables(long_frame(load_store(_store(tmp_path, noise=0.01)).records))
     s = t.significance["single × ew"]["ctr"]
-    assert s["n"] == 5 and s["t_p_holm"] >= s["t_p"]
+    assert s["n"] == 5 and s["t_p_adjusted"] >= s["t_p"]
     assert "0.0625" in s["note"]  # exact Wilcoxon with 5 seeds cannot go lower: said, not hidden
 
 
@@ -81,7 +81,7 @@ def test_all_formats_and_byte_for_byte(tmp_path):
     csv = pd.read_csv(first["csv"])
     assert len(csv) == 2 * 3 * 5 * 3 * 2 * 2  # datasets x methods x seeds x splits x tasks x metrics
     doc = json.loads(first["json"].read_text())
-    assert len(doc["tables"]) == 2 and doc["across_datasets"]["methods"] == sorted(f"{a} × ew" for a in AUC)
+    assert len(doc["tables"]) == 2 and doc["across_datasets"][0]["methods"] == sorted(f"{a} × ew" for a in AUC)
     tex = first["tex"].read_text()
     assert "\\begin{tabular}" in tex and "\\textbf{" in tex and "\\underline{" in tex
 
@@ -146,7 +146,7 @@ def test_every_method_also_tested_against_a_chosen_baseline(tmp_path):
     (t,) = build_tables(frame, baseline="home")
     assert t.baseline == "home × ew" and set(t.significance_baseline) == {"mmoe × ew", "single × ew"}
     s = t.significance_baseline["single × ew"]["cvr"]  # single's cvr 0.60 vs home's 0.63: worse, negative diff
-    assert s["mean_diff"] < 0 and s["n"] == 5 and "wilcoxon_p_holm" in s
+    assert s["mean_diff"] < 0 and s["n"] == 5 and "wilcoxon_p_adjusted" in s
     (t,) = build_tables(frame, baseline="ple:ew")
     assert t.baseline is None and any("baseline 'ple:ew' has no runs" in n for n in t.notes)
     out = tmp_path / "lb"

@@ -201,7 +201,7 @@ def test_taskwise_adamerging_with_equal_coefficients_is_task_arithmetic():
     coef = torch.full((1, tv.n_tasks), 0.3, dtype=tv.matrix.dtype)
     torch.testing.assert_close(merged_delta(coef, tv.matrix, None), 0.3 * tv.matrix.sum(0))
     layer = torch.full((len(tv.keys), tv.n_tasks), 0.3, dtype=tv.matrix.dtype)
-    torch.testing.assert_close(merged_delta(layer, tv.matrix, tv.layer_index()), 0.3 * tv.matrix.sum(0))
+    torch.testing.assert_close(merged_delta(layer, tv.matrix, tv.sizes), 0.3 * tv.matrix.sum(0))
     # zero steps: the model is TA(init)
     bench = TinyBench(tv)
     ctx = MergeContext("unlabelled", tv.tasks, batch=bench.batch, logits=bench.logits)
@@ -213,7 +213,7 @@ def test_layerwise_coefficients_scale_each_tensor():
     tv = make_tv()
     coef = torch.zeros(len(tv.keys), tv.n_tasks, dtype=tv.matrix.dtype)
     coef[1, 2] = 1.0  # only tensor w1 of task t2
-    delta = tv.unflatten(merged_delta(coef, tv.matrix, tv.layer_index()))
+    delta = tv.unflatten(merged_delta(coef, tv.matrix, tv.sizes))
     expect = tv.unflatten(tv.matrix[2])
     assert torch.equal(delta["w0"], torch.zeros_like(delta["w0"]))
     torch.testing.assert_close(delta["w1"], expect["w1"])

@@ -187,3 +187,47 @@ def test_bad_expert_checkpoints_are_refused(tmp_path, case, match):
     with pytest.raises(MtlbenchError, match=match) as exc:
         load_task_vector(path, task="sst2", backbone_sha256="a" * 64, shapes={"w": (2, 3)})
     assert "\n" not in str(exc.value)
+
+
+def test_evaluations_are_reused_not_repeated(store):
+    """The bench evaluates a δ once: the experts row reuses the normalisation's evaluation (val and test), Task
+    Arithmetic's final val is its chosen candidate's, Consensus reuses TALL-masks' identical per-task candidates."""
+    root, _ = store
+    recs = _records(root)
+    cost = {name: recs[name]["merge"]["cost"] for name in MERGERS}
+    assert cost["experts"]["reused_evaluations"] == 2
+    # its final val is a grid candidate's (and λ = 0.5 over 2 tasks is weight averaging, evaluated before it)
+    assert cost["task_arithmetic"]["reused_evaluations"] >= 1 and cost["task_arithmetic"]["val_evaluations"] == 2
+    assert cost["consensus"]["reused_evaluations"] >= 1          # the TALL lambda candidate (same grid [0.4])
+    assert cost["pretrained"]["reused_evaluations"] == 0
+    assert all(c["bench_seconds"] > 0 for c in cost.values())
+
+
+def test_packed_evaluation_equals_per_task_evaluation(store):
+    """All tasks' rows in one length-sorted pass (shared weights) score each row with its own task's head: the
+    same accuracies as evaluating every task alone with the same weights (the task-specific path)."""
+    from mtlbench.merge_run import prepare, recipe_of
+
+    root, _ = store
+    spec = _records(root)["weight_average"]["spec"]
+    bench = prepare(recipe_of(spec), zoo=str(root / "zoo"), train_missing=False)
+    delta = bench.tv.matrix.mean(0)
+    for split in ("val", "test"):
+        packed = bench._evaluate(delta, split)
+        alone = bench._evaluate(delta.expand(bench.tv.n_tasks, -1), split)
+        assert packed == alone
+        assert packed == {t: m["accuracy"] for t, m in _records(root)["weight_average"]["metrics"][split].items()}
+
+
+def test_a_corrupt_expert_in_the_zoo_is_one_line(store, tmp_path, capsys):
+    """A damaged cached task vector stops the run with one line naming the file (never unpickled, no traceback)."""
+    import shutil
+
+    root, cfg = store
+    zoo = tmp_path / "zoo"
+    shutil.copytree(root / "zoo", zoo)
+    victim = sorted(zoo.rglob("task_vector.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])
+    err = _one_line_error(capsys, ["run", "--config", str(cfg), "--merger", "weight_average", "--force",
+                                   "--zoo-dir", str(zoo), "--results-dir", str(tmp_path / "runs")])
+    assert str(victim) in err and "corrupt or not a safetensors file" in err

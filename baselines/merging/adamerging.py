@@ -20,7 +20,7 @@ Where ours differs, by design, and how to get the official behaviour:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
@@ -34,11 +34,16 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
 
 
-def merged_delta(coef: torch.Tensor, matrix: torch.Tensor, layer_index: torch.Tensor | None) -> torch.Tensor:
-    """δ = Σt λt τt: ``coef [1, T]`` (task-wise) or ``[L, T]`` (layer-wise, λ of each entry's tensor)."""
+def merged_delta(coef: torch.Tensor, matrix: torch.Tensor, sizes: Sequence[int] | None = None) -> torch.Tensor:
+    """δ = Σt λt τt: ``coef [1, T]`` (task-wise: one matrix-vector product) or ``[L, T]`` (layer-wise, λ of each
+    entry's tensor; ``sizes``: the L tensors' sizes, the column blocks of ``matrix``). Layer-wise is one
+    ``[T] @ [T, n_l]`` product per tensor on views of the matrix, so neither the forward nor the backward (to the
+    coefficients: ``[T, n_l] @ [n_l]``) builds a ``[T, D]`` temporary."""
     if coef.shape[0] == 1:
         return coef[0] @ matrix
-    return (coef.t().index_select(1, layer_index) * matrix).sum(0)
+    if sizes is None or len(sizes) != coef.shape[0]:
+        raise ValueError(f"layer-wise coefficients {tuple(coef.shape)} need the sizes of their {coef.shape[0]} tensors")
+    return torch.cat([c @ block for c, block in zip(coef, torch.split(matrix, list(sizes), dim=1))])
 
 
 @register_merger("adamerging")
@@ -79,27 +84,31 @@ class AdaMerging(Merger):
         trimmed = ties_trim(tv.matrix, self.options.ties_k)
         return ties_select(trimmed, ties_elect(trimmed))
 
+    def after_step(self, step: int, coef: torch.Tensor) -> None:
+        """Called with the (clamped) coefficients after each step; a no-op (budget studies override it)."""
+
     def merge(self, tv: TaskVectors, ctx: MergeContext) -> MergeOutput:
         o = self.options
         matrix = self.vectors(tv)
-        layer_index = tv.layer_index() if o.granularity == "layer" else None
+        sizes = tv.sizes if o.granularity == "layer" else None
         raw = torch.nn.Parameter(self.coefficients(tv))
         opt = torch.optim.Adam([raw], lr=o.lr, betas=(0.9, 0.999), weight_decay=0.0)
         curve = []
         for step in range(o.steps):
             coef = raw.clamp(0, 1) if o.clamp else raw
             batch = ctx.unlabelled_batch(o.batch_per_task)
-            loss = sum(entropy(lg) for lg in ctx.logits(merged_delta(coef, matrix, layer_index), batch))
+            loss = sum(entropy(lg) for lg in ctx.logits(merged_delta(coef, matrix, sizes), batch))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            curve.append(float(loss.detach()))
+            curve.append(loss.detach())
             if (step + 1) % 10 == 0 or step + 1 == o.steps:
-                ctx.log(f"  adamerging step {step + 1}/{o.steps}: entropy {curve[-1]:.4f}")
+                ctx.log(f"  adamerging step {step + 1}/{o.steps}: entropy {float(curve[-1]):.4f}")
+            self.after_step(step + 1, raw.detach().clamp(0, 1) if o.clamp else raw.detach())
         with torch.no_grad():
             coef = raw.clamp(0, 1) if o.clamp else raw.detach()
-            delta = merged_delta(coef, matrix, layer_index)
-        info = {"entropy_curve": curve, "coefficients_mean": coef.mean(0).tolist(),
+            delta = merged_delta(coef, matrix, sizes)
+        info = {"entropy_curve": torch.stack(curve).tolist() if curve else [], "coefficients_mean": coef.mean(0).tolist(),
                 "coefficients": coef.tolist() if coef.shape[0] == 1 else None,
                 "unlabelled_samples": ctx.samples_seen}
         return MergeOutput(shared=delta, info=info)

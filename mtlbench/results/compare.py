@@ -39,19 +39,19 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         if ",".join(tasks) not in sets:
             raise unknown("task set (with finished runs here)", ",".join(tasks), sets)
         frame = frame[frame["tasks"] == ",".join(tasks)]
-    ids = dict(zip(frame["method"], frame["method_id"]))
-    defaults = {}
-    for label, group in frame.groupby("method")["at_default"]:
-        defaults[ids[label]] = bool(group.eq(True).all())
-    chosen = []
+    # methods by identity: labels are per table, so one label may name different option variants in two tables
+    ids = list(dict.fromkeys(frame["method_id"]))
+    defaults = {m: bool(g.eq(True).all()) for m, g in frame.groupby("method_id", sort=False)["at_default"]}
+    found = []
     for name in (a, b):
-        found = mid.resolve(name, ids.values(), defaults)
-        if found is None:
-            raise MtlbenchError(f"no runs of '{name}' here (known: {', '.join(mid.known_names(ids.values())) or 'none'})")
-        chosen.append(next(label for label, m in ids.items() if m == found))
-    if chosen[0] == chosen[1]:
-        raise MtlbenchError(f"'{a}' and '{b}' name the same method ({chosen[0]})")
-    fa, fb = frame[frame["method"] == chosen[0]], frame[frame["method"] == chosen[1]]
+        m = mid.resolve(name, ids, defaults)
+        if m is None:
+            raise MtlbenchError(f"no runs of '{name}' here (known: {', '.join(mid.known_names(ids)) or 'none'})")
+        found.append(m)
+    if found[0] == found[1]:
+        label = frame.loc[frame["method_id"] == found[0], "method"].iloc[0]
+        raise MtlbenchError(f"'{a}' and '{b}' name the same method ({label})")
+    fa, fb = frame[frame["method_id"] == found[0]], frame[frame["method_id"] == found[1]]
     shared = sorted(set(fa["protocol"]) & set(fb["protocol"]))
     if not shared:
         raise MtlbenchError(f"'{a}' and '{b}' have no protocol (dataset, tasks, training settings) in common")
@@ -59,6 +59,7 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         options = sorted({f"{json.loads(p)['dataset']} [{','.join(json.loads(p)['tasks'])}]" for p in shared})
         raise MtlbenchError(f"several tables hold both methods ({'; '.join(options)}): pass --dataset/--tasks")
     fa, fb = fa[fa["protocol"] == shared[0]], fb[fb["protocol"] == shared[0]]
+    chosen = [fa["method"].iloc[0], fb["method"].iloc[0]]   # their labels in that table
     proto = json.loads(shared[0])
     shown_tasks = ", ".join(proto["tasks"]) if len(proto["tasks"]) <= 8 else f"{len(proto['tasks'])} tasks"
     lines = [f"{chosen[0]}  vs  {chosen[1]}  on {proto['dataset']} [{shown_tasks}], {split} split, paired over "

@@ -28,6 +28,7 @@ import pandas as pd
 from mtlbench import settings
 from mtlbench.errors import MtlbenchError
 from mtlbench.results import methods as mid
+from mtlbench.results.options import DEFAULTS, StatOptions
 from mtlbench.results.record import NewerSchema, RecordError, RunRecord
 from mtlbench.results.store import load_record
 from mtlbench.vision.kinds import DENSE_METRIC_NAMES
@@ -38,7 +39,7 @@ BASELINE_ARCH = "single"
 #: The reference of the relative training cost column: the first of these with runs in the table.
 COST_REFERENCES = (("single", "ew"), ("shared_bottom", "ew"))
 ARROW = {"max": "↑", "min": "↓", None: "(no direction: not ranked)"}
-ALPHA = 0.05
+ALPHA = DEFAULTS.alpha   # the default significance level (mtlbench.results.options declares every setting)
 
 
 @dataclass
@@ -103,45 +104,62 @@ def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
 FRAME_COLUMNS = ["run_id", "dataset", "dataset_version", "tasks", "protocol", "arch", "optimizer", "method", "seed",
                  "split", "task", "metric", "primary", "direction", "value", "selected_epoch", "epochs_run"]
 #: Columns of the frame used to build tables but not written to the CSV.
-INTERNAL_COLUMNS = ["protocol", "seconds_per_epoch", "at_default", "method_id"]
+INTERNAL_COLUMNS = ["protocol", "seconds_per_epoch", "at_default", "method_id", "family"]
+
+
+def family_of(rec: RunRecord) -> str:
+    """The kind of data a run read, from what its record shows (records do not name their dataset's modality):
+    ``image`` when the dataset schema describes images, ``text`` when its inputs are token ids, else ``tabular``.
+    Tables of one family are compared across datasets; tables of different families never are."""
+    schema = (rec.dataset or {}).get("schema") or {}
+    if isinstance(schema, dict) and schema.get("image"):
+        return "image"
+    extras = schema.get("extras") if isinstance(schema, dict) else None
+    if isinstance(extras, list) and "input_ids" in extras:
+        return "text"
+    return "tabular"
 
 
 def long_frame(records: list[RunRecord] | list[dict[str, Any]]) -> pd.DataFrame:
     """The canonical long format: one row per run x split x task x metric, at full precision (records as loaded,
-    or as stored dicts, which are validated here)."""
+    or as stored dicts, which are validated here). Method labels show the options that vary among the methods of
+    the run's own table (protocol), so one table's ablation never relabels another's methods. ``selected_epoch`` is
+    the epoch whose weights give that task's metrics: a run that selects per task (``single``) stores one per task
+    (``selected_epochs``), every other run one for all tasks."""
     records = [r if isinstance(r, RunRecord) else RunRecord.from_dict(r) for r in records]
     rows = []
-    names = mid.labels(r.method for r in records)
+    protocols = {r.run_id: _canon(protocol_of(r.spec)) for r in records}
+    by_protocol: dict[str, list[RunRecord]] = {}
+    for rec in records:
+        by_protocol.setdefault(protocols[rec.run_id], []).append(rec)
+    names = {p: mid.labels(r.method for r in recs) for p, recs in by_protocol.items()}
     for rec in records:
         spec = rec.spec
-        protocol = protocol_of(spec)
+        protocol = protocols[rec.run_id]
         tasks = {t["name"]: t for t in rec.dataset.get("tasks", [])}
-        label = names[rec.method]
+        label = names[protocol][rec.method]
         arch, opt = label.split(mid.SEP)
-        spe, default = rec.seconds_per_epoch, rec.at_default_options
+        spe, default, family = rec.seconds_per_epoch, rec.at_default_options, family_of(rec)
+        per_task_epoch = rec.selected_epochs or {}
         for split, per_task in (rec.metrics or {}).items():
             for task, metrics in per_task.items():
                 primary = (tasks.get(task, {}).get("metrics") or [None])[0]
+                epoch = per_task_epoch.get(task, rec.selected_epoch)
                 for metric, value in metrics.items():
                     rows.append({
                         "run_id": rec.run_id, "dataset": spec["dataset"],
                         "dataset_version": spec.get("dataset_version"), "tasks": ",".join(spec["tasks"]),
-                        "protocol": _canon(protocol), "arch": arch, "optimizer": opt,
+                        "protocol": protocol, "arch": arch, "optimizer": opt,
                         "method": label, "seed": spec["seed"], "split": split, "task": task,
                         "metric": metric, "primary": metric == primary,
                         "direction": rec.directions.get(metric, ""), "value": np.nan if value is None else float(value),
-                        "selected_epoch": rec.selected_epoch, "epochs_run": rec.epochs_run,
+                        "selected_epoch": epoch, "epochs_run": rec.epochs_run,
                         "seconds_per_epoch": np.nan if spe is None else spe, "at_default": default,
-                        "method_id": rec.method,
+                        "method_id": rec.method, "family": family,
                     })
     frame = pd.DataFrame(rows, columns=FRAME_COLUMNS + INTERNAL_COLUMNS[1:])
     return frame.sort_values(["protocol", "method", "seed", "split", "task", "metric"], kind="stable",
                              ignore_index=True)
-
-
-def method_ids(records: list[RunRecord]) -> dict[str, mid.MethodId]:
-    """Each method label of ``long_frame(records)`` -> its identity."""
-    return {label: m for m, label in mid.labels(r.method for r in records).items()}
 
 
 @dataclass
@@ -166,6 +184,12 @@ class Table:
     cost_reference: str | None = None
     ids: dict[str, mid.MethodId] = field(default_factory=dict)
     at_default: dict[str, bool] = field(default_factory=dict)   # ran with its default options (as recorded)
+    options: StatOptions = DEFAULTS                             # alpha, correction, ROPE, bootstrap settings
+    family: str = "tabular"                                     # the kind of data (see family_of)
+    reference: str | None = None                                # the Δm% reference (the `single` method)
+    robust: dict[str, dict[str, Any]] = field(default_factory=dict)   # method -> IQM, P(improvement), Bayes
+    robust_notes: list[str] = field(default_factory=list)
+    delta_columns: list[tuple[str, str]] = field(default_factory=list)   # the (task, metric) columns of Δm%
 
     @property
     def title(self) -> str:
@@ -180,15 +204,17 @@ class Table:
 
 
 def build_tables(frame: pd.DataFrame, flat_delta_m: bool = False, baseline: str | None = None,
-                 superseded: list[tuple[RunRecord, RunRecord]] | None = None) -> list[Table]:
+                 superseded: list[tuple[RunRecord, RunRecord]] | None = None,
+                 options: StatOptions = DEFAULTS) -> list[Table]:
     """One table per protocol. ``baseline`` (a method name as `mtlbench compare` takes it, see
     ``mtlbench.results.methods``) is the method every other is also tested against; default: the Δm% reference
-    (``single``). ``superseded`` (from ``load_store``) is said in the notes of the tables it concerns."""
+    (``single``). ``superseded`` (from ``load_store``) is said in the notes of the tables it concerns. ``options``:
+    the statistical settings (``mtlbench.results.options``)."""
     test = frame[frame["split"] == "test"]
     tables = []
     for protocol_json, part in test.groupby("protocol", sort=True):
         dropped = [(d, k) for d, k in superseded or [] if _canon(protocol_of(d.spec)) == protocol_json]
-        tables.append(_table(json.loads(protocol_json), part, flat_delta_m, baseline, dropped))
+        tables.append(_table(json.loads(protocol_json), part, flat_delta_m, baseline, dropped, options))
     return tables
 
 
@@ -208,7 +234,7 @@ def _reference(methods: list[str], ids: dict[str, mid.MethodId], at_default: dic
 
 
 def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: str | None = None,
-           superseded: list[tuple[RunRecord, RunRecord]] = ()) -> Table:
+           superseded: list[tuple[RunRecord, RunRecord]] = (), options: StatOptions = DEFAULTS) -> Table:
     from mtlbench.results import stats
 
     tasks = list(protocol["tasks"])
@@ -278,7 +304,7 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
         mean_rank = {m: float("nan") for m in methods}
     order = sorted(methods, key=lambda m: (-(delta[m] if delta.get(m) is not None else -math.inf),
                                            mean_rank.get(m, math.inf), m))
-    signif, why = _significance(part, order, tasks, metrics_by_task, directions)
+    signif, why = _significance(part, order, tasks, metrics_by_task, directions, options)
     why_top = why
     chosen = base
     if baseline is not None:
@@ -295,7 +321,7 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     signif_base: dict[str, dict[str, Any]] = {}
     if chosen:
         signif_base, why = _significance(part, [chosen] + [m for m in order if m != chosen], tasks,
-                                         metrics_by_task, directions)
+                                         metrics_by_task, directions, options)
         if why == why_top:
             notes += [f"tests vs the top row and vs the baseline: {w}" for w in why]
             why_top = []
@@ -308,9 +334,11 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     ref = next((r for a, o in COST_REFERENCES if (r := _reference(methods, ids, at_default, a, o))
                 and ids[r].optimizer == o and spe.get(r)), None)
     cost = {m: (spe[m] / spe[ref] if ref and spe[m] is not None else None) for m in methods}
+    families = sorted(set(part["family"]))
+    robust, robust_notes = _robust(part, order, base, chosen, cols_for_delta, directions, options)
     return Table(protocol, columns, directions, order, table_stats, delta, note,
                  {m: float(v) for m, v in mean_rank.items()}, seeds, signif, notes, chosen, signif_base, cost, spe,
-                 ref, ids, at_default)
+                 ref, ids, at_default, options, "+".join(families), base, robust, robust_notes, cols_for_delta)
 
 
 def _mean_or_none(values: pd.Series) -> float | None:
@@ -320,13 +348,15 @@ def _mean_or_none(values: pd.Series) -> float | None:
 
 
 def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metrics_by_task: dict[str, list[str]],
-                  directions: dict[str, str | None], alpha: float = ALPHA
+                  directions: dict[str, str | None], options: StatOptions = DEFAULTS
                   ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Each method vs ``order[0]`` (the table's best, or a chosen baseline), per task on the primary metric: paired
-    t-test and Wilcoxon over the shared seeds, Holm-corrected across these comparisons. Returns the results and
-    notes on what the tests cannot do (e.g. no Wilcoxon p can survive Holm with so few seeds)."""
+    t-test and Wilcoxon over the shared seeds, corrected (Holm or Benjamini-Hochberg, ``options.correction``) across
+    these comparisons. Returns the results and notes on what the tests cannot do (e.g. no Wilcoxon p can survive
+    the correction with so few seeds)."""
     from mtlbench.results import stats
 
+    alpha = options.alpha
     if len(order) < 2:
         return {}, []
     best = order[0]
@@ -353,15 +383,110 @@ def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metric
             raw_w.append(wx.pvalue)
             keys.append((m, t))
             pairs.append(wx.n)
-    adj_t, adj_w = stats.holm(raw_t, alpha).adjusted, stats.holm(raw_w, alpha).adjusted
+    adj_t = stats.correct(raw_t, options.correction, alpha).adjusted
+    adj_w = stats.correct(raw_w, options.correction, alpha).adjusted
     for (m, t), pt, pw in zip(keys, adj_t, adj_w):
-        out[m][t]["t_p_holm"] = float(pt)
-        out[m][t]["wilcoxon_p_holm"] = float(pw)
+        out[m][t]["t_p_adjusted"] = float(pt)
+        out[m][t]["wilcoxon_p_adjusted"] = float(pw)
     notes = []
-    floor = stats.holm_wilcoxon_floor(pairs, raw_w, alternative="the paired t-test can")
+    floor = stats.wilcoxon_floor(pairs, raw_w, alpha, options.correction, alternative="the paired t-test can")
     if math.isfinite(floor.floor) and floor.floor >= alpha:
         notes.append(floor.note)
     return out, notes
+
+
+def _per_seed(part: pd.DataFrame, cols: list[tuple[str, str]]) -> dict[str, dict[int, np.ndarray]]:
+    """method -> seed -> that run's values of ``cols`` (runs missing one of them are left out)."""
+    want = {c: i for i, c in enumerate(cols)}
+    out: dict[str, dict[int, np.ndarray]] = {}
+    sub = part[[(t, m) in want for t, m in zip(part["task"], part["metric"])]]
+    for (method, seed), g in sub.groupby(["method", "seed"], sort=True):
+        row = np.full(len(cols), np.nan)
+        for t, m, v in zip(g["task"], g["metric"], g["value"]):
+            row[want[(t, m)]] = v
+        if np.all(np.isfinite(row)):
+            out.setdefault(method, {})[int(seed)] = row
+    return out
+
+
+def _relative(values: np.ndarray, ref: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """The signed relative change in % of ``values`` (... x columns) against ``ref`` (columns), positive = better."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(lower, -1.0, 1.0) * (values - ref) / np.abs(ref) * 100.0
+
+
+def _robust(part: pd.DataFrame, order: list[str], base: str | None, chosen: str | None,
+            cols: list[tuple[str, str]], directions: dict[str, str | None], options: StatOptions
+            ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The reviewer statistics of a table, each over the columns of its Δm% (the same convention):
+
+    - IQM (Agarwal et al. 2021): the interquartile mean of every run's signed relative change in % against the
+      Δm% reference's mean, over runs x columns, with a stratified bootstrap percentile interval (each column a
+      stratum, its runs resampled on their own): a Δm% that one outlying run or metric cannot move;
+    - probability of improvement (Agarwal et al. 2021) over the baseline: per column the probability that a random
+      run of the method beats a random run of the baseline (ties 1/2), averaged over columns, same bootstrap;
+    - Bayesian signed-rank test with a ROPE (Benavoli et al. 2017) against the baseline and against the top row,
+      on the shared seeds: per seed the Δm% of the method against the other method's run of that seed; the
+      posterior probabilities that the method is practically better (> rope), equivalent, or worse.
+    """
+    from mtlbench.results import stats
+
+    if not cols:
+        return {}, ["no metric with a direction: no IQM, probability of improvement or Bayesian test"]
+    lower = np.array([directions[m] == "min" for _, m in cols])
+    runs = _per_seed(part, cols)
+    out: dict[str, dict[str, Any]] = {m: {} for m in order}
+    notes: list[str] = []
+    ref_mean = np.mean(np.stack(list(runs[base].values())), axis=0) if base in runs else None
+    if ref_mean is not None and np.any(ref_mean == 0):
+        ref_mean = None
+        notes.append(f"IQM n/a: `{base}` has a mean of 0 on a metric, so relative changes are undefined")
+    top = order[0] if order else None
+    few: set[int] = set()
+
+    def bayes(m: str, other: str | None) -> dict[str, Any] | None:
+        if other is None or m == other or m not in runs or other not in runs:
+            return None
+        shared = sorted(set(runs[m]) & set(runs[other]))
+        if len(shared) < options.bayes_min_pairs:
+            few.add(len(shared))
+            return None
+        ref = np.stack([runs[other][k] for k in shared])
+        if np.any(ref == 0):
+            return None
+        z = _relative(np.stack([runs[m][k] for k in shared]), ref, lower).mean(axis=1)
+        r = stats.bayesian_signed_rank(z, np.zeros_like(z), options.rope, options.bayes_prior,
+                                       options.bayes_samples, options.stat_seed)
+        return {"better": r.p_a, "equivalent": r.p_rope, "worse": r.p_b, "n": r.n,
+                "mean_delta": float(z.mean()), "note": r.note}
+
+    for m in order:
+        if m not in runs:
+            continue
+        x = np.stack([runs[m][k] for k in sorted(runs[m])])
+        if ref_mean is not None:
+            ci = stats.iqm_ci(_relative(x, ref_mean, lower), options.confidence, options.bootstrap_resamples,
+                              options.stat_seed)
+            out[m]["iqm"] = {"estimate": ci.estimate, "ci": [ci.ci_low, ci.ci_high], "n": int(x.shape[0]),
+                             "note": ci.note}
+        if chosen and chosen in runs and m != chosen:
+            sign = np.where(lower, -1.0, 1.0)
+            y = np.stack([runs[chosen][k] for k in sorted(runs[chosen])])
+            ci = stats.probability_of_improvement_ci(sign * x, sign * y, options.confidence,
+                                                     options.bootstrap_resamples, options.stat_seed)
+            out[m]["p_improvement"] = {"estimate": ci.estimate, "ci": [ci.ci_low, ci.ci_high], "note": ci.note}
+        for key, other in (("bayes_vs_baseline", chosen), ("bayes_vs_top", top)):
+            r = bayes(m, other)
+            if r is not None:
+                out[m][key] = r
+    if base is None:
+        notes.append("IQM n/a: no single-task (`single`) runs under this protocol")
+    if chosen is None:
+        notes.append("probability of improvement n/a: no baseline under this protocol")
+    if few:
+        notes.append(f"Bayesian signed-rank test not shown where fewer than {options.bayes_min_pairs} seeds are "
+                     f"shared (here {', '.join(map(str, sorted(few)))}): with so few the prior decides")
+    return {m: v for m, v in out.items() if v}, notes
 
 
 def table_records(table: Table, records: list[RunRecord]) -> list[RunRecord]:

@@ -19,7 +19,8 @@ Schema ``mtlbench.run/2`` (JSON object):
 - ``directions`` object metric -> "max" | "min" (every metric in ``metrics``);
 - ``error`` null or object {reason str, type str, traceback str or null} (required when status is failed);
 - optional: ``dataset`` object, ``curves`` list, ``environment`` / ``parameters`` / ``arch_info`` objects,
-  ``selected_epoch`` / ``epochs_run`` int, ``wall_seconds`` / ``train_seconds`` / ``train_samples_per_s`` /
+  ``selected_epoch`` / ``epochs_run`` int, ``selected_epochs`` object task -> int (a run that selects each task's
+  epoch on its own, e.g. ``single``; ``selected_epoch`` is then the latest of them), ``wall_seconds`` / ``train_seconds`` / ``train_samples_per_s`` /
   ``selection_score`` number, ``optimizer_warnings`` list, ``optimizer_state`` any, ``option_defaults`` object
   {arch: {...}, optimizer: {...}} (the methods' default option values, to tell an ablation variant from the
   full method); other keys are kept as they
@@ -81,6 +82,7 @@ class RunRecord:
     parameters: dict[str, Any] = field(default_factory=dict)
     arch_info: dict[str, Any] = field(default_factory=dict)
     selected_epoch: int | None = None
+    selected_epochs: dict[str, int] = field(default_factory=dict)   # per task, where each task selects its own
     epochs_run: int | None = None
     wall_seconds: float | None = None
     train_seconds: float | None = None
@@ -289,6 +291,10 @@ def _check(d: dict[str, Any], every_direction: bool) -> None:
     for key in _INT_FIELDS:
         if d.get(key) is not None and (not isinstance(d[key], int) or isinstance(d[key], bool)):
             raise RecordError(f"'{key}' is {_what(d[key])}, expected an integer")
+    per_task = d.get("selected_epochs")
+    if per_task is not None and (not isinstance(per_task, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in per_task.values())):
+        raise RecordError(f"'selected_epochs' is {_what(per_task)}, expected an object task -> integer")
     tasks = (d.get("dataset") or {}).get("tasks")
     if tasks is not None and (not isinstance(tasks, list) or not all(
             isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("metrics", []), list)

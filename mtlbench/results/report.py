@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtlbench.results.leaderboard import (ALPHA, ARROW, INTERNAL_COLUMNS, Store, Table, build_tables, load_store,
+from mtlbench.results.leaderboard import (ARROW, INTERNAL_COLUMNS, Store, Table, build_tables, load_store,
                                           long_frame, table_records)
+from mtlbench.results.options import DEFAULTS, StatOptions
 from mtlbench.results.plots import (critical_difference_diagram, plot_bars, plot_cost, plot_curves,
                                     plot_expert_usage, plot_tradeoff)
 from mtlbench.results.record import RunRecord
@@ -135,14 +136,106 @@ def _seed_text(seeds: list[int]) -> str:
 
 
 def _significant(table: Table, method: str, task: str) -> bool:
-    """† : significantly *worse* than the top row on the task's primary metric (Holm-corrected t-test)."""
+    """† : significantly *worse* than the top row on the task's primary metric (corrected paired t-test)."""
     s = table.significance.get(method, {}).get(task)
-    return (bool(s) and s.get("t_p_holm") is not None and math.isfinite(s["t_p_holm"]) and s["t_p_holm"] < ALPHA
+    p = s.get("t_p_adjusted") if s else None
+    return (p is not None and math.isfinite(p) and p < table.options.alpha
             and s.get("mean_diff") is not None and math.isfinite(s["mean_diff"]) and s["mean_diff"] < 0)
 
 
 def _primary(table: Table, col: tuple[str, str]) -> bool:
     return col == next(c for c in table.columns if c[0] == col[0])
+
+
+def _corr(table: Table) -> str:
+    return {"holm": "Holm", "bh": "BH"}[table.options.correction]
+
+
+# ------------------------------------------------------------------------------------ reviewer statistics
+
+def robust_note(table: Table, name: Any = lambda m: f"`{m}`") -> str:
+    """What the reviewer-statistics section shows, with every setting used (the same text in md, html and tex;
+    ``name`` formats a method name for the output)."""
+    o = table.options
+    prim = {c for c in table.columns if _primary(table, c)}
+    metrics = ("each task's primary metric" if set(table.delta_columns) <= prim else
+               f"the {len(table.delta_columns)} task metrics of Δm%")
+    base = table.baseline or "the baseline"
+    boot = (f"{o.confidence:.0%} stratified bootstrap percentile interval ({o.bootstrap_resamples} resamples, the "
+            f"runs of each metric resampled on their own, seed {o.stat_seed})")
+    iqm = (f"IQM Δ% = interquartile mean (Agarwal et al. 2021) of every run's signed relative change in % against "
+           f"the mean of {name(table.reference)}, over runs × metrics ({metrics}, as Δm%), with a {boot}"
+           if table.reference else "IQM Δ% n/a (no `single` runs: no Δm% reference)")
+    return (f"{iqm}. P(> {name(base)}) = probability of improvement (Agarwal et al. 2021): the chance that a random run "
+            f"of the method beats a random run of {name(base)} on a metric (ties count ½), averaged over the same "
+            f"metrics, same interval. Bayes = Bayesian signed-rank test (Benavoli et al. 2017; Dirichlet process "
+            f"prior of weight {o.bayes_prior:g} at 0, {o.bayes_samples} posterior samples, seed {o.stat_seed}) on "
+            f"the per-seed Δm% of the method against the other method's run with the same seed, with a region of "
+            f"practical equivalence (ROPE) of ±{o.rope:g} Δm% points: the posterior probability that the method is "
+            f"practically better / equivalent / worse (the share of posterior samples in which that region is the "
+            f"most probable; above 0.95 is a clear decision). These estimate and decide instead of rejecting: no "
+            f"multiple-comparison correction applies, and with n seeds the prior pseudo-observation weighs "
+            f"{o.bayes_prior:g}/(n+{o.bayes_prior:g}) (9 % with 5 seeds, 14 % with 3)")
+
+
+def _interval(r: dict[str, Any] | None, signed: bool = True, digits: int = 2) -> str:
+    if not r or r.get("estimate") is None or not math.isfinite(r["estimate"]):
+        return "—"
+    f = (lambda v: f"{v:+.{digits}f}") if signed else (lambda v: f"{v:.{digits}f}")
+    lo, hi = r["ci"]
+    return f"{f(r['estimate'])} [{f(lo)}, {f(hi)}]"
+
+
+def _bayes(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "—"
+    return f"{r['better']:.2f} / {r['equivalent']:.2f} / {r['worse']:.2f}"
+
+
+def robust_rows(table: Table) -> list[list[str]]:
+    """One row per method: method, n, IQM Δ%, P(improvement) over the baseline, Bayes vs it and vs the top row."""
+    rows = []
+    for m in table.methods:
+        r = table.robust.get(m, {})
+        n = max((v["n"] for v in table.stats[m].values()), default=0)
+        rows.append([m, str(n), _interval(r.get("iqm")), _interval(r.get("p_improvement"), signed=False),
+                     _bayes(r.get("bayes_vs_baseline")), _bayes(r.get("bayes_vs_top"))])
+    return rows
+
+
+def robust_header(table: Table, name: Any = str) -> list[str]:
+    base = name(table.baseline or "baseline")
+    return ["method", "n", "IQM Δ% ↑ [95% CI]", f"P(> {base}) ↑ [95% CI]",
+            f"Bayes vs {base}: better / equiv. / worse", f"Bayes vs top row ({name(table.methods[0])}): better / "
+            "equiv. / worse"]
+
+
+def _robust_md(table: Table) -> list[str]:
+    title = "### Robust aggregates and practical significance"
+    if not table.robust:
+        return [title, "", "n/a: " + md_escape("; ".join(_robust_notes(table))).replace("\\_", "_") + ".", ""] \
+            if _robust_notes(table) else []
+    head = robust_header(table, md_escape)
+    lines = [title, "",
+             robust_note(table, lambda m: f"`{str(m).replace('`', '')}`") + ".", "",
+             "| " + " | ".join(head) + " |", "|---|--:|--:|--:|--:|--:|"]
+    for row in robust_rows(table):
+        lines.append("| " + " | ".join([md_escape(row[0])] + row[1:]) + " |")
+    notes = _robust_notes(table)
+    if notes:
+        lines += ["", "Notes: " + md_escape("; ".join(notes)).replace("\\_", "_")]
+    return lines + [""]
+
+
+def _robust_notes(table: Table) -> list[str]:
+    """The table's own notes plus the distinct notes of its statistics (e.g. few runs), each once."""
+    seen = list(table.robust_notes)
+    for r in table.robust.values():
+        for key in ("iqm", "p_improvement", "bayes_vs_baseline", "bayes_vs_top"):
+            note = (r.get(key) or {}).get("note")
+            if note and note not in seen:
+                seen.append(note)
+    return seen
 
 
 def _cost_text(table: Table, method: str) -> str:
@@ -169,7 +262,8 @@ def markdown(tables: list[Table], store: Store, cross: dict[str, Any] | None) ->
                 environment_text(table_records(table, store.records)), "", table.delta_m_note + ". "
                 "Best in **bold**, second <u>underlined</u>; ↑ higher is better, ↓ lower is better; † = "
                 "significantly worse than the top row on that task's primary metric (paired t-test over seeds, "
-                f"Holm-corrected across this table, p < {ALPHA:g}). {cost_note(table)}.", ""]
+                f"{table.options.correction_name}-corrected across this table, p < {table.options.alpha:g}). "
+                f"{cost_note(table)}.", ""]
         if shown_note:
             out += [f"_{shown_note}._", ""]
         head = ["method", "n"] + [f"{md_escape(t)} {md_escape(m)} {ARROW[table.directions[m]]}" for t, m in cols] \
@@ -196,7 +290,8 @@ def markdown(tables: list[Table], store: Store, cross: dict[str, Any] | None) ->
             out.append("| " + " | ".join(cells) + " |")
         if table.notes:
             out += ["", "Notes: " + md_escape("; ".join(table.notes)).replace("\\_", "_")]
-        out += ["", _significance_md(table, compact=not cols or len(cols) < len(table.columns)), ""]
+        out += [""] + _robust_md(table)
+        out += [_significance_md(table, compact=not cols or len(cols) < len(table.columns)), ""]
     if cross:
         out += ["## Across datasets", "", cross["text"], ""]
     if store.skipped or store.failed:
@@ -211,12 +306,12 @@ def markdown(tables: list[Table], store: Store, cross: dict[str, Any] | None) ->
     return "\n".join(out)
 
 
-def significance_counts(results: dict[str, Any]) -> tuple[int, int, int]:
-    """Over a method's tasks: (significantly better, significantly worse, not significant), Holm-corrected t-test."""
+def significance_counts(results: dict[str, Any], alpha: float = DEFAULTS.alpha) -> tuple[int, int, int]:
+    """Over a method's tasks: (significantly better, significantly worse, not significant), corrected t-test."""
     better = worse = 0
     for s in results.values():
-        p = s.get("t_p_holm")
-        if p is not None and math.isfinite(p) and p < ALPHA and math.isfinite(s["mean_diff"]):
+        p = s.get("t_p_adjusted")
+        if p is not None and math.isfinite(p) and p < alpha and math.isfinite(s["mean_diff"]):
             better += s["mean_diff"] > 0
             worse += s["mean_diff"] < 0
     return better, worse, len(results) - better - worse
@@ -236,23 +331,24 @@ def _significance_section(table: Table, results: dict[str, dict[str, Any]], agai
                           compact: bool = False) -> str:
     if compact:  # one row per method: per-task rows would be methods x tasks lines
         lines = [f"<details><summary>Significance vs {md_escape(against)}: tasks where the method is significantly "
-                 "better / worse (paired t-test, Holm-corrected), or not</summary>", "",
+                 f"better / worse (paired t-test, {table.options.correction_name}-corrected), or not</summary>", "",
                  "| method | tasks | better | worse | n.s. |", "|---|--:|--:|--:|--:|"]
         for m in table.methods:
             if m in results:
-                b, w, ns = significance_counts(results[m])
+                b, w, ns = significance_counts(results[m], table.options.alpha)
                 lines.append(f"| {md_escape(m)} | {len(results[m])} | {b} | {w} | {ns} |")
         return "\n".join(lines + ["", "</details>"])
     lines = [f"<details><summary>Significance vs {md_escape(against)}; mean diff = method minus it, signed so that "
              "positive = better</summary>", "",
-             "| method | task | n | mean diff | 95% CI | t-test p (Holm) | Wilcoxon p (Holm) | note |",
+             f"| method | task | n | mean diff | 95% CI | t-test p ({_corr(table)}) | Wilcoxon p ({_corr(table)}) "
+             "| note |",
              "|---|---|--:|--:|---|--:|--:|---|"]
     for m in table.methods:
         for t, s in results.get(m, {}).items():
             ci = f"[{_num(s['ci'][0])}, {_num(s['ci'][1])}]"
             lines.append(f"| {md_escape(m)} | {md_escape(t)} | {s['n']} | {_num(s['mean_diff'])} | {ci} | "
-                         f"{_num(s['t_p'], 3)} ({_num(s.get('t_p_holm'), 3)}) | {_num(s['wilcoxon_p'], 3)} "
-                         f"({_num(s.get('wilcoxon_p_holm'), 3)}) | {s['note']} |")
+                         f"{_num(s['t_p'], 3)} ({_num(s.get('t_p_adjusted'), 3)}) | {_num(s['wilcoxon_p'], 3)} "
+                         f"({_num(s.get('wilcoxon_p_adjusted'), 3)}) | {s['note']} |")
     lines += ["", "</details>"]
     return "\n".join(lines)
 
@@ -291,7 +387,21 @@ def latex(tables: list[Table]) -> str:
             cells.append(_cost_text(table, m))
             out.append(" & ".join(cells) + " \\\\")
         out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+        out += _robust_tex(table)
     return "\n".join(out)
+
+
+def _robust_tex(table: Table) -> list[str]:
+    """The reviewer statistics of ``table`` as a second LaTeX table (its caption says what each column is)."""
+    if not table.robust:
+        return []
+    out = ["\\begin{table}[t]", "\\centering", "\\small",
+           f"\\caption{{{_tex(table.title)}: robust aggregates and practical significance. "
+           f"{_tex(robust_note(table, str))}.}}", "\\begin{tabular}{lrrrrr}", "\\toprule",
+           " & ".join(_tex(h) for h in robust_header(table)) + " \\\\", "\\midrule"]
+    for row in robust_rows(table):
+        out.append(" & ".join(_tex(c) for c in row) + " \\\\")
+    return out + ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
 
 
 _TEX = {"\\": "\\textbackslash{}", "{": "\\{", "}": "\\}", "$": "\\$", "&": "\\&", "#": "\\#", "%": "\\%",
@@ -322,10 +432,14 @@ def as_json(tables: list[Table], store: Store, cross: dict[str, Any] | None) -> 
             "relative_cost": t.cost.get(m), "seconds_per_epoch": t.seconds_per_epoch.get(m),
             "metrics": {f"{task}/{metric}": t.stats[m].get((task, metric)) for task, metric in t.columns},
             "significance_vs_best": t.significance.get(m, {}),
-            "significance_vs_baseline": t.significance_baseline.get(m, {})} for m in t.methods],
-        "baseline": t.baseline, "cost_reference": t.cost_reference, "directions": t.directions, "notes": t.notes}
+            "significance_vs_baseline": t.significance_baseline.get(m, {}),
+            "robust": t.robust.get(m, {})} for m in t.methods],
+        "baseline": t.baseline, "cost_reference": t.cost_reference, "directions": t.directions, "notes": t.notes,
+        "family": t.family, "delta_m_reference": t.reference, "statistics": dataclasses.asdict(t.options),
+        "robust_note": robust_note(t, str), "robust_notes": _robust_notes(t)}
         for t in tables],
-        "across_datasets": cross and {k: v for k, v in cross.items() if k not in ("text", "figure_path")},
+        "across_datasets": cross and [{k: v for k, v in f.items() if k not in ("figure_path",)}
+                                      for f in cross["families"]],
         "skipped_files": store.skipped, "failed_runs": sorted(r.run_id for r in store.failed),
         "superseded_runs": sorted(d.run_id for d, _ in store.superseded)}
     return json.dumps(clean(doc), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
@@ -415,14 +529,39 @@ def html_page(tables: list[Table], figures: dict[str, list[Path]], cross: dict[s
             row.append(f'<td data-v="{"" if cost is None else repr(cost)}">{_cost_text(table, m)}</td></tr>')
             parts.append("".join(row))
         parts.append("</tbody></table>")
+        parts += _robust_html(table)
         parts += _significance_html(table)
         for fig in figures.get(slug(table), []):
             parts.append(_img(fig))
     if cross:
-        parts += ["<h2>Across datasets</h2>", f'<p class="note">{e(cross["text"])}</p>',
-                  _img(cross.get("figure_path"))]
+        parts.append("<h2>Across datasets</h2>")
+        for f in cross["families"]:
+            parts += [f"<h3>{e(f['name'])}</h3>", f'<p class="note">{e(f["text"])}</p>', _img(f.get("figure_path"))]
     parts += [f"<script>{HTML_SCRIPT}</script>", "</body></html>", ""]
     return "\n".join(parts)
+
+
+def _robust_html(table: Table) -> list[str]:
+    """The reviewer statistics (IQM, probability of improvement, Bayesian signed-rank) as a sortable table."""
+    if not table.robust:
+        return []
+    e = html.escape
+    out = [f"<h3>Robust aggregates and practical significance</h3>",
+           f'<p class="note">{e(robust_note(table, str))}.</p>',
+           '<table class="sig"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in robust_header(table))
+           + "</tr></thead><tbody>"]
+    for m, row in zip(table.methods, robust_rows(table)):
+        r = table.robust.get(m, {})
+        keys = [m, row[1], (r.get("iqm") or {}).get("estimate"), (r.get("p_improvement") or {}).get("estimate"),
+                (r.get("bayes_vs_baseline") or {}).get("better"), (r.get("bayes_vs_top") or {}).get("better")]
+        out.append("<tr>" + "".join(
+            f'<td data-v="{e(k) if isinstance(k, str) else "" if k is None else repr(float(k))}">{e(text)}</td>'
+            for k, text in zip(keys, row)) + "</tr>")
+    out.append("</tbody></table>")
+    notes = _robust_notes(table)
+    if notes:
+        out.append(f'<p class="note">Notes: {e("; ".join(notes))}</p>')
+    return out
 
 
 def _significance_html(table: Table) -> list[str]:
@@ -436,12 +575,12 @@ def _significance_html(table: Table) -> list[str]:
     if len(shown) < len(table.columns):  # many tasks: one row per method, as in the Markdown
         for results, against in sections:
             out += [f"<details><summary>Significance vs {e(against)}: tasks where the method is significantly "
-                    "better / worse (paired t-test, Holm-corrected), or not</summary>",
+                    f"better / worse (paired t-test, {table.options.correction_name}-corrected), or not</summary>",
                     '<table class="sig"><thead><tr><th>method</th><th>tasks</th><th>better</th><th>worse</th>'
                     "<th>n.s.</th></tr></thead><tbody>"]
             for m in table.methods:
                 if m in results:
-                    b, w, ns = significance_counts(results[m])
+                    b, w, ns = significance_counts(results[m], table.options.alpha)
                     out.append(f"<tr><td>{e(m)}</td><td>{len(results[m])}</td><td>{b}</td><td>{w}</td><td>{ns}</td>"
                                "</tr>")
             out.append("</tbody></table></details>")
@@ -449,14 +588,15 @@ def _significance_html(table: Table) -> list[str]:
     for results, against in sections:
         out += [f"<details><summary>Significance vs {e(against)}; mean diff = method minus it, positive = better"
                 "</summary>", '<table class="sig"><thead><tr><th>method</th><th>task</th><th>n</th>'
-                "<th>mean diff</th><th>95% CI</th><th>t-test p (Holm)</th><th>Wilcoxon p (Holm)</th><th>note</th>"
+                f"<th>mean diff</th><th>95% CI</th><th>t-test p ({_corr(table)})</th><th>Wilcoxon p "
+                f"({_corr(table)})</th><th>note</th>"
                 "</tr></thead><tbody>"]
         for m in table.methods:
             for t, r in results.get(m, {}).items():
                 out.append(f"<tr><td>{e(m)}</td><td>{e(t)}</td><td>{r['n']}</td><td>{_num(r['mean_diff'])}</td>"
                            f"<td>[{_num(r['ci'][0])}, {_num(r['ci'][1])}]</td><td>{_num(r['t_p'], 3)} "
-                           f"({_num(r.get('t_p_holm'), 3)})</td><td>{_num(r['wilcoxon_p'], 3)} "
-                           f"({_num(r.get('wilcoxon_p_holm'), 3)})</td><td>{e(r['note'])}</td></tr>")
+                           f"({_num(r.get('t_p_adjusted'), 3)})</td><td>{_num(r['wilcoxon_p'], 3)} "
+                           f"({_num(r.get('wilcoxon_p_adjusted'), 3)})</td><td>{e(r['note'])}</td></tr>")
         out.append("</tbody></table></details>")
     return out
 
@@ -502,23 +642,52 @@ class FigureCache:
         (self.dir / FIGURE_KEYS).write_text(json.dumps(self.new, indent=1, sort_keys=True), encoding="utf-8")
 
 
-def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True,
-                    cache: FigureCache | None = None) -> dict[str, Any] | None:
-    """Friedman / Iman-Davenport, pairwise Wilcoxon + Holm and the Nemenyi CD diagram over the tables whose
-    methods all share: each table is one 'dataset', scored by the mean primary metric's rank."""
-    from mtlbench.results import stats
+FAMILY_NAMES = {"tabular": "Tabular", "image": "Image", "text": "Text"}
 
+
+def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True, cache: FigureCache | None = None,
+                    options: StatOptions = DEFAULTS) -> dict[str, Any] | None:
+    """Rank tests over the tables of each family (the kind of data: tabular, image, text; tables of different
+    families share too few methods to compare, and a method's meaning changes with the data): for each family with
+    at least two tables, Friedman / Iman-Davenport, pairwise Wilcoxon and Demšar's comparison against a control
+    (corrected by ``options.correction``) and the Nemenyi CD diagram, over the methods that every table of the
+    family holds (matched by their label in each table); each table is one 'dataset', scored by its mean rank."""
     if len(tables) < 2:
         return None
+    by_family: dict[str, list[Table]] = {}
+    for t in tables:
+        by_family.setdefault(t.family, []).append(t)
+    order = [f for f in FAMILY_NAMES if f in by_family] + sorted(set(by_family) - set(FAMILY_NAMES))
+    families = [_across_family(fam, by_family[fam], fig_dir, plots, cache, options) for fam in order]
+    text = "\n\n".join(f"**{f['name']}** — {f['text']}" for f in families)
+    return {"text": text, "families": families}
+
+
+def _across_family(family: str, tables: list[Table], fig_dir: Path, plots: bool, cache: FigureCache | None,
+                   options: StatOptions) -> dict[str, Any]:
+    from mtlbench.results import stats
+
+    name = FAMILY_NAMES.get(family, family)
+    listed = "; ".join(t.title for t in tables)
+    out: dict[str, Any] = {"family": family, "name": f"{name} tables", "tables": [t.title for t in tables]}
+    if len(tables) < 2:
+        out["text"] = f"one table ({listed}): nothing to compare across datasets."
+        return out
     common = sorted(set.intersection(*[set(t.methods) for t in tables]))
+    every = sorted(set.union(*[set(t.methods) for t in tables]))
+    out["methods"] = common
+    head = (f"{len(tables)} tables ({listed}); {len(common)} of their {len(every)} methods are in every one "
+            "(matched by the label each table shows)")
     if len(common) < 2:
-        return {"text": "No method appears in every table: no across-dataset comparison.", "methods": common}
+        out["text"] = head + ": no across-dataset comparison."
+        return out
+    alpha = options.alpha
     matrix = np.array([[-t.mean_rank[m] for m in common] for t in tables])  # higher = better
     fr = stats.friedman(matrix)
-    cd = stats.nemenyi_cd(len(common), len(tables))
+    cd = stats.nemenyi_cd(len(common), len(tables), alpha)
     ranks = dict(zip(common, [float(r) for r in fr.avg_ranks]))
-    title = f"average rank over {len(tables)} tables (Nemenyi CD)"
-    fig_path = fig_dir / "critical_difference.png"
+    title = f"{name} tables: average rank over {len(tables)} tables (Nemenyi CD)"
+    fig_path = fig_dir / f"critical_difference-{re.sub(r'[^A-Za-z0-9_.-]+', '_', family)}.png"
 
     def draw() -> Any:
         return critical_difference_diagram(ranks, cd.cd, fig_path, title=title)
@@ -526,22 +695,28 @@ def across_datasets(tables: list[Table], fig_dir: Path, plots: bool = True,
     fig = None
     if plots:
         fig = cache.figure(fig_path, repr((ranks, cd.cd, title)), draw) if cache else draw()
-    pw = stats.pairwise_wilcoxon_holm(matrix, common)
+    pw = stats.pairwise_wilcoxon_holm(matrix, common, alpha)
+    pw_adjusted = stats.correct([r.pvalue for r in pw.rows], options.correction, alpha).adjusted
+    pairwise = [{**dataclasses.asdict(r), "p_adjusted": float(p), "significant": bool(p < alpha)}
+                for r, p in zip(pw.rows, pw_adjusted)]
     control = next((m for m in common if all(t.baseline == m for t in tables)), None) or min(
         common, key=lambda m: (ranks[m], m))
-    ctl = stats.control_comparison(matrix, common, control, correction="holm")
-    pw_floor = stats.holm_wilcoxon_floor([len(tables)] * len(pw.rows), unit="tables")
-    text = (f"{len(common)} methods on {len(tables)} tables (each scored by its mean rank over metrics): "
+    ctl = stats.control_comparison(matrix, common, control, alpha=alpha, correction=options.correction)
+    pw_floor = stats.wilcoxon_floor([len(tables)] * len(pw.rows), alpha=alpha, correction=options.correction,
+                                    unit="tables")
+    corr = options.correction_name
+    text = (f"{head}, each table scored by its mean rank over metrics: "
             f"Friedman chi2 = {_num(fr.chi2, 3)}, p = {_num(fr.pvalue, 4)}; Iman-Davenport F = "
-            f"{_num(fr.f_stat, 3)}, p = {_num(fr.f_pvalue, 4)}; Nemenyi CD = {_num(cd.cd, 3)} (alpha 0.05). "
-            + (fr.note[0].upper() + fr.note[1:] + ". " if fr.note else "") + "Average ranks: " + ", ".join(f"{m} {r:.2f}" for m, r in sorted(
-                ranks.items(), key=lambda x: x[1])) + ". "
-            + f"Against {control} (Demšar's rank z-tests, Holm): "
+            f"{_num(fr.f_stat, 3)}, p = {_num(fr.f_pvalue, 4)}; Nemenyi CD = {_num(cd.cd, 3)} (alpha {alpha:g}). "
+            + (fr.note[0].upper() + fr.note[1:] + ". " if fr.note else "") + "Average ranks: " + ", ".join(
+                f"{m} {r:.2f}" for m, r in sorted(ranks.items(), key=lambda x: x[1])) + ". "
+            + f"Against {control} (Demšar's rank z-tests, {corr}): "
             + ", ".join(f"{r.method} p = {_num(r.p_adjusted, 3)}" for r in ctl.rows) + ". "
             + " ".join(n[0].upper() + n[1:] + "." for n in (ctl.note, pw_floor.note) if n))
-    return {"text": text, "methods": common, "avg_ranks": ranks, "friedman": dataclasses.asdict(fr), "cd": cd.cd,
-            "pairwise": [dataclasses.asdict(r) for r in pw.rows], "vs_control": dataclasses.asdict(ctl),
-            "figure": fig and f"figures/{Path(fig).name}", "figure_path": fig and Path(fig)}
+    out.update({"text": text, "avg_ranks": ranks, "friedman": dataclasses.asdict(fr), "cd": cd.cd,
+                "pairwise": pairwise, "vs_control": dataclasses.asdict(ctl), "correction": options.correction,
+                "figure": fig and f"figures/{Path(fig).name}", "figure_path": fig and Path(fig)})
+    return out
 
 
 def _records_of(obj: Any) -> Any:
@@ -571,10 +746,11 @@ FORMATS = ("md", "csv", "tex", "json", "html")
 def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m: bool = False,
                       formats: tuple[str, ...] = FORMATS, plots: bool | None = None,
                       tables_out: list[Table] | None = None, baseline: str | None = None,
-                      store_out: list[Store] | None = None) -> dict[str, Path]:
+                      store_out: list[Store] | None = None, options: StatOptions = DEFAULTS) -> dict[str, Path]:
     """Build every table from the records in ``results_dir`` and write the ``formats`` and figures to ``out_dir``
     (the built tables are appended to ``tables_out`` and the store read to ``store_out`` when given, e.g. for a
-    summary on the terminal). ``plots`` defaults to drawing figures only when a format shows them (md, html)."""
+    summary on the terminal). ``plots`` defaults to drawing figures only when a format shows them (md, html).
+    ``options``: the statistical settings (alpha, correction, ROPE, bootstrap; ``mtlbench.results.options``)."""
     from mtlbench.errors import MtlbenchError, unknown
 
     for fmt in formats:
@@ -591,7 +767,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     if store_out is not None:
         store_out.append(store)
     frame = long_frame(store.records)
-    tables = build_tables(frame, flat_delta_m, baseline, store.superseded)
+    tables = build_tables(frame, flat_delta_m, baseline, store.superseded, options)
     if tables_out is not None:
         tables_out.extend(tables)
     figures: dict[str, list[Path]] = {}
@@ -610,7 +786,7 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
                                                                     for r in table_records(t, store.records)]),
                              lambda: plot_expert_usage(t, store.records, frame, d / f"{s}-experts.png"))]
         figures[s] = [f for f in figs if f is not None]
-    cross = across_datasets(tables, out / "figures", plots, cache)
+    cross = across_datasets(tables, out / "figures", plots, cache, options)
     ctl, ctl_figs = _controllable(tables, store, out / "figures", plots, cache)
     if cache:
         cache.finish()

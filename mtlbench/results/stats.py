@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from itertools import combinations
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PairedT", "paired_t",
     "Wilcoxon", "wilcoxon",
-    "Holm", "holm", "BH", "benjamini_hochberg", "WilcoxonFloor", "holm_wilcoxon_floor",
+    "Holm", "holm", "BH", "benjamini_hochberg", "correct", "WilcoxonFloor", "holm_wilcoxon_floor", "wilcoxon_floor",
     "merge_close", "tie_ranks", "ControlRow", "ControlComparison", "control_comparison", "BayesSignedRank",
     "bayesian_signed_rank", "StratifiedCI", "iqm", "iqm_ci", "probability_of_improvement",
     "probability_of_improvement_ci",
@@ -395,6 +396,42 @@ def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None 
         note = (f"with at most n={n_max} {unit} per comparison and m={m} comparisons, no Holm-corrected Wilcoxon p "
                 f"can fall below {floor:.3g} (m x 2/2^n), so that test cannot reject at alpha={alpha:g}"
                 + (f" ({alternative})" if alternative else ""))
+    return WilcoxonFloor(floor, m, n_max, alpha, note)
+
+
+CORRECTIONS = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
+
+
+def correct(pvalues: Sequence[float], correction: str = "holm", alpha: float = 0.05) -> Holm | BH:
+    """``pvalues`` adjusted by ``correction``: ``"holm"`` (:func:`holm`) or ``"bh"`` (:func:`benjamini_hochberg`)."""
+    if correction == "holm":
+        return holm(pvalues, alpha)
+    if correction == "bh":
+        return benjamini_hochberg(pvalues, alpha)
+    raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+
+
+def wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None = None, alpha: float = 0.05,
+                   correction: str = "holm", unit: str = "seeds", alternative: str = "") -> WilcoxonFloor:
+    """:func:`holm_wilcoxon_floor` for either correction. Under Benjamini-Hochberg the smallest adjusted p is
+    ``min_j m p_(j) / j >= p_(1)``, reached when all m tests give the smallest exact p, so the floor is
+    ``2 / 2^n_max`` whatever m: with 5 seeds (0.0625) BH cannot reject at 0.05 either, with 6 (0.031) it can."""
+    if correction == "holm":
+        return holm_wilcoxon_floor(n_pairs, pvalues, alpha, unit, alternative)
+    if correction != "bh":
+        raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+    n = [int(k) for k in n_pairs]
+    if pvalues is not None:
+        n = [k for k, pv in zip(n, pvalues) if pv is not None and np.isfinite(pv)]
+    m, n_max = len(n), max(n, default=0)
+    if m == 0 or n_max == 0:
+        return WilcoxonFloor(NAN, m, n_max, alpha, "no Wilcoxon test")
+    floor = min(1.0, _min_wilcoxon_p(n_max))
+    note = ""
+    if floor >= alpha:
+        note = (f"with at most n={n_max} {unit} per comparison, no Benjamini-Hochberg-corrected Wilcoxon p can fall "
+                f"below {floor:.3g} (2/2^n, whatever the m={m} comparisons), so that test cannot reject at "
+                f"alpha={alpha:g}" + (f" ({alternative})" if alternative else ""))
     return WilcoxonFloor(floor, m, n_max, alpha, note)
 
 
@@ -895,14 +932,15 @@ def control_comparison(matrix: Sequence[Sequence[float]], names: Sequence[str], 
 
         z_i = (R_i - R_control) / sqrt(k (k + 1) / (6 N)),   p_i = 2 (1 - Phi(|z_i|)),
 
-    and the k - 1 p-values corrected by ``correction``: ``"holm"`` (step-down; more powerful) or
+    and the k - 1 p-values corrected by ``correction``: ``"holm"`` (step-down; more powerful), ``"bh"``
+    (Benjamini-Hochberg: false discovery rate instead of family-wise error) or
     ``"bonferroni"`` (Bonferroni-Dunn: p (k - 1), equivalent to Demšar's critical difference
     ``q_alpha sqrt(k (k + 1) / (6 N))`` with ``q_alpha = Phi^-1(1 - alpha / (2 (k - 1)))``). Rows with a NaN are
     dropped. The note says when even ranks k - 1 apart could not reach ``alpha`` after correction.
     """
     _check_confidence(alpha, "alpha")
-    if correction not in ("holm", "bonferroni"):
-        raise ValueError(f"correction must be 'holm' or 'bonferroni', got {correction!r}")
+    if correction not in ("holm", "bonferroni", "bh"):
+        raise ValueError(f"correction must be 'holm', 'bonferroni' or 'bh', got {correction!r}")
     x = _matrix(matrix)
     names = [str(s) for s in names]
     if len(names) != x.shape[1] or len(set(names)) != len(names):
@@ -921,8 +959,11 @@ def control_comparison(matrix: Sequence[Sequence[float]], names: Sequence[str], 
     z = (ranks[others] - ranks[c]) / se
     p = 2.0 * sps.norm.sf(np.abs(z))
     m = len(others)
-    adjusted = (holm(p, alpha).adjusted if correction == "holm" else tuple(np.minimum(1.0, p * m)))
-    p_floor = min(1.0, m * 2.0 * float(sps.norm.sf((k - 1) / se)))
+    adjusted = (holm(p, alpha).adjusted if correction == "holm" else benjamini_hochberg(p, alpha).adjusted
+                if correction == "bh" else tuple(np.minimum(1.0, p * m)))
+    # the smallest raw p any outcome gives is at ranks k - 1 apart; Holm and Bonferroni multiply the smallest p by m,
+    # BH's smallest adjusted p is at least the smallest raw p
+    p_floor = min(1.0, (1 if correction == "bh" else m) * 2.0 * float(sps.norm.sf((k - 1) / se)))
     note = _join(f"with N={n} data sets and k={k} methods no corrected p can fall below {p_floor:.3g}: the "
                  f"comparison against {control} cannot reject at alpha={alpha:g}" if p_floor >= alpha else "")
     rows = tuple(ControlRow(names[i], float(ranks[i]), float(zi), float(pi), float(ai), bool(ai < alpha))
@@ -975,17 +1016,26 @@ def bayesian_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, pr
         return (v > 0).astype(float) + 0.5 * (v == 0)
 
     above, below = step(sums - 2 * rope), step(-sums - 2 * rope)
-    weights = np.ones(n + 1)
-    weights[0] = prior
-    w = np.random.RandomState(seed).dirichlet(weights, n_samples)
-    t_a = np.einsum("si,ij,sj->s", w, above, w)
-    t_b = np.einsum("si,ij,sj->s", w, below, w)
+    w = _dirichlet_samples(n, float(prior), int(n_samples), int(seed))
+    t_a = ((w @ above) * w).sum(axis=1)
+    t_b = ((w @ below) * w).sum(axis=1)
     masses = np.stack([t_a, 1.0 - t_a - t_b, t_b], axis=1)
     share = np.bincount(np.argmax(masses, axis=1), minlength=3) / n_samples   # ties: the first, as baycomp
     small = f"only n={n} pairs: the prior pseudo-observation at 0 weighs {prior / (n + prior):.0%}" if n < 10 else ""
     return BayesSignedRank(float(share[0]), float(share[1]), float(share[2]),
                            tuple(float(v) for v in masses.mean(axis=0)), float(rope), n, n_samples, prior,
                            _join(note, small))
+
+
+@lru_cache(maxsize=32)
+def _dirichlet_samples(n: int, prior: float, n_samples: int, seed: int) -> np.ndarray:
+    """The posterior weight samples depend only on (n, prior, n_samples, seed), not on the scores: drawn once per
+    key (a leaderboard tests every method of a table with the same seed count), read-only."""
+    weights = np.ones(n + 1)
+    weights[0] = prior
+    w = np.random.RandomState(seed).dirichlet(weights, n_samples)
+    w.setflags(write=False)
+    return w
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1054,9 +1104,8 @@ def iqm_ci(scores: object, confidence: float = 0.95, n_resamples: int = 2000, se
     m = _scores(scores, "scores")
     n, t = m.shape
     rng = np.random.default_rng(seed)
-    cols = np.arange(t)
-    boot = np.array([sps.trim_mean(m[_stratified_indices(rng, n, t), cols].ravel(), 0.25)
-                     for _ in range(n_resamples)])
+    idx = rng.integers(0, n, size=(n_resamples, n, t))   # = n_resamples successive (runs x tasks) draws
+    boot = sps.trim_mean(m[idx, np.arange(t)].reshape(n_resamples, n * t), 0.25, axis=1)
     small = f"only {n} runs per task: bootstrap intervals under-cover for small samples" if n < BOOTSTRAP_SMALL_N else ""
     return _percentile(boot, iqm(m), confidence, n_resamples, small)
 
@@ -1071,11 +1120,16 @@ def probability_of_improvement_ci(a: object, b: object, confidence: float = 0.95
         raise ValueError(f"a has {x.shape[1]} tasks, b {y.shape[1]}")
     rng = np.random.default_rng(seed)
     cols = np.arange(x.shape[1])
-    boot = np.empty(n_resamples)
-    for r in range(n_resamples):
-        xa = x[_stratified_indices(rng, x.shape[0], x.shape[1]), cols]
-        yb = y[_stratified_indices(rng, y.shape[0], y.shape[1]), cols]
-        boot[r] = np.mean(_pi_per_task(xa, yb))
+    if x.shape == y.shape:   # one call draws the same stream as the alternating a, b draws below
+        both = rng.integers(0, x.shape[0], size=(n_resamples, 2, *x.shape))
+        ia, ib = both[:, 0], both[:, 1]
+    else:                    # the draws in rliable's order (a, then b), one resample at a time
+        draws = [(_stratified_indices(rng, *x.shape), _stratified_indices(rng, *y.shape)) for _ in range(n_resamples)]
+        ia, ib = np.stack([d[0] for d in draws]), np.stack([d[1] for d in draws])
+    xa, yb = x[ia, cols], y[ib, cols]     # resamples x runs x tasks
+    d = xa[:, :, None, :] - yb[:, None, :, :]
+    per_task = ((d > 0).sum(axis=(1, 2)) + 0.5 * (d == 0).sum(axis=(1, 2))) / (x.shape[0] * y.shape[0])
+    boot = per_task.mean(axis=1)
     n = min(x.shape[0], y.shape[0])
     small = f"only {n} runs per task: bootstrap intervals under-cover for small samples" if n < BOOTSTRAP_SMALL_N else ""
     return _percentile(boot, probability_of_improvement(x, y), confidence, n_resamples, small)
