@@ -211,3 +211,9 @@ def test_bayesian_test_needs_enough_shared_seeds(tmp_path):
     assert not any("bayes_vs_baseline" in r or "bayes_vs_top" in r for r in t.robust.values())
     assert any("fewer than 3 seeds are shared (here 2)" in n for n in t.robust_notes)
     assert all("iqm" in t.robust[m] for m in t.methods)        # the bootstrap statistics are still shown
+
+
+def test_one_seed_notes_that_no_test_can_reject(tmp_path):
+    t, _ = _table(tmp_path, seeds=range(1))
+    note = next(n for n in t.notes if "Wilcoxon p can fall below 1" in n)
+    assert "nor can the paired t-test, which needs at least 2 pairs" in note and "the paired t-test can)" not in note

@@ -19,7 +19,8 @@ width sets the overall cost.
 - Training, the sandwich rule (slimmable nets / US-Nets, as the paper trains "the SuperNet collaboratively with the
   SubNets"): every step runs the widest configuration, the narrowest (``narrowest``) and ``n_random``
   configurations drawn uniformly (encoder and every decoder independently) from the width set; each task's loss is
-  the sum of its losses over these configurations, so every MTL optimizer sees T losses as usual.
+  the sum of its losses over these configurations, so every MTL optimizer sees T losses as usual (and the record's
+  training-loss curves are these sums).
 - CIKD (configuration-invariant knowledge distillation): each narrower encoder's output matches the widest
   encoder's output on the same channels (prefix), teacher without gradient, with ``cikd_weight`` (beta; 0 turns it
   off): ``beta * sum_k mean_{b,h,w} || n(z_k) - n(z_full[:, :C_k]) ||^2`` with ``n`` the L2 normalisation over

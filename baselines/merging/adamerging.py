@@ -13,9 +13,12 @@ signs, no averaging: ``ties_merging_split(..., merge_func="dis-sum")``), so step
 Where ours differs, by design, and how to get the official behaviour:
 - inputs: by default the unlabelled *adaptation* split (disjoint from test); ``inputs="test"`` reproduces the
   paper's transductive use of the test inputs, and the record's data access then says ``test_inputs``;
-- speed: the tasks' batches go through ONE functional forward of the merged encoder per step
-  (``torch.func.functional_call`` with θ0 + Σ λ τ built from the flat task-vector matrix), each row scored by
-  its own task's frozen head, instead of one forward per task; the loss is the same sum.
+- speed: the tasks' batches go through the merged encoder together (``torch.func.functional_call`` with
+  θ0 + Σ λ τ built once per step from the flat task-vector matrix; all tasks' rows sorted by length together,
+  in slices of 64 rows to cut padding), each row scored by its own task's frozen head, instead of one forward per
+  task; the loss is the same sum. Layer-wise δ is one small product per tensor (``merged_delta``), no ``[T, D]``
+  temporary. Measured on one quiet core (8 tasks x 16 inputs, one unsorted forward): 3.1 s a step, 1/3
+  forward, 2/3 backward.
 """
 from __future__ import annotations
 

@@ -233,52 +233,86 @@ def equal_flops(ct: ControllableTable) -> list[dict[str, Any]]:
     return rows
 
 
+INTRO = ("One trained network, any (compute budget, task preference) at inference (`slimmable`, Aich et al. ICCV "
+         "2023). Grid per run: budgets 25/50/75/100 % of the full model's analytical FLOPs x preferences (simplex "
+         "lattice of step 1/4 for T <= 3, plus uniform; T > 3: one-hot-dominant 0.7 + uniform), test split, each "
+         "configuration after BN recalibration. Controllability: mean over preferences of Spearman's rho (Kendall's "
+         "tau-b) between the preference and each task's normalised gain over the same encoder with all-narrowest "
+         "decoders, per budget, then averaged over budgets (definition: `mtlbench/results/controllable.py`); at "
+         "100 % every preference gets the full model, so no control is possible there. Δm% as the main table (same "
+         "single-task baseline); AUC: area under mean-Δm% vs budget (25-100 %) / 0.75; violations: share of grid "
+         "points over budget. Mean ± std over seeds.")
+STATIC_NOTE = ("Dedicated (static) models vs the controllable ones at the same configuration (the search's choice "
+               "for the uniform preference at each budget): Δm%, mean ± std over seeds.")
+
+
+def _tables(ct: ControllableTable) -> list[tuple[list[str], list[list[str]]]]:
+    """(header, rows) of the section's two tables for one protocol (the second only with static models)."""
+    budgets = sorted({b for runs in ct.methods.values() for s in runs for b in s["per_budget"]}, key=float)
+    head = (["method", "n", "controllability ρ ↑", "τ ↑"] + [f"ρ @{float(b) * 100:g}%" for b in budgets]
+            + ["Δm% full ↑", "mean Δm% grid ↑", "AUC Δm%-FLOPs ↑", "violations", "search ms"])
+    rows = []
+    for m, runs in sorted(ct.methods.items()):
+        cells = [m, str(len(runs)), _ms([s["spearman"] for s in runs]), _ms([s["kendall"] for s in runs])]
+        cells += [_ms([s["per_budget"].get(b) for s in runs]) for b in budgets]
+        cells += [_ms([s["delta_full"] for s in runs], 2, True), _ms([s["delta_grid"] for s in runs], 2, True),
+                  _ms([s["auc"] for s in runs], 2, True), _ms([s["violations"] for s in runs], 3),
+                  _ms([s["search_ms"] for s in runs], 2)]
+        rows.append(cells)
+    out = [(head, rows)]
+    eq = equal_flops(ct)
+    if eq:
+        names = sorted(ct.sections)
+        head2 = ["static model", "configuration", "FLOPs", "static Δm%"] + [f"{n} Δm%" for n in names]
+        rows2 = [[r["static"], _config_text(r["config"]), f"{r['flops']:,}", _ms(r["static_delta"], 2, True)]
+                 + [_ms(r["at"][n], 2, True) for n in names] for r in eq]
+        out.append((head2, rows2))
+    return out
+
+
 def markdown(cts: list[ControllableTable], figures: dict[str, list[str]] | None = None) -> str:
     """The controllable-models section of leaderboard.md ("" when no table has controllable runs)."""
     if not cts:
         return ""
     from mtlbench.results.report import md_escape
 
-    out = ["## Controllable models", "",
-           "One trained network, any (compute budget, task preference) at inference (`slimmable`, Aich et al. ICCV "
-           "2023). Grid per run: budgets 25/50/75/100 % of the full model's analytical FLOPs x preferences (simplex "
-           "lattice of step 1/4 for T <= 3, plus uniform; T > 3: one-hot-dominant 0.7 + uniform), test split, each "
-           "configuration after BN recalibration. Controllability: mean over preferences of Spearman's rho (Kendall's "
-           "tau-b) between the preference and each task's normalised gain over the same encoder with all-narrowest "
-           "decoders, per budget, then averaged over budgets (definition: `mtlbench/results/controllable.py`). "
-           "Δm% as the main table (same single-task baseline); AUC: area under mean-Δm% vs budget (25-100 %) / 0.75; "
-           "violations: share of grid points over budget. Mean ± std over seeds.", ""]
+    out = ["## Controllable models", "", INTRO, ""]
     for ct in cts:
-        budgets = sorted({b for runs in ct.methods.values() for s in runs for b in s["per_budget"]}, key=float)
         out += [f"### {md_escape(ct.title)}", ""]
-        head = (["method", "n", "controllability ρ ↑", "τ ↑"] + [f"ρ @{float(b) * 100:g}%" for b in budgets]
-                + ["Δm% full ↑", "mean Δm% grid ↑", "AUC Δm%-FLOPs ↑", "violations", "search ms"])
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] + ["--:"] * (len(head) - 1)) + "|")
-        for m, runs in sorted(ct.methods.items()):
-            cells = [md_escape(m), str(len(runs)), _ms([s["spearman"] for s in runs]),
-                     _ms([s["kendall"] for s in runs])]
-            cells += [_ms([s["per_budget"].get(b) for s in runs]) for b in budgets]
-            cells += [_ms([s["delta_full"] for s in runs], 2, True), _ms([s["delta_grid"] for s in runs], 2, True),
-                      _ms([s["auc"] for s in runs], 2, True), _ms([s["violations"] for s in runs], 3),
-                      _ms([s["search_ms"] for s in runs], 2)]
-            out.append("| " + " | ".join(cells) + " |")
-        rows = equal_flops(ct)
-        if rows:
-            names = sorted(ct.sections)
-            out += ["", "Dedicated (static) models vs the controllable ones at the same configuration (the search's "
-                    "choice for the uniform preference at each budget): Δm%, mean ± std over seeds.", ""]
-            head = ["static model", "configuration", "FLOPs"] + ["static Δm%"] + [f"{md_escape(n)} Δm%" for n in names]
-            out.append("| " + " | ".join(head) + " |")
-            out.append("|" + "|".join(["---", "---"] + ["--:"] * (len(head) - 2)) + "|")
-            for r in rows:
-                out.append("| " + " | ".join([md_escape(r["static"]), _config_text(r["config"]), f"{r['flops']:,}",
-                                              _ms(r["static_delta"], 2, True)]
-                                             + [_ms(r["at"][n], 2, True) for n in names]) + " |")
+        for k, (head, rows) in enumerate(_tables(ct)):
+            if k:
+                out += ["", STATIC_NOTE, ""]
+            out.append("| " + " | ".join(md_escape(h) for h in head) + " |")
+            out.append("|" + "|".join(["---"] * (1 + k) + ["--:"] * (len(head) - 1 - k)) + "|")
+            out += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in rows]
         for f in (figures or {}).get(ct.title, []):
             out += ["", f"![{f}]({f})"]
         out.append("")
     return "\n".join(out)
+
+
+def html(cts: list[ControllableTable], figures: dict[str, list[str]], fig_dir: Any) -> str:
+    """The same section for leaderboard.html (figures embedded as the page's others are)."""
+    if not cts:
+        return ""
+    import html as h
+    from pathlib import Path
+
+    from mtlbench.results.report import _img
+
+    parts = ["<h2>Controllable models</h2>", f'<p class="note">{h.escape(INTRO.replace("`", ""))}</p>']
+    for ct in cts:
+        parts.append(f"<h3>{h.escape(ct.title)}</h3>")
+        for k, (head, rows) in enumerate(_tables(ct)):
+            if k:
+                parts.append(f'<p class="note">{h.escape(STATIC_NOTE)}</p>')
+            parts.append('<table class="lb"><thead><tr>' + "".join(f"<th>{h.escape(x)}</th>" for x in head)
+                         + "</tr></thead><tbody>")
+            parts += ["<tr>" + "".join(f'<td data-v="{h.escape(c)}">{h.escape(c)}</td>' for c in row) + "</tr>"
+                      for row in rows]
+            parts.append("</tbody></table>")
+        parts += [_img(Path(fig_dir) / Path(f).name) for f in figures.get(ct.title, [])]
+    return "\n".join(parts) + "\n"
 
 
 def as_dict(cts: list[ControllableTable]) -> list[dict[str, Any]]:

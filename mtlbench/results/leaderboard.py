@@ -389,7 +389,9 @@ def _significance(part: pd.DataFrame, order: list[str], tasks: list[str], metric
         out[m][t]["t_p_adjusted"] = float(pt)
         out[m][t]["wilcoxon_p_adjusted"] = float(pw)
     notes = []
-    floor = stats.wilcoxon_floor(pairs, raw_w, alpha, options.correction, alternative="the paired t-test can")
+    t_can = max(pairs, default=0) >= 2    # a paired t-test needs 2 pairs; with fewer nothing can reject
+    floor = stats.wilcoxon_floor(pairs, raw_w, alpha, options.correction, alternative="the paired t-test can" if
+                                 t_can else "nor can the paired t-test, which needs at least 2 pairs")
     if math.isfinite(floor.floor) and floor.floor >= alpha:
         notes.append(floor.note)
     return out, notes
@@ -440,7 +442,7 @@ def _robust(part: pd.DataFrame, order: list[str], base: str | None, chosen: str 
     ref_mean = np.mean(np.stack(list(runs[base].values())), axis=0) if base in runs else None
     if ref_mean is not None and np.any(ref_mean == 0):
         ref_mean = None
-        notes.append(f"IQM n/a: `{base}` has a mean of 0 on a metric, so relative changes are undefined")
+        notes.append(f"IQM n/a: {base} has a mean of 0 on a metric, so relative changes are undefined")
     top = order[0] if order else None
     few: set[int] = set()
 
@@ -480,7 +482,7 @@ def _robust(part: pd.DataFrame, order: list[str], base: str | None, chosen: str 
             if r is not None:
                 out[m][key] = r
     if base is None:
-        notes.append("IQM n/a: no single-task (`single`) runs under this protocol")
+        notes.append("IQM n/a: no single-task (single) runs under this protocol")
     if chosen is None:
         notes.append("probability of improvement n/a: no baseline under this protocol")
     if few:

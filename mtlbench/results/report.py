@@ -167,7 +167,7 @@ def robust_note(table: Table, name: Any = lambda m: f"`{m}`") -> str:
            f"the mean of {name(table.reference)}, over runs × metrics ({metrics}, as Δm%), with a {boot}"
            if table.reference else "IQM Δ% n/a (no `single` runs: no Δm% reference)")
     return (f"{iqm}. P(> {name(base)}) = probability of improvement (Agarwal et al. 2021): the chance that a random run "
-            f"of the method beats a random run of {name(base)} on a metric (ties count ½), averaged over the same "
+            f"of the method beats a random run of {name(base)} on a metric (ties count 1/2), averaged over the same "
             f"metrics, same interval. Bayes = Bayesian signed-rank test (Benavoli et al. 2017; Dirichlet process "
             f"prior of weight {o.bayes_prior:g} at 0, {o.bayes_samples} posterior samples, seed {o.stat_seed}) on "
             f"the per-seed Δm% of the method against the other method's run with the same seed, with a region of "
@@ -175,7 +175,8 @@ def robust_note(table: Table, name: Any = lambda m: f"`{m}`") -> str:
             f"practically better / equivalent / worse (the share of posterior samples in which that region is the "
             f"most probable; above 0.95 is a clear decision). These estimate and decide instead of rejecting: no "
             f"multiple-comparison correction applies, and with n seeds the prior pseudo-observation weighs "
-            f"{o.bayes_prior:g}/(n+{o.bayes_prior:g}) (9 % with 5 seeds, 14 % with 3)")
+            f"{o.bayes_prior:g}/(n+{o.bayes_prior:g}) ({o.bayes_prior / (5 + o.bayes_prior):.0%} with 5 seeds, "
+            f"{o.bayes_prior / (3 + o.bayes_prior):.0%} with 3); it is not shown below {o.bayes_min_pairs} shared seeds")
 
 
 def _interval(r: dict[str, Any] | None, signed: bool = True, digits: int = 2) -> str:
@@ -213,7 +214,7 @@ def robust_header(table: Table, name: Any = str) -> list[str]:
 def _robust_md(table: Table) -> list[str]:
     title = "### Robust aggregates and practical significance"
     if not table.robust:
-        return [title, "", "n/a: " + md_escape("; ".join(_robust_notes(table))).replace("\\_", "_") + ".", ""] \
+        return [title, "", md_escape("; ".join(_robust_notes(table))).replace("\\_", "_") + ".", ""] \
             if _robust_notes(table) else []
     head = robust_header(table, md_escape)
     lines = [title, "",
@@ -406,7 +407,8 @@ def _robust_tex(table: Table) -> list[str]:
 
 _TEX = {"\\": "\\textbackslash{}", "{": "\\{", "}": "\\}", "$": "\\$", "&": "\\&", "#": "\\#", "%": "\\%",
         "_": "\\_", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "×": "$\\times$", "Δ": "$\\Delta$",
-        "±": "$\\pm$", "–": "--", "—": "---", "`": "", "<": "\\textless{}", ">": "\\textgreater{}"}
+        "±": "$\\pm$", "–": "--", "—": "---", "`": "", "<": "\\textless{}", ">": "\\textgreater{}",
+        "↑": "$\\uparrow$", "↓": "$\\downarrow$", "½": "1/2"}
 
 
 def _tex(s: str) -> str:
@@ -798,9 +800,11 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
     if ctl:  # controllable models (issue 11): their section in md and json, only where such runs exist
         from mtlbench.results import controllable
 
-        md, js = texts["md"], texts["json"]
+        md, js, page = texts["md"], texts["json"], texts["html"]
         texts["md"] = lambda: _insert_section(md(), controllable.markdown(ctl, ctl_figs))
         texts["json"] = lambda: _json_with(js(), "controllable", controllable.as_dict(ctl))
+        texts["html"] = lambda: page().replace(f"<script>{HTML_SCRIPT}</script>", controllable.html(
+            ctl, ctl_figs, out / "figures") + f"<script>{HTML_SCRIPT}</script>", 1)
     for fmt in formats:
         path = out / f"leaderboard.{fmt}"
         path.write_text(texts[fmt](), encoding="utf-8")
