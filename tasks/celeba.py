@@ -13,12 +13,17 @@ Images are decoded once with Pillow (a matplotlib dependency), centre-cropped to
 split (in file order) for quick runs. Attributes -1/1 become 0/1; each is a binary task (accuracy, AUC).
 
 Source: the official release is on Google Drive behind a confirmation page, so mtlbench does not download it;
-the error names where the files go. Hashes are not pinned (the files could not be obtained in this session to
-pin them); the record stores the sha256 of both list files. A corrupt or truncated JPEG, a malformed list file or
-an image named in a list but missing is one line naming the file.
+the error names where the files go. Hashes are pinned to the md5s that torchvision's ``CelebA`` dataset publishes
+for the official files (``torchvision/datasets/celeba.py``, ``file_list``): both list files are checked on every
+load (a file with another md5 is one line naming both), and ``img_align_celeba.zip``, when it is still beside the
+unpacked folder, once when the image cache is built (the unpacked JPEGs have no published hash; torchvision does
+not check them either). The files could not be obtained in this session, so the pins are tested on fixtures
+only. The record stores the sha256 of both list files. A corrupt or truncated JPEG, a malformed list file or an
+image named in a list but missing is one line naming the file.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,8 +41,24 @@ ATTRIBUTES = ("5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_E
               "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose",
               "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair",
               "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young")
+# md5 of the official files, as torchvision's CelebA ``file_list`` pins them
+PINNED_MD5 = {"img_align_celeba.zip": "00d2c5bc6d35e252742224ab0c1e8fcb",
+              "list_attr_celeba.txt": "75e246fa4810816ffd6ee81facbd244c",
+              "list_eval_partition.txt": "d32c9cbf5e040fd4025c592c306e6668"}
 HOW_TO_GET = ("get img_align_celeba.zip, list_attr_celeba.txt and list_eval_partition.txt from the CelebA page "
               "(mmlab.ie.cuhk.edu.hk/projects/CelebA.html) and unzip the images")
+
+
+def check_md5(path: Path) -> None:
+    """One line if ``path`` is not the official file (its md5 differs from the pinned one)."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    want = PINNED_MD5[path.name]
+    if h.hexdigest() != want:
+        raise MtlbenchError(f"celeba: {path} has md5 {h.hexdigest()}, the official file has {want} (torchvision's "
+                            f"pin); it is corrupt, truncated or another version: {HOW_TO_GET}")
 
 
 def read_attributes(path: Path) -> tuple[list[str], np.ndarray]:
@@ -118,9 +139,13 @@ class CelebA(DatasetAdapter):
         if missing:
             where = str(root) if root is not None else "<data-dir>/celeba (pass --data-dir)"
             raise MtlbenchError(f"celeba: missing {', '.join(missing)} in {where}; {HOW_TO_GET}")
+        for n in need[:2]:
+            check_md5(root / n)
         sources = {n: sha256_file(root / n) for n in need[:2]}
 
         def build():
+            if (root / "img_align_celeba.zip").is_file():
+                check_md5(root / "img_align_celeba.zip")
             names, attrs = read_attributes(root / "list_attr_celeba.txt")
             part = read_partition(root / "list_eval_partition.txt")
             lost = [n for n in names if n not in part]

@@ -13,9 +13,13 @@ unlabelled, depth and normals as float32 with validity maps (depth > 0; any norm
 LibMTL's losses mask them. Validation: ``val_images`` training images (default 95) carved from train by a fixed
 hash order (``split_seed``; independent of the run seed), so model selection never sees the test folder.
 
-Source: the preprocessed archive linked from MTAN's README (``lorenmt/mtan``; a shared-folder download, not a
-stable file URL). Its hash could not be pinned in this session (the archive was not reachable), so nothing is
-pinned and the record stores the sha256 of every file read; a missing folder is one line saying where to put it.
+Source: the preprocessed archive linked from MTAN's README (``lorenmt/mtan``:
+https://www.dropbox.com/s/p2nn02wijg7peiy/nyuv2.zip), the one LibMTL's NYUv2 example and later papers (CAGrad,
+Nash-MTL, AuxiLearn) point to. No checksum of it is published anywhere we could find (MTAN's README, LibMTL's
+docs and example, and the peer loaders that download the same file state none), and the archive could not be
+fetched in this session to compute one, so no hash is pinned: the record stores the sha256 of every file read,
+which identifies the data a run saw. mtlbench does not download it (Dropbox serves an HTML page unless asked for
+``?dl=1``, and an unpinned download could not be verified); a missing folder is one line saying where to put it.
 A truncated or corrupt ``.npy`` is one line naming the file.
 """
 from __future__ import annotations
@@ -33,7 +37,8 @@ from mtlbench.data import ImageSpec
 from mtlbench.tasks.helpers import cached_tensors, hash_order, resolve_data_dir
 
 KINDS = ("image", "label", "depth", "normal")
-HOW_TO_GET = "download the preprocessed NYUv2 archive linked from the README of github.com/lorenmt/mtan and unpack it"
+HOW_TO_GET = ("download the preprocessed NYUv2 archive of MTAN (https://www.dropbox.com/s/p2nn02wijg7peiy/nyuv2.zip, "
+              "linked from github.com/lorenmt/mtan) and unpack it")
 
 
 def load_npy(path: Path) -> np.ndarray:

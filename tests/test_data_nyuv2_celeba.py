@@ -84,9 +84,42 @@ def write_celeba(root, n=7, seed=0):
     return attrs, part
 
 
+def pin_fixture(root, monkeypatch):
+    """Pin the fixture's list files as if they were the official ones (the official md5s stay tested below)."""
+    import hashlib
+
+    from mtlbench.tasks import celeba
+
+    pins = dict(celeba.PINNED_MD5)
+    for n in ("list_attr_celeba.txt", "list_eval_partition.txt"):
+        pins[n] = hashlib.md5((root / "celeba" / n).read_bytes()).hexdigest()
+    monkeypatch.setattr(celeba, "PINNED_MD5", pins)
+
+
+def test_celeba_official_md5_pins(tmp_path, monkeypatch):
+    """The adapter checks the list files against torchvision's md5s of the official files: a fixture (or a
+    corrupt copy) is one line naming both hashes."""
+    from mtlbench.tasks import celeba
+
+    assert celeba.PINNED_MD5 == {"img_align_celeba.zip": "00d2c5bc6d35e252742224ab0c1e8fcb",
+                                 "list_attr_celeba.txt": "75e246fa4810816ffd6ee81facbd244c",
+                                 "list_eval_partition.txt": "d32c9cbf5e040fd4025c592c306e6668"}
+    monkeypatch.setenv("MTLBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    write_celeba(tmp_path)
+    with pytest.raises(MtlbenchError, match=r"celeba: .*list_attr_celeba.txt has md5 [0-9a-f]{32}, the official file "
+                                            r"has 75e246fa4810816ffd6ee81facbd244c") as e:
+        _load("celeba", tmp_path, resolution=8)
+    assert "\n" not in str(e.value)
+    pin_fixture(tmp_path, monkeypatch)
+    (tmp_path / "celeba" / "img_align_celeba.zip").write_bytes(b"PK not the archive")
+    with pytest.raises(MtlbenchError, match=r"img_align_celeba.zip has md5 .* the official file has 00d2c5bc"):
+        _load("celeba", tmp_path, resolution=8)
+
+
 def test_celeba_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("MTLBENCH_CACHE_DIR", str(tmp_path / "cache"))
     attrs, part = write_celeba(tmp_path)
+    pin_fixture(tmp_path, monkeypatch)
     d = _load("celeba", tmp_path, resolution=8)
     assert {s: len(sp) for s, sp in d.splits.items()} == {"train": 3, "val": 2, "test": 2}
     assert d.splits["train"]["images"].shape == (3, 3, 8, 8)
@@ -97,11 +130,13 @@ def test_celeba_layout(tmp_path, monkeypatch):
 def test_celeba_bad_files(tmp_path, monkeypatch):
     monkeypatch.setenv("MTLBENCH_CACHE_DIR", str(tmp_path / "cache"))
     write_celeba(tmp_path)
+    pin_fixture(tmp_path, monkeypatch)
     img = tmp_path / "celeba" / "img_align_celeba" / "000004.jpg"
     img.write_bytes(img.read_bytes()[:60])
     with pytest.raises(MtlbenchError, match=r"celeba: cannot decode .*000004.jpg .*corrupt or truncated") as e:
         _load("celeba", tmp_path, resolution=8)
     assert "\n" not in str(e.value)
     (tmp_path / "celeba" / "list_eval_partition.txt").write_text("000001.jpg 7\n")
+    pin_fixture(tmp_path, monkeypatch)
     with pytest.raises(MtlbenchError, match=r"list_eval_partition.txt line 1 is not 'image.jpg 0\|1\|2'"):
         _load("celeba", tmp_path, resolution=8)
