@@ -109,6 +109,20 @@ def test_merges_and_joint_training_share_one_leaderboard_table(store, tmp_path, 
     assert "merge:adamerging [unlabelled]" in table
     assert "merge:pretrained [none]" in table
     assert "Merge rows" in table
+    # the experts (T single-task fine-tunes) are the Δm% reference and the cost reference of a merging table
+    assert "signed relative change vs `minilm × merge:experts [none, task id]`" in table
+    assert "Cost = fine-tuning compute" in table
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines()
+            if line.startswith("| minilm")}
+    recs = _records(root)
+    zoo = sum(e["train_seconds"] for e in recs["experts"]["merge"]["zoo"])
+    for name, label, seconds in (
+            ("task_arithmetic", "minilm × merge:task_arithmetic [labelled_val]",
+             zoo + recs["task_arithmetic"]["merge"]["cost"]["merge_seconds"]),
+            ("joint", "minilm × ew", recs["joint:ew"]["train_seconds"])):
+        expected = seconds / (zoo + recs["experts"]["merge"]["cost"]["merge_seconds"])
+        assert float(rows[label][-1].strip(" |")) == pytest.approx(expected, abs=0.006), name  # shown to 2 decimals
+    assert rows["minilm × merge:experts [none, task id]"][-3].strip() == "+0.00"  # its own Δm%
 
 
 # ------------------------------------------------------------------------------------------------ bad input

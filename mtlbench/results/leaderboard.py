@@ -38,6 +38,8 @@ PROTOCOL_KEYS = settings.protocol_keys()
 BASELINE_ARCH = "single"
 #: The reference of the relative training cost column: the first of these with runs in the table.
 COST_REFERENCES = (("single", "ew"), ("shared_bottom", "ew"))
+#: A merging table's single-task reference: the per-task fine-tuned experts (T single-task runs), for Δm% and cost.
+EXPERTS = "merge:experts"
 ARROW = {"max": "↑", "min": "↓", None: "(no direction: not ranked)"}
 ALPHA = DEFAULTS.alpha   # the default significance level (mtlbench.results.options declares every setting)
 
@@ -104,7 +106,7 @@ def protocol_of(spec: dict[str, Any]) -> dict[str, Any]:
 FRAME_COLUMNS = ["run_id", "dataset", "dataset_version", "tasks", "protocol", "arch", "optimizer", "method", "seed",
                  "split", "task", "metric", "primary", "direction", "value", "selected_epoch", "epochs_run"]
 #: Columns of the frame used to build tables but not written to the CSV.
-INTERNAL_COLUMNS = ["protocol", "seconds_per_epoch", "at_default", "method_id", "family"]
+INTERNAL_COLUMNS = ["protocol", "seconds_per_epoch", "compute_seconds", "at_default", "method_id", "family"]
 
 
 def family_of(rec: RunRecord) -> str:
@@ -140,6 +142,7 @@ def long_frame(records: list[RunRecord] | list[dict[str, Any]]) -> pd.DataFrame:
         label = names[protocol][rec.method]
         arch, opt = label.split(mid.SEP)
         spe, default, family = rec.seconds_per_epoch, rec.at_default_options, family_of(rec)
+        compute = rec.compute_seconds
         per_task_epoch = rec.selected_epochs or {}
         for split, per_task in (rec.metrics or {}).items():
             for task, metrics in per_task.items():
@@ -154,7 +157,8 @@ def long_frame(records: list[RunRecord] | list[dict[str, Any]]) -> pd.DataFrame:
                         "metric": metric, "primary": metric == primary,
                         "direction": rec.directions.get(metric, ""), "value": np.nan if value is None else float(value),
                         "selected_epoch": epoch, "epochs_run": rec.epochs_run,
-                        "seconds_per_epoch": np.nan if spe is None else spe, "at_default": default,
+                        "seconds_per_epoch": np.nan if spe is None else spe,
+                        "compute_seconds": np.nan if compute is None else compute, "at_default": default,
                         "method_id": rec.method, "family": family,
                     })
     frame = pd.DataFrame(rows, columns=FRAME_COLUMNS + INTERNAL_COLUMNS[1:])
@@ -190,6 +194,10 @@ class Table:
     robust: dict[str, dict[str, Any]] = field(default_factory=dict)   # method -> IQM, P(improvement), Bayes
     robust_notes: list[str] = field(default_factory=list)
     delta_columns: list[tuple[str, str]] = field(default_factory=list)   # the (task, metric) columns of Δm%
+    # "epoch": cost = time per epoch / the reference's; "compute" (merging tables, reference = the experts): total
+    # fine-tuning compute (zoo + merge, or the joint training) / the experts' zoo
+    cost_kind: str = "epoch"
+    compute_seconds: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -271,6 +279,8 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
                      + ", ".join(sorted(d.run_id for d, _ in superseded)) + ")")
     # Δm% against the single-task baseline
     base = _reference(methods, ids, at_default, BASELINE_ARCH)
+    if base is None:  # a merging table: the experts are its T single-task runs
+        base = next((m for m in methods if ids[m].optimizer == EXPERTS), None)
     delta: dict[str, float | None] = {}
     dense = any(c[1] in DENSE_METRIC_NAMES for c in columns)  # per-pixel tasks: every metric counts (vision papers)
     flat = flat or dense
@@ -284,6 +294,8 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
                 "al. 2021)" if dense else "all task metrics" if flat else "tasks of the primary metric")
         note = (f"Δm% (Maninis et al. 2019): mean over {what}"
                 f" of the signed relative change vs `{base}`, in %, positive = better")
+        if ids[base].optimizer == EXPERTS:
+            note += " (the per-task fine-tuned experts: a merging table's single-task reference)"
         if len(cols_for_delta) < len(columns if flat else prim):
             note += " (metrics without a direction left out)"
         for m in methods:
@@ -334,11 +346,18 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     ref = next((r for a, o in COST_REFERENCES if (r := _reference(methods, ids, at_default, a, o))
                 and ids[r].optimizer == o and spe.get(r)), None)
     cost = {m: (spe[m] / spe[ref] if ref and spe[m] is not None else None) for m in methods}
+    compute = {m: _mean_or_none(part.loc[part["method"] == m].drop_duplicates("run_id")["compute_seconds"])
+               for m in methods}
+    cost_kind = "epoch"
+    if ref is None and base is not None and ids[base].optimizer == EXPERTS and compute.get(base):
+        ref, cost_kind = base, "compute"
+        cost = {m: (compute[m] / compute[ref] if compute[m] is not None else None) for m in methods}
     families = sorted(set(part["family"]))
     robust, robust_notes = _robust(part, order, base, chosen, cols_for_delta, directions, options)
     return Table(protocol, columns, directions, order, table_stats, delta, note,
                  {m: float(v) for m, v in mean_rank.items()}, seeds, signif, notes, chosen, signif_base, cost, spe,
-                 ref, ids, at_default, options, "+".join(families), base, robust, robust_notes, cols_for_delta)
+                 ref, ids, at_default, options, "+".join(families), base, robust, robust_notes, cols_for_delta,
+                 cost_kind, compute)
 
 
 def _mean_or_none(values: pd.Series) -> float | None:

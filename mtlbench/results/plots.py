@@ -143,8 +143,8 @@ def plot_curves(table: Table, records: list[RunRecord], frame: pd.DataFrame, pat
 
 
 def plot_cost(table: Table, path: Path) -> Path | None:
-    """Δm% against relative training cost (time per epoch vs the table's reference), one point per method: what a
-    method gains for what it costs. None when the table has no Δm% or no cost reference."""
+    """Δm% against relative training cost (time per epoch vs the table's reference; in a merging table, fine-tuning
+    compute vs the experts' zoo), one point per method: what a method gains for what it costs. None when the table has no Δm% or no cost reference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +166,8 @@ def plot_cost(table: Table, path: Path) -> Path | None:
             ax.annotate(m, (c, d), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.axhline(0.0, color="#999999", linewidth=0.6)
-    ax.set_xlabel(f"training time per epoch relative to {table.cost_reference} (log scale) ↓")
+    what = "fine-tuning compute" if table.cost_kind == "compute" else "training time per epoch"
+    ax.set_xlabel(f"{what} relative to {table.cost_reference} (log scale) ↓")
     ax.set_ylabel("Δm% ↑")
     ax.set_title(f"{table.title}: Δm% vs cost" + ("" if label_all else "\nlabelled: the front"), fontsize=8)
     ax.legend(fontsize=7)

@@ -156,6 +156,28 @@ class RunRecord:
         return float(secs) / epochs
 
 
+    @property
+    def compute_seconds(self) -> float | None:
+        """Fine-tuning compute of the run, evaluations excluded (the cost column of a merging table, where an epoch
+        means nothing to a merge): a merge's zoo (the sum of its experts' ``train_seconds``) plus the merge's own
+        ``merge_seconds``; a training run's ``train_seconds``. None when a part is not recorded."""
+        merge = self.extra.get("merge")
+        if merge is None:
+            return float(self.train_seconds) if _finite(self.train_seconds) else None
+        zoo = merge.get("zoo") if isinstance(merge, dict) else None
+        cost = merge.get("cost") if isinstance(merge, dict) else None
+        parts = [e.get("train_seconds") if isinstance(e, dict) else None for e in zoo or []] if isinstance(
+            zoo, list) else []
+        parts.append(cost.get("merge_seconds") if isinstance(cost, dict) else None)
+        if len(parts) < 2 or not all(_finite(v) for v in parts):
+            return None
+        return float(sum(parts))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def make_record(spec: Mapping[str, Any], run_id: str, status: str = "running", *,
                 directions: Mapping[str, str] | None = None, error: Mapping[str, Any] | None = None,
                 created: datetime | None = None, **fields_: Any) -> RunRecord:

@@ -248,6 +248,11 @@ def cost_note(table: Table) -> str:
     if table.cost_reference is None:
         return ("Cost n/a: no `single × ew` or `shared_bottom × ew` runs with recorded training times under this "
                 "protocol")
+    if table.cost_kind == "compute":
+        return (f"Cost = fine-tuning compute (mean over seeds, from the records; evaluation excluded) relative to "
+                f"`{table.cost_reference}`, whose zoo took {table.compute_seconds[table.cost_reference]:.3g} s of "
+                "training: a merge's zoo plus its own merge time, a joint run's training time, both for the same "
+                "fine-tuning budget")
     return (f"Cost = training time per epoch (mean over seeds, from the records) relative to `{table.cost_reference}`"
             f" ({table.seconds_per_epoch[table.cost_reference]:.3g} s per epoch); methods are compared at equal "
             "epochs, so a cost of 3 means three times the compute for the same budget")
@@ -432,11 +437,13 @@ def as_json(tables: list[Table], store: Store, cross: dict[str, Any] | None) -> 
         "title": t.title, "protocol": t.protocol, "delta_m_note": t.delta_m_note, "methods": [{
             "method": m, "seeds": t.seeds[m], "delta_m": t.delta_m.get(m), "mean_rank": t.mean_rank.get(m),
             "relative_cost": t.cost.get(m), "seconds_per_epoch": t.seconds_per_epoch.get(m),
+            "compute_seconds": t.compute_seconds.get(m),
             "metrics": {f"{task}/{metric}": t.stats[m].get((task, metric)) for task, metric in t.columns},
             "significance_vs_best": t.significance.get(m, {}),
             "significance_vs_baseline": t.significance_baseline.get(m, {}),
             "robust": t.robust.get(m, {})} for m in t.methods],
-        "baseline": t.baseline, "cost_reference": t.cost_reference, "directions": t.directions, "notes": t.notes,
+        "baseline": t.baseline, "cost_reference": t.cost_reference, "cost_kind": t.cost_kind,
+        "directions": t.directions, "notes": t.notes,
         "family": t.family, "delta_m_reference": t.reference, "statistics": dataclasses.asdict(t.options),
         "robust_note": robust_note(t, str), "robust_notes": _robust_notes(t)}
         for t in tables],

@@ -378,16 +378,21 @@ class WilcoxonFloor:
     note: str = ""
 
 
+def _tested_pairs(n_pairs: Sequence[int], pvalues: Sequence[float] | None) -> tuple[int, int]:
+    """(m, n_max): how many tests produced a p (all of them when ``pvalues`` is None) and their largest n."""
+    n = [int(k) for k in n_pairs]
+    if pvalues is not None:
+        n = [k for k, pv in zip(n, pvalues) if pv is not None and np.isfinite(pv)]
+    return len(n), max(n, default=0)
+
+
 def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None = None, alpha: float = 0.05,
                         unit: str = "seeds", alternative: str = "") -> WilcoxonFloor:
     """Whether Holm-corrected exact Wilcoxon tests can reject at all: the smallest two-sided exact p with n
     non-zero pairs is 2 / 2^n, and Holm multiplies the smallest p by m, so no outcome goes below
     ``min(1, m * 2 / 2^n_max)``. ``pvalues`` (optional) says which tests produced a p (NaN ones do not count in m).
     The note says so when that floor is at least ``alpha`` (e.g. 5 seeds and 4 comparisons: 4 x 0.0625 = 0.25)."""
-    n = [int(k) for k in n_pairs]
-    if pvalues is not None:
-        n = [k for k, pv in zip(n, pvalues) if pv is not None and np.isfinite(pv)]
-    m, n_max = len(n), max(n, default=0)
+    m, n_max = _tested_pairs(n_pairs, pvalues)
     if m == 0 or n_max == 0:
         return WilcoxonFloor(NAN, m, n_max, alpha, "no Wilcoxon test")
     floor = min(1.0, m * _min_wilcoxon_p(n_max))
@@ -420,10 +425,7 @@ def wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None = Non
         return holm_wilcoxon_floor(n_pairs, pvalues, alpha, unit, alternative)
     if correction != "bh":
         raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
-    n = [int(k) for k in n_pairs]
-    if pvalues is not None:
-        n = [k for k, pv in zip(n, pvalues) if pv is not None and np.isfinite(pv)]
-    m, n_max = len(n), max(n, default=0)
+    m, n_max = _tested_pairs(n_pairs, pvalues)
     if m == 0 or n_max == 0:
         return WilcoxonFloor(NAN, m, n_max, alpha, "no Wilcoxon test")
     floor = min(1.0, _min_wilcoxon_p(n_max))
