@@ -65,6 +65,7 @@ def make_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--tasks", help="task set, comma-separated (needed when there are several)")
     cmp_.add_argument("--split", default="test", help="split to compare on (default test)")
     cmp_.add_argument("--results-dir", default=DEFAULT_RESULTS_DIR)
+    stat_options.add_flags(cmp_, stat_options.COMPARE_FLAGS)
     se = sub.add_parser("search", help="a controllable arch's widths for a compute budget and a task preference",
                         description="The width configuration a controllable (slimmable) arch runs at for a FLOPs "
                         "budget and a task preference, with its exact analytical FLOPs; builds the untrained model "
@@ -542,12 +543,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from mtlbench.results.compare import compare
 
+    options = stat_options.from_args(args)  # a bad value: one line, before any record is read
     if not Path(args.results_dir).is_dir():
         raise MtlbenchError(f"results directory '{args.results_dir}' does not exist")
     stores: list = []
     try:
         text = compare(args.results_dir, args.a, args.b, dataset=args.dataset, tasks=_csv(args.tasks),
-                       split=args.split, store_out=stores)
+                       split=args.split, store_out=stores, options=options)
     finally:
         _say_skipped(stores)
     print(text)

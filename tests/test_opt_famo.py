@@ -230,3 +230,33 @@ def test_bad_options_are_one_line_errors(options, needle):
         get("optimizer", NAME).resolve_options(options)
     msg = str(exc.value)
     assert needle in msg and "\n" not in msg
+
+
+def test_default_is_the_official_same_batch_update():
+    """Issue 14: by default L^after is the SAME batch's losses at the updated parameters (one extra forward after
+    the step, as the official code, LibMTL and torchjd), so the first step already updates the logits by exactly
+    the same-batch decrease; the next-batch variant (``extra_forward=false``) has nothing to compare after one step."""
+    model = Toy(2, seed=3)
+    m = _method(["t0", "t1"])
+    assert m.options.extra_forward is True
+    calls = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    ctx = _ctx(model, 0)
+    forward = ctx.forward
+    ctx.forward = lambda: calls.append(1) or forward()
+    before = torch.stack([l.detach() for l in ctx.losses]).double()
+    opt.zero_grad(set_to_none=True)
+    m.step(ctx)
+    opt.step()
+    m.after_step(ctx)
+    assert len(calls) == 1  # exactly one extra forward, after the parameter step
+    with torch.no_grad():
+        after = torch.stack([l.detach() for l in _ctx(model, 0).losses]).double()  # same batch, updated weights
+    ref = _method(["t0", "t1"])
+    ref.update_logits(before, after)
+    torch.testing.assert_close(m.logits, ref.logits, rtol=0, atol=0)
+    assert not torch.equal(m.logits, torch.zeros(2, dtype=torch.float64))
+    cheap = _method(["t0", "t1"], extra_forward=False)
+    model_b = Toy(2, seed=3)
+    _train(model_b, cheap, range(1))
+    assert torch.equal(cheap.logits, torch.zeros(2, dtype=torch.float64))  # next-batch variant: no update yet

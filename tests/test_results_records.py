@@ -325,3 +325,29 @@ def test_slug_is_bounded_and_unique():
     long2 = table([f"task_{i}" for i in range(138)] + ["other"])
     assert len(slug(long1)) <= 80 and slug(long1) != slug(long2) and "139tasks" in slug(long1)
     assert slug(table(["ctr", "cvr"])).startswith("d-ctr-cvr-")
+
+
+@pytest.mark.parametrize("correction", ["holm", "bh"])
+def test_compare_takes_the_correction_and_alpha(tmp_path, capsys, correction):
+    """`mtlbench compare --correction/--alpha`: the adjusted p of each row is that correction of the raw ones,
+    the summary counts significance at the given alpha; a bad value is one line before any record is read."""
+    from mtlbench.cli import main
+    from mtlbench.results import stats as S
+
+    runs = write_fake_store(tmp_path / "runs", _records(noise=0.01))
+    assert main(["compare", "home", "mmoe", "--results-dir", str(runs), "--correction", correction,
+                 "--alpha", "0.2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    short = {"holm": "Holm", "bh": "BH"}[correction]
+    head = next(i for i, x in enumerate(out) if x.startswith("task"))
+    assert f"t p ({short})" in out[head]
+    rows = [x.split() for x in out[head + 1:] if x and not x.startswith(("summary", "notes"))]
+    raw = [float(r[-4]) for r in rows]
+    adjusted = [float(r[-3].strip("()")) for r in rows]
+    # printed to 3 decimals: each raw p is off by up to 5e-4, which a correction multiplies by at most m
+    tol = 5e-4 * (len(raw) + 1)
+    assert adjusted == pytest.approx(list(S.correct(raw, correction).adjusted), abs=tol)
+    assert any(x.startswith("summary over") and "p < 0.2" in x for x in out)
+    assert main(["compare", "home", "mmoe", "--results-dir", str(tmp_path / "nowhere"), "--correction", "bonf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bonf" in err and "holm" in err and "bh" in err

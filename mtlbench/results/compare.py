@@ -2,7 +2,8 @@
 
 Methods are named as everywhere else (``mtlbench.results.methods``): ``ARCH``, ``ARCH:OPTIMIZER``, with options
 ``ARCH(k=v):OPTIMIZER`` or a leaderboard label. The rows end with a summary line: on how many rows each side is
-better, how many of those are significant (Holm-corrected paired t-test), and the ties.
+better, how many of those are significant (paired t-test, corrected across the rows: Holm by default, or
+Benjamini-Hochberg with ``--correction bh``; ``--alpha`` the level), and the ties.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import numpy as np
 
 from mtlbench.errors import MtlbenchError, unknown
 from mtlbench.results import methods as mid
-from mtlbench.results.leaderboard import ALPHA, Store, load_store, long_frame
+from mtlbench.results.leaderboard import Store, load_store, long_frame
+from mtlbench.results.options import DEFAULTS, StatOptions
 
 
 def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks: list[str] | None = None,
-            split: str = "test", store_out: list[Store] | None = None) -> str:
+            split: str = "test", store_out: list[Store] | None = None, options: StatOptions = DEFAULTS) -> str:
     from mtlbench.results import stats
 
+    alpha, corr = options.alpha, options.correction_name
     store = load_store(results_dir)
     if store_out is not None:
         store_out.append(store)
@@ -65,7 +68,7 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
     lines = [f"{chosen[0]}  vs  {chosen[1]}  on {proto['dataset']} [{shown_tasks}], {split} split, paired over "
              "shared seeds",
              "difference = A - B, oriented so that positive = A better; 95% CI from the paired t-test; "
-             "Holm across the rows below", ""]
+             f"{corr} across the rows below (alpha {alpha:g})", ""]
     rows, p_t, p_w, pairs = [], [], [], []
     unranked = []
     for (task, metric), ga in fa.groupby(["task", "metric"], sort=False):
@@ -79,7 +82,7 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         sign = 1.0 if direction == "max" else -1.0
         x, y = sign * va.loc[seeds].to_numpy(float), sign * vb.loc[seeds].to_numpy(float)
         t = stats.paired_t(x, y)
-        w = stats.wilcoxon(x, y, alpha=ALPHA)
+        w = stats.wilcoxon(x, y, alpha=alpha)
         with np.errstate(all="ignore"):
             ma = float(np.nanmean(va.loc[seeds])) if seeds else math.nan
             mb = float(np.nanmean(vb.loc[seeds])) if seeds else math.nan
@@ -87,10 +90,12 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         p_t.append(t.pvalue)
         p_w.append(w.pvalue)
         pairs.append(w.n)
-    adj_t, adj_w = stats.holm(p_t, ALPHA).adjusted, stats.holm(p_w, ALPHA).adjusted
+    adj_t = stats.correct(p_t, options.correction, alpha).adjusted
+    adj_w = stats.correct(p_w, options.correction, alpha).adjusted
+    short = "Holm" if options.correction == "holm" else "BH"
     width = max([len(r[0]) for r in rows] + [10])
     head = f"{'task':<{width}} {'metric':<9} {'n':>3} {'mean A':>9} {'mean B':>9} {'diff':>9} {'95% CI':>21} " \
-           f"{'t p (Holm)':>17} {'Wilcoxon p (Holm)':>18}"
+           f"{f't p ({short})':>17} {f'Wilcoxon p ({short})':>18}"
     lines.append(head)
     notes = []
     for (task, metric, n, ma, mb, t, w), at, aw in zip(rows, adj_t, adj_w):
@@ -101,18 +106,19 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         for note in (t.note, w.note):
             if note and note not in notes:
                 notes.append(note)
-    floor = stats.holm_wilcoxon_floor(pairs, p_w, ALPHA, alternative="the paired t-test can")
-    if floor.note and math.isfinite(floor.floor) and floor.floor >= ALPHA:
+    floor = stats.wilcoxon_floor(pairs, p_w, alpha, options.correction, alternative="the paired t-test can")
+    if floor.note and math.isfinite(floor.floor) and floor.floor >= alpha:
         notes.append(floor.note)
     if unranked:
         notes.append(f"not compared (no direction stored for the metric): {', '.join(unranked)}")
-    lines += ["", summary_line(rows, adj_t)]
+    lines += ["", summary_line(rows, adj_t, alpha, corr)]
     if notes:
         lines += ["", "notes: " + "; ".join(notes)]
     return "\n".join(lines)
 
 
-def summary_line(rows: list[tuple], adjusted_t: tuple[float, ...]) -> str:
+def summary_line(rows: list[tuple], adjusted_t: tuple[float, ...], alpha: float = DEFAULTS.alpha,
+                 correction: str = DEFAULTS.correction_name) -> str:
     """Wins, losses and ties over the rows, with how many of each side's wins are significant."""
     a = b = a_sig = b_sig = ties = undefined = 0
     for row, p in zip(rows, adjusted_t):
@@ -120,7 +126,7 @@ def summary_line(rows: list[tuple], adjusted_t: tuple[float, ...]) -> str:
         if d is None or not math.isfinite(d):
             undefined += 1
             continue
-        sig = p is not None and math.isfinite(p) and p < ALPHA
+        sig = p is not None and math.isfinite(p) and p < alpha
         if d > 0:
             a, a_sig = a + 1, a_sig + sig
         elif d < 0:
@@ -129,4 +135,4 @@ def summary_line(rows: list[tuple], adjusted_t: tuple[float, ...]) -> str:
             ties += 1
     return (f"summary over {len(rows)} rows: A better on {a} ({a_sig} significant), B better on {b} "
             f"({b_sig} significant), {ties} tied" + (f", {undefined} without a value" if undefined else "")
-            + f" (significant: Holm-corrected paired t-test p < {ALPHA:g})")
+            + f" (significant: {correction}-corrected paired t-test p < {alpha:g})")

@@ -101,13 +101,15 @@ def check(name: str, value: Any) -> None:
 DEFAULTS = StatOptions()
 #: The flags of `mtlbench leaderboard` that set these (the rest keep their defaults; set them from Python).
 FLAGS = ("alpha", "correction", "rope")
+#: Those of `mtlbench compare` (paired tests of two methods: no Bayesian test there).
+COMPARE_FLAGS = ("alpha", "correction")
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The leaderboard's statistics flags, from the declarations above (values are checked by :func:`from_args`,
-    so a bad one gets the same line as from Python)."""
+def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] = FLAGS) -> None:
+    """Statistics flags, from the declarations above (values are checked by :func:`from_args`, so a bad one gets
+    the same line as from Python)."""
     for f in fields(StatOptions):
-        if f.name not in FLAGS:
+        if f.name not in names:
             continue
         meta = f.metadata
         extra = f"; one of {', '.join(meta['choices'])}" if meta["choices"] else ""
