@@ -400,8 +400,10 @@ def test_leaderboard_has_the_controllable_table_and_figures(runs, tmp_path):
     write_leaderboard(runs[0], tmp_path)
     md = (tmp_path / "leaderboard.md").read_text()
     section = md[md.index("## Controllable models"):]
+    head = next(line for line in section.splitlines() if line.startswith("| method |")).split(" | ")
     row = next(line for line in section.splitlines() if line.startswith("| slimmable(") and "fixed_budget=0.0" in line)
-    assert row.split(" | ")[1] == "1" and row.split(" | ")[-2] == "0.000"  # one seed, no budget violation
+    cells = row.split(" | ")
+    assert cells[1] == "1" and cells[-2] == "0.000"  # one seed, no budget violation
     assert "fixed_budget=0.5" in section and "| e 0.75 / d 0.5,0.5,0.5 |" in section
     figs = sorted(p.name for p in (tmp_path / "figures").glob("*controllable*"))
     assert len(figs) == 2 and any("pareto" in f for f in figs)
@@ -411,6 +413,19 @@ def test_leaderboard_has_the_controllable_table_and_figures(runs, tmp_path):
     (ct,) = doc["controllable"]
     ((label, (summary,)),) = ct["methods"].items()
     assert summary["violations"] == 0.0 and -1 <= summary["spearman"] <= 1
+    # per budget, Spearman's rho and Kendall's tau side by side ("ρ / τ"), the values of the JSON
+    per = [(h, c) for h, c in zip(head, cells) if h.startswith("ρ / τ @")]
+    assert [h for h, _ in per] == ["ρ / τ @25%", "ρ / τ @50%", "ρ / τ @75%", "ρ / τ @100%"]
+    for (h, c), b in zip(per, ("0.25", "0.5", "0.75", "1")):
+        rho, tau = summary["per_budget"][b], summary["per_budget_kendall"][b]
+        assert c == " / ".join("n/a" if v is None else f"{v:.3f}" for v in (rho, tau))
+    # the same tables in leaderboard.tex (rho and tau as maths, every special character escaped) and html
+    tex = (tmp_path / "leaderboard.tex").read_text()
+    assert tex.count("controllable models.") == 1 and tex.count("dedicated (static) models.") == 1
+    assert "$\\rho$ / $\\tau$ @25\\%" in tex and "ρ" not in tex and "τ" not in tex
+    assert all(f" & {c} & " in tex for _, c in per)  # one seed: no "±" to escape
+    page = (tmp_path / "leaderboard.html").read_text()
+    assert "<th>ρ / τ @50%</th>" in page and f"<td data-v=\"{per[1][1]}\">" in page
     # Δm% needs a non-zero single-task baseline on every metric (a 1-epoch tiny run may have delta1 = 0: n/a)
     assert summary["delta_full"] is None or math.isfinite(summary["delta_full"])
     assert ct["equal_flops"][0]["config"] == {"encoder": 0.75, "decoders": {"seg": 0.5, "depth": 0.5, "normal": 0.5}}

@@ -238,8 +238,9 @@ INTRO = ("One trained network, any (compute budget, task preference) at inferenc
          "lattice of step 1/4 for T <= 3, plus uniform; T > 3: one-hot-dominant 0.7 + uniform), test split, each "
          "configuration after BN recalibration. Controllability: mean over preferences of Spearman's rho (Kendall's "
          "tau-b) between the preference and each task's normalised gain over the same encoder with all-narrowest "
-         "decoders, per budget, then averaged over budgets (definition: `mtlbench/results/controllable.py`); at "
-         "100 % every preference gets the full model, so no control is possible there. Δm% as the main table (same "
+         "decoders, per budget (cells ρ / τ), then averaged over budgets (definition: "
+         "`mtlbench/results/controllable.py`); at 100 % every preference gets the full model, so no control is "
+         "possible there. Δm% as the main table (same "
          "single-task baseline); AUC: area under mean-Δm% vs budget (25-100 %) / 0.75; violations: share of grid "
          "points over budget. Mean ± std over seeds.")
 STATIC_NOTE = ("Dedicated (static) models vs the controllable ones at the same configuration (the search's choice "
@@ -249,12 +250,13 @@ STATIC_NOTE = ("Dedicated (static) models vs the controllable ones at the same c
 def _tables(ct: ControllableTable) -> list[tuple[list[str], list[list[str]]]]:
     """(header, rows) of the section's two tables for one protocol (the second only with static models)."""
     budgets = sorted({b for runs in ct.methods.values() for s in runs for b in s["per_budget"]}, key=float)
-    head = (["method", "n", "controllability ρ ↑", "τ ↑"] + [f"ρ @{float(b) * 100:g}%" for b in budgets]
+    head = (["method", "n", "controllability ρ ↑", "τ ↑"] + [f"ρ / τ @{float(b) * 100:g}%" for b in budgets]
             + ["Δm% full ↑", "mean Δm% grid ↑", "AUC Δm%-FLOPs ↑", "violations", "search ms"])
     rows = []
     for m, runs in sorted(ct.methods.items()):
         cells = [m, str(len(runs)), _ms([s["spearman"] for s in runs]), _ms([s["kendall"] for s in runs])]
-        cells += [_ms([s["per_budget"].get(b) for s in runs]) for b in budgets]
+        cells += [_ms([s["per_budget"].get(b) for s in runs]) + " / "
+                  + _ms([s.get("per_budget_kendall", {}).get(b) for s in runs]) for b in budgets]
         cells += [_ms([s["delta_full"] for s in runs], 2, True), _ms([s["delta_grid"] for s in runs], 2, True),
                   _ms([s["auc"] for s in runs], 2, True), _ms([s["violations"] for s in runs], 3),
                   _ms([s["search_ms"] for s in runs], 2)]
@@ -313,6 +315,27 @@ def html(cts: list[ControllableTable], figures: dict[str, list[str]], fig_dir: A
             parts.append("</tbody></table>")
         parts += [_img(Path(fig_dir) / Path(f).name) for f in figures.get(ct.title, [])]
     return "\n".join(parts) + "\n"
+
+
+def latex(cts: list[ControllableTable]) -> str:
+    """The same tables for leaderboard.tex, one ``table`` environment each ("" when no table has controllable
+    runs)."""
+    if not cts:
+        return ""
+    from mtlbench.results.report import _tex
+
+    out = []
+    for ct in cts:
+        for k, (head, rows) in enumerate(_tables(ct)):
+            note = STATIC_NOTE if k else INTRO
+            what = "dedicated (static) models" if k else "controllable models"
+            out += ["\\begin{table}[t]", "\\centering", "\\small",
+                    f"\\caption{{{_tex(ct.title)}: {what}. {_tex(note)}}}",
+                    f"\\begin{{tabular}}{{{'l' * (1 + k) + 'r' * (len(head) - 1 - k)}}}", "\\toprule",
+                    " & ".join(_tex(h) for h in head) + " \\\\", "\\midrule"]
+            out += [" & ".join(_tex(c) for c in row) + " \\\\" for row in rows]
+            out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out)
 
 
 def as_dict(cts: list[ControllableTable]) -> list[dict[str, Any]]:
