@@ -20,12 +20,16 @@ used, the *reference* configuration: the same encoder with every decoder at the 
   as 0: no control was shown; a grid point whose reference metric is 0 or not finite is left out;
 - reported per budget and as the mean over budgets (``controllability``).
 
-The paper (Aich et al., ICCV 2023) reports controllability following DYMU (Raychaudhuri et al., CVPR 2022) as a
-rank correlation between task preference and task performance over sampled preferences; its exact formula (which
-performance normalisation, per budget or pooled) could not be read (only the abstract was retrievable), so our
-numbers are not comparable with its ~33.5 % claim. Differences we know of: ours normalises each task's metric by the
-same encoder's all-narrowest-decoder configuration (so an encoder change does not count as control) and averages
-per budget on a fixed grid instead of sampled preferences.
+What is known of the paper's metric (Aich et al., ICCV 2023): only its abstract could be read (no full text, no
+code), and it says only that "our method shows a higher controllability by ~33.5% in the NYUD-v2 dataset over
+prior methods"; how it defines controllability is unknown to us. What is inferred, not verified (the project's
+reference notes, ``shared/reference/vision_methods.md`` §2.4, tagged as inference): that it follows the earlier
+DYMU (Raychaudhuri et al., CVPR 2022), read as a rank correlation between the task-preference vector and the
+achieved task performance over sampled preferences, averaged (possibly per budget). The definition above is
+therefore our own, chosen to be unambiguous, and our numbers are not comparable with the paper's ~33.5 % claim.
+Where ours would differ even if that inference is right: each task's metric is normalised by the same encoder's
+all-narrowest-decoder configuration (so an encoder change does not count as control), and the mean is per budget
+over a fixed grid instead of sampled preferences.
 
 Other summaries (leaderboard columns), with Δm% the suite's convention against the ``single`` runs of the same
 protocol (dense tasks: every metric of every task, signed):
