@@ -222,35 +222,144 @@ def test_static_model_trains_its_one_configuration(three):
 
 
 OPTIMIZERS = registry.names("optimizer")
+# the options that read the shared representation (ctx.feature_grads(), the declared feature layouts) or otherwise
+# change what a method sees: with the sandwich rule there is one feature tensor per configuration, of different
+# channel widths (defaults of gradnorm and rep_mtl already read it; they are covered by the loop over OPTIMIZERS)
+REP_OPTIONS = [("mgda", {"rep": True}), ("mgda", {"rep": True, "weight_heads": True}),
+               ("mgda", {"rep": True, "normalization": "loss+"}), ("imtl", {"rep": True}),
+               ("imtl", {"rep": True, "mode": "grad"}), ("gradnorm", {"grad_source": "shared_params"}),
+               ("rep_mtl", {"feature_indices": [0, 1]}), ("rep_mtl", {"log_losses": True}),
+               ("rep_mtl", {"csa": False})]
 
 
-@pytest.mark.parametrize("opt", OPTIMIZERS)
-def test_every_optimizer_steps_the_slimmable_arch(opt, three):
+def _method(m, opt, options):
+    e = registry.get("optimizer", opt)
+    method = e.obj(tuple(m.loss_tasks()), build_options(e.options_class, e.resolve_options(options)))
+    check_compatible(method, m, opt, "slimmable")
+    return method
+
+
+@pytest.mark.parametrize("opt,options", [(o, {}) for o in OPTIMIZERS] + REP_OPTIONS,
+                         ids=[o for o in OPTIMIZERS] + [f"{o}-{','.join(f'{k}={v}' for k, v in x.items())}"
+                                                        for o, x in REP_OPTIONS])
+def test_every_optimizer_steps_the_slimmable_arch(opt, options, three):
     torch.manual_seed(0)
     m = build_image_arch("slimmable", three, n_random=1, **TINY)
-    e = registry.get("optimizer", opt)
-    method = e.obj(tuple(m.loss_tasks()), build_options(e.options_class, e.resolve_options({})))
-    check_compatible(method, m, opt, "slimmable")
+    method = _method(m, opt, options)
     params = list(m.parameters()) + list(method.parameters())
     adam = torch.optim.Adam(params, lr=1e-3)
     before = [p.detach().clone() for p in m.shared_parameters()]
-    batch = _batch(three)
     gen = torch.Generator().manual_seed(0)
     m.train()
     for step in range(2):
+        batch = _batch(three)  # a new batch object per step, as the loader gives: new random configurations
+
         def fwd(b=batch):
             o = m(b)
             return o, m.task_losses(o.outputs, b)
         out, losses = fwd()
+        # several feature tensors of different widths (full, narrowest, one random) reach the method
+        assert len(out.features) == 3 and out.features[0].shape[1] == 4 and out.features[1].shape[1] == 1
         adam.zero_grad(set_to_none=True)
         ctx = StepContext(m, batch, out, losses, fwd, gen, step, 1)
         method.step(ctx)
         ctx.apply_aux()
         assert ctx._aux_done[0]
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.shared_parameters())
         adam.step()
         method.after_step(ctx)
     assert all(torch.isfinite(p).all() for p in m.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, m.shared_parameters()))
+
+
+def _alone(m, batch, config):
+    """One sub-network run alone (training mode, batch statistics, buffers untouched): its encoder output (through an
+    identity node, as the arch exposes it) and its task losses."""
+    from mtlbench.vision.arch import ImageArch
+
+    with slim.stats_mode(m, "off"):
+        z = m.shared["encoder"](m.shared["input"](batch), config.encoder)
+        z = z.view_as(z)
+        outs = [m.heads[t]["decoder"](z, config.decoders[i]) for i, t in enumerate(m.task_names)]
+    return z, ImageArch.task_losses(m, outs, batch)
+
+
+def _sandwich_step(three, opt, options):
+    torch.manual_seed(0)
+    m = build_image_arch("slimmable", three, n_random=1, **TINY)
+    method = _method(m, opt, options)
+    m.train()
+    batch = _batch(three)
+    with slim.stats_mode(m, "off"):
+        out = m(batch)
+    losses = m.task_losses(out.outputs, batch)
+    ctx = StepContext(m, batch, out, losses, lambda: None, torch.Generator().manual_seed(0), 0, 1)
+    alone = [_alone(m, batch, c) for c in m._cfgs]
+    return m, method, batch, out, ctx, alone
+
+
+def test_representation_gradients_are_each_sub_network_s_own(three):
+    """What MGDA-UB, IMTL (rep) and GradNorm (features) read under the sandwich rule: per task, one gradient per
+    configuration's feature tensor, equal to that sub-network's own dL_t/dz (so their Gramian is the sum over the
+    sub-networks of each one's Gramian); and the task losses reach the shared parameters only through these tensors,
+    the premise of MGDA-UB's bound |sum_t a_t g_t| <= |d(z_1..z_K)/d theta| |sum_t a_t dL_t/dz|."""
+    m, method, batch, out, ctx, alone = _sandwich_step(three, "ew", {})
+    fg = ctx.feature_grads()
+    K = len(m._cfgs)
+    assert len(alone) == K == 3 and len({f.shape[1] for f in out.features}) > 1
+    for t in range(len(m.task_names)):
+        for k, (z, ls) in enumerate(alone):
+            (own,) = torch.autograd.grad(ls[t], z, retain_graph=True)
+            torch.testing.assert_close(fg[t][k], own, rtol=1e-4, atol=1e-7)
+    direct = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for p, g in zip(
+        ctx.shared_params, torch.autograd.grad(l, ctx.shared_params, retain_graph=True, allow_unused=True))])
+        for l in ctx.losses])
+    torch.testing.assert_close(ctx.jacobian(), direct, rtol=1e-4, atol=1e-7)
+
+
+def test_mgda_ub_on_the_sandwich_is_the_min_norm_point_of_the_summed_gramian(three):
+    """MGDA-UB (mgda rep=true): alpha is the min-norm weights of sum_k G_k (G_k the Gramian of sub-network k's
+    feature gradients), the shared update is sum_t alpha_t g_t plus CIKD's gradient, each head follows its own
+    loss."""
+    m, method, batch, out, ctx, alone = _sandwich_step(three, "mgda", {"rep": True})
+    T = len(m.task_names)
+    G = torch.zeros(T, T, dtype=torch.float64)
+    for z, ls in alone:
+        Zk = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].reshape(-1) for l in ls]).double()
+        G += Zk @ Zk.T
+    alpha = method.weights(G, ctx.loss_values)
+    J = ctx.jacobian()
+    aux = torch.autograd.grad(out.aux, ctx.shared_params, retain_graph=True, allow_unused=True)
+    aux = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                     for p, g in zip(ctx.shared_params, aux)])
+    heads = [torch.autograd.grad(l, ps, retain_graph=True, allow_unused=True)
+             for l, ps in zip(ctx.losses, ctx.task_params)]
+    method.step(ctx)
+    ctx.apply_aux()
+    torch.testing.assert_close(method.last_weights.double().cpu(), alpha, rtol=1e-4, atol=1e-6)
+    got = torch.cat([p.grad.reshape(-1) for p in ctx.shared_params])
+    want = alpha.float() @ J + aux
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    for ps, gs in zip(ctx.task_params, heads):
+        for p, g in zip(ps, gs):
+            if g is not None:
+                torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+def test_rep_mtl_on_the_sandwich_averages_each_sub_network_s_regularisers(three):
+    """Rep-MTL: each configuration's saliency is its own sub-network's (its tensor feeds only its decoders), and
+    the regularisers are the mean over the configurations of Rep-MTL's regularisers of each sub-network alone,
+    while the task losses are summed over them (so lambda weighs each sub-network's regulariser 1/K)."""
+    from mtlbench.baselines.optimizers.rep_mtl import rep_mtl_regularisers
+    from mtlbench.vision.arch import map_layout
+
+    m, method, batch, out, ctx, alone = _sandwich_step(three, "rep_mtl", {})
+    assert len(m.feature_layouts()) == len(out.features)
+    per = [rep_mtl_regularisers(ls, (z,), 4, layouts=[map_layout()]) for z, ls in alone]
+    method.step(ctx)
+    for key in ("tsr", "csa"):
+        want = float(torch.stack([r[key].detach() for r in per]).mean())
+        assert method.last_regularisers[key] == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ grid and record
@@ -291,8 +400,10 @@ def test_leaderboard_has_the_controllable_table_and_figures(runs, tmp_path):
     write_leaderboard(runs[0], tmp_path)
     md = (tmp_path / "leaderboard.md").read_text()
     section = md[md.index("## Controllable models"):]
+    head = next(line for line in section.splitlines() if line.startswith("| method |")).split(" | ")
     row = next(line for line in section.splitlines() if line.startswith("| slimmable(") and "fixed_budget=0.0" in line)
-    assert row.split(" | ")[1] == "1" and row.split(" | ")[-2] == "0.000"  # one seed, no budget violation
+    cells = row.split(" | ")
+    assert cells[1] == "1" and cells[-2] == "0.000"  # one seed, no budget violation
     assert "fixed_budget=0.5" in section and "| e 0.75 / d 0.5,0.5,0.5 |" in section
     figs = sorted(p.name for p in (tmp_path / "figures").glob("*controllable*"))
     assert len(figs) == 2 and any("pareto" in f for f in figs)
@@ -302,6 +413,19 @@ def test_leaderboard_has_the_controllable_table_and_figures(runs, tmp_path):
     (ct,) = doc["controllable"]
     ((label, (summary,)),) = ct["methods"].items()
     assert summary["violations"] == 0.0 and -1 <= summary["spearman"] <= 1
+    # per budget, Spearman's rho and Kendall's tau side by side ("ρ / τ"), the values of the JSON
+    per = [(h, c) for h, c in zip(head, cells) if h.startswith("ρ / τ @")]
+    assert [h for h, _ in per] == ["ρ / τ @25%", "ρ / τ @50%", "ρ / τ @75%", "ρ / τ @100%"]
+    for (h, c), b in zip(per, ("0.25", "0.5", "0.75", "1")):
+        rho, tau = summary["per_budget"][b], summary["per_budget_kendall"][b]
+        assert c == " / ".join("n/a" if v is None else f"{v:.3f}" for v in (rho, tau))
+    # the same tables in leaderboard.tex (rho and tau as maths, every special character escaped) and html
+    tex = (tmp_path / "leaderboard.tex").read_text()
+    assert tex.count("controllable models.") == 1 and tex.count("dedicated (static) models.") == 1
+    assert "$\\rho$ / $\\tau$ @25\\%" in tex and "ρ" not in tex and "τ" not in tex
+    assert all(f" & {c} & " in tex for _, c in per)  # one seed: no "±" to escape
+    page = (tmp_path / "leaderboard.html").read_text()
+    assert "<th>ρ / τ @50%</th>" in page and f"<td data-v=\"{per[1][1]}\">" in page
     # Δm% needs a non-zero single-task baseline on every metric (a 1-epoch tiny run may have delta1 = 0: n/a)
     assert summary["delta_full"] is None or math.isfinite(summary["delta_full"])
     assert ct["equal_flops"][0]["config"] == {"encoder": 0.75, "decoders": {"seg": 0.5, "depth": 0.5, "normal": 0.5}}

@@ -30,8 +30,25 @@ width sets the overall cost.
   method (UW, DWA, FAMO...) the task losses are re-weighted and CIKD is not; with a gradient method (MGDA,
   PCGrad, CAGrad, Nash-MTL, UPGrad...) the per-task gradients are those of the sandwich-summed task losses and CIKD's
   gradient is added to their aggregate unchanged. Methods needing an extra forward (FAMO, F-MTL, GradNorm) reuse
-  the step's configurations (keyed on the batch object). Representation methods (MGDA-UB, Rep-MTL) see one feature
-  tensor per sampled configuration.
+  the step's configurations (keyed on the batch object).
+- Representation-level options (MGDA-UB ``mgda rep=true``, ``imtl rep=true``, GradNorm on ``features``, Rep-MTL):
+  in training the arch exposes one feature tensor per configuration of the step, K = 1 + ``narrowest`` +
+  ``n_random`` of them (the widest first, then the narrowest, then the random ones), with different channel counts
+  and one declared ``[B, C, H, W]`` layout each. Tensor k feeds only configuration k's decoders, so ``dL_t/dz_k``
+  is sub-network k's own gradient, and the sandwich-summed losses reach the shared parameters only through these K
+  tensors (tested). Hence MGDA-UB and IMTL's ``rep`` build their Gramian over the K tensors flattened together,
+  i.e. the sum of the sub-networks' representation Gramians, and MGDA-UB's bound
+  ``|sum_t a_t g_t| <= |d(z_1..z_K)/d theta| |sum_t a_t dL_t/dz|`` holds as on one network (it bounds the update of
+  the sandwich objective; tested: alpha is the min-norm point of that sum); GradNorm's feature-gradient norm is the
+  norm over the K tensors. Rep-MTL computes its regularisers on each sub-network's own tensor (channel affinities
+  never mix widths) and, by its rule for several tensors, averages them over the K while the task losses are
+  summed over the K: each sub-network's regulariser weighs ``lambda / K`` against its losses (pass ``K * lambda``
+  to match a one-network run); its ``feature_indices`` select configurations (0 the widest, 1 the narrowest when
+  ``narrowest``; the random ones change every step). Every registered optimizer and each of these options runs
+  with the sandwich rule (tests); we found no option whose maths the sandwich breaks, so none is refused. Where it
+  is an approximation it is the method's own (MGDA-UB's bound, IMTL's feature gradients), not the sandwich's; the
+  one choice that is ours is CIKD outside the aggregation (above). Loss transforms (Rep-MTL's ``log_losses``,
+  DB-MTL's logs, IMTL-L's scales) apply to each task's sandwich-summed loss, not to each sub-network's.
 - ``fixed_budget`` > 0: a *static* (dedicated) model for the comparison users ask about: the configuration the
   search picks for the uniform preference at that fraction of the full model's FLOPs is trained alone (no
   sandwich, no CIKD, no recalibration), i.e. an ordinary hard-sharing network of exactly those FLOPs.

@@ -20,12 +20,16 @@ used, the *reference* configuration: the same encoder with every decoder at the 
   as 0: no control was shown; a grid point whose reference metric is 0 or not finite is left out;
 - reported per budget and as the mean over budgets (``controllability``).
 
-The paper (Aich et al., ICCV 2023) reports controllability following DYMU (Raychaudhuri et al., CVPR 2022) as a
-rank correlation between task preference and task performance over sampled preferences; its exact formula (which
-performance normalisation, per budget or pooled) could not be read (only the abstract was retrievable), so our
-numbers are not comparable with its ~33.5 % claim. Differences we know of: ours normalises each task's metric by the
-same encoder's all-narrowest-decoder configuration (so an encoder change does not count as control) and averages
-per budget on a fixed grid instead of sampled preferences.
+What is known of the paper's metric (Aich et al., ICCV 2023): only its abstract could be read (no full text, no
+code), and it says only that "our method shows a higher controllability by ~33.5% in the NYUD-v2 dataset over
+prior methods"; how it defines controllability is unknown to us. What is inferred, not verified (the project's
+reference notes, ``shared/reference/vision_methods.md`` §2.4, tagged as inference): that it follows the earlier
+DYMU (Raychaudhuri et al., CVPR 2022), read as a rank correlation between the task-preference vector and the
+achieved task performance over sampled preferences, averaged (possibly per budget). The definition above is
+therefore our own, chosen to be unambiguous, and our numbers are not comparable with the paper's ~33.5 % claim.
+Where ours would differ even if that inference is right: each task's metric is normalised by the same encoder's
+all-narrowest-decoder configuration (so an encoder change does not count as control), and the mean is per budget
+over a fixed grid instead of sampled preferences.
 
 Other summaries (leaderboard columns), with Δm% the suite's convention against the ``single`` runs of the same
 protocol (dense tasks: every metric of every task, signed):
@@ -238,8 +242,9 @@ INTRO = ("One trained network, any (compute budget, task preference) at inferenc
          "lattice of step 1/4 for T <= 3, plus uniform; T > 3: one-hot-dominant 0.7 + uniform), test split, each "
          "configuration after BN recalibration. Controllability: mean over preferences of Spearman's rho (Kendall's "
          "tau-b) between the preference and each task's normalised gain over the same encoder with all-narrowest "
-         "decoders, per budget, then averaged over budgets (definition: `mtlbench/results/controllable.py`); at "
-         "100 % every preference gets the full model, so no control is possible there. Δm% as the main table (same "
+         "decoders, per budget (cells ρ / τ), then averaged over budgets (definition: "
+         "`mtlbench/results/controllable.py`); at 100 % every preference gets the full model, so no control is "
+         "possible there. Δm% as the main table (same "
          "single-task baseline); AUC: area under mean-Δm% vs budget (25-100 %) / 0.75; violations: share of grid "
          "points over budget. Mean ± std over seeds.")
 STATIC_NOTE = ("Dedicated (static) models vs the controllable ones at the same configuration (the search's choice "
@@ -249,12 +254,13 @@ STATIC_NOTE = ("Dedicated (static) models vs the controllable ones at the same c
 def _tables(ct: ControllableTable) -> list[tuple[list[str], list[list[str]]]]:
     """(header, rows) of the section's two tables for one protocol (the second only with static models)."""
     budgets = sorted({b for runs in ct.methods.values() for s in runs for b in s["per_budget"]}, key=float)
-    head = (["method", "n", "controllability ρ ↑", "τ ↑"] + [f"ρ @{float(b) * 100:g}%" for b in budgets]
+    head = (["method", "n", "controllability ρ ↑", "τ ↑"] + [f"ρ / τ @{float(b) * 100:g}%" for b in budgets]
             + ["Δm% full ↑", "mean Δm% grid ↑", "AUC Δm%-FLOPs ↑", "violations", "search ms"])
     rows = []
     for m, runs in sorted(ct.methods.items()):
         cells = [m, str(len(runs)), _ms([s["spearman"] for s in runs]), _ms([s["kendall"] for s in runs])]
-        cells += [_ms([s["per_budget"].get(b) for s in runs]) for b in budgets]
+        cells += [_ms([s["per_budget"].get(b) for s in runs]) + " / "
+                  + _ms([s.get("per_budget_kendall", {}).get(b) for s in runs]) for b in budgets]
         cells += [_ms([s["delta_full"] for s in runs], 2, True), _ms([s["delta_grid"] for s in runs], 2, True),
                   _ms([s["auc"] for s in runs], 2, True), _ms([s["violations"] for s in runs], 3),
                   _ms([s["search_ms"] for s in runs], 2)]
@@ -313,6 +319,27 @@ def html(cts: list[ControllableTable], figures: dict[str, list[str]], fig_dir: A
             parts.append("</tbody></table>")
         parts += [_img(Path(fig_dir) / Path(f).name) for f in figures.get(ct.title, [])]
     return "\n".join(parts) + "\n"
+
+
+def latex(cts: list[ControllableTable]) -> str:
+    """The same tables for leaderboard.tex, one ``table`` environment each ("" when no table has controllable
+    runs)."""
+    if not cts:
+        return ""
+    from mtlbench.results.report import _tex
+
+    out = []
+    for ct in cts:
+        for k, (head, rows) in enumerate(_tables(ct)):
+            note = STATIC_NOTE if k else INTRO
+            what = "dedicated (static) models" if k else "controllable models"
+            out += ["\\begin{table}[t]", "\\centering", "\\small",
+                    f"\\caption{{{_tex(ct.title)}: {what}. {_tex(note)}}}",
+                    f"\\begin{{tabular}}{{{'l' * (1 + k) + 'r' * (len(head) - 1 - k)}}}", "\\toprule",
+                    " & ".join(_tex(h) for h in head) + " \\\\", "\\midrule"]
+            out += [" & ".join(_tex(c) for c in row) + " \\\\" for row in rows]
+            out += ["\\bottomrule", "\\end{tabular}", "\\end{table}", ""]
+    return "\n".join(out)
 
 
 def as_dict(cts: list[ControllableTable]) -> list[dict[str, Any]]:

@@ -413,7 +413,7 @@ def _robust_tex(table: Table) -> list[str]:
 _TEX = {"\\": "\\textbackslash{}", "{": "\\{", "}": "\\}", "$": "\\$", "&": "\\&", "#": "\\#", "%": "\\%",
         "_": "\\_", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", "×": "$\\times$", "Δ": "$\\Delta$",
         "±": "$\\pm$", "–": "--", "—": "---", "`": "", "<": "\\textless{}", ">": "\\textgreater{}",
-        "↑": "$\\uparrow$", "↓": "$\\downarrow$", "½": "1/2"}
+        "↑": "$\\uparrow$", "↓": "$\\downarrow$", "½": "1/2", "ρ": "$\\rho$", "τ": "$\\tau$"}
 
 
 def _tex(s: str) -> str:
@@ -804,11 +804,13 @@ def write_leaderboard(results_dir: str | Path, out_dir: str | Path, flat_delta_m
              "json": lambda: as_json(tables, store, cross), "html": lambda: html_page(tables, figures, cross, store.records),
              "csv": lambda: frame.drop(columns=INTERNAL_COLUMNS).to_csv(index=False, float_format="%.17g",
                                                                          lineterminator="\n")}
-    if ctl:  # controllable models (issue 11): their section in md and json, only where such runs exist
+    if ctl:  # controllable models (issue 11): their section in md, html, tex and json, only where such runs exist
         from mtlbench.results import controllable
 
         md, js, page = texts["md"], texts["json"], texts["html"]
         texts["md"] = lambda: _insert_section(md(), controllable.markdown(ctl, ctl_figs))
+        tex = texts["tex"]
+        texts["tex"] = lambda: tex() + "\n" + controllable.latex(ctl)
         texts["json"] = lambda: _json_with(js(), "controllable", controllable.as_dict(ctl))
         texts["html"] = lambda: page().replace(f"<script>{HTML_SCRIPT}</script>", controllable.html(
             ctl, ctl_figs, out / "figures") + f"<script>{HTML_SCRIPT}</script>", 1)
