@@ -28,10 +28,11 @@ from mtlbench.vision.dense import dense_loss
 
 @dataclass(frozen=True)
 class FeatureLayout:
-    """The axes of one shared feature tensor, declared by the arch so that representation-level methods
-    (Rep-MTL, MGDA-UB) never guess them from sizes: ``batch_axis``, ``channel_axis`` and the position axes
-    (spatial ``H, W`` of a map, the token axis of a ViT, an expert axis). ``tasks``: the tasks whose heads read
-    this tensor (None: every task)."""
+    """The axes of one shared feature tensor, declared by the arch so that Rep-MTL, the method that reads them,
+    never guesses them from sizes: ``batch_axis``, ``channel_axis`` and the position axes (spatial ``H, W`` of a
+    map, the token axis of a ViT, an expert axis). ``tasks``: the tasks whose heads read this tensor (None: every
+    task). MGDA-UB (``mgda`` with ``rep=true``) reads no layout: it flattens every feature gradient, batch
+    included."""
 
     batch_axis: int
     channel_axis: int

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtlbench import DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, TaskSpec, register_dataset
+from mtlbench import (DatasetAdapter, FeatureSchema, MtlbenchError, MultiTaskData, TaskSpec, option_field,
+                      register_dataset)
 from mtlbench.data import CategoricalField
 from mtlbench.tasks import helpers as F
 
@@ -60,7 +61,7 @@ class Adult(DatasetAdapter):
 
     @dataclass
     class Options:
-        max_rows: int | None = None
+        max_rows: int | None = option_field(None, "a fixed seeded subset of this many rows (none: all)", minimum=1)
         split_seed: int = 2018
 
         def __post_init__(self) -> None:

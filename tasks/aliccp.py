@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, TaskSpec, register_dataset
+from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, TaskSpec, option_field, register_dataset
 from mtlbench.data import CategoricalField
 from mtlbench.tasks import helpers as F
 
@@ -62,7 +62,8 @@ class AliCCP(DatasetAdapter):
     @dataclass
     class Options:
         drop_noisy: bool = True
-        max_rows: int | None = None
+        max_rows: int | None = option_field(None, "a fixed seeded subset of this many rows of each file (none: all)",
+                                            minimum=1)
         split_seed: int = 2018
 
         def __post_init__(self) -> None:

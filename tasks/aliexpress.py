@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, TaskSpec, register_dataset
+from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, TaskSpec, option_field, register_dataset
 from mtlbench.data import CategoricalField
 from mtlbench.tasks import helpers as F
 
@@ -67,8 +67,10 @@ class AliExpress(DatasetAdapter):
     @dataclass
     class Options:
         country: Literal["NL", "ES", "FR", "US"] = "NL"
-        val_fraction: float = 0.1
-        max_rows: int | None = None
+        val_fraction: float = option_field(0.1, "share of train.csv's searches carved out for validation", minimum=0,
+                                           maximum=1, open_minimum=True, open_maximum=True)
+        max_rows: int | None = option_field(None, "a fixed seeded subset of this many rows of each file (none: all)",
+                                            minimum=1)
         split_seed: int = 2018
 
         def __post_init__(self) -> None:

@@ -119,7 +119,7 @@ class EcommerceSynthetic(DatasetAdapter):
 
     @dataclass
     class Options:
-        n_rows: int = 200_000
+        n_rows: int = option_field(200_000, "impressions in the log", minimum=1000)
         n_users: int = option_field(5_000, "users (Zipf popularity)", minimum=1)
         n_items: int = option_field(2_000, "items (Zipf popularity)", minimum=1)
         n_categories: int = option_field(100, "item categories", minimum=1)
@@ -127,14 +127,15 @@ class EcommerceSynthetic(DatasetAdapter):
         n_segments: int = option_field(20, "user segments (shared tastes)", minimum=1)
         latent_dim: int = option_field(8, "width of the latent tastes and appeals", minimum=1)
         zipf_exponent: float = option_field(1.05, "popularity: P(rank r) ~ r^-zipf_exponent", minimum=0)
-        relatedness: float = 0.5
+        relatedness: float = option_field(0.5, "cosine of the click and purchase appeals", minimum=0, maximum=1)
         signal: float = option_field(2.0, "scale of the taste-appeal term in the logits", minimum=0)
-        ctr: float = 0.12
-        cvr: float = 0.2
+        ctr: float = option_field(0.12, "mean click rate", minimum=0, maximum=1, open_minimum=True, open_maximum=True)
+        cvr: float = option_field(0.2, "mean conversion rate given a click", minimum=0, maximum=1, open_minimum=True,
+                                  open_maximum=True)
         data_seed: int | None = None
         sequences: bool = True
-        max_seq_len: int = 20
-        cart_rate: float = 0.3
+        max_seq_len: int = option_field(20, "length of the behaviour histories", minimum=1)
+        cart_rate: float = option_field(0.3, "P(cart | click, no purchase)", minimum=0, maximum=1)
 
         def __post_init__(self) -> None:
             if self.max_seq_len < 1:

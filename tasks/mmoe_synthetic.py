@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, Split, TaskSpec, register_dataset
+from mtlbench import DatasetAdapter, FeatureSchema, MultiTaskData, Split, TaskSpec, option_field, register_dataset
 
 
 def unit_vectors(d: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,12 +81,12 @@ class MMoESynthetic(DatasetAdapter):
 
     @dataclass
     class Options:
-        correlation: float = 0.5
-        n_rows: int = 12_000
-        input_dim: int = 100
-        scale: float = 1.0
-        n_sin: int = 10
-        noise_std: float = 0.1
+        correlation: float = option_field(0.5, "p, the cosine of the two tasks' weight vectors", minimum=-1, maximum=1)
+        n_rows: int = option_field(12_000, "rows; validation and test get n_rows // 12 each", minimum=120)
+        input_dim: int = option_field(100, "d, the input dimension", minimum=2)
+        scale: float = option_field(1.0, "c, the norm of the weight vectors", minimum=0, open_minimum=True)
+        n_sin: int = option_field(10, "m, the sine terms of the label function", minimum=0)
+        noise_std: float = option_field(0.1, "standard deviation of the label noise", minimum=0)
         data_seed: int | None = None
 
         def __post_init__(self) -> None:

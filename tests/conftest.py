@@ -1,6 +1,7 @@
 """Shared fixtures: a small embedded dataset, and the real data directory for adapters that read files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+from mtlbench.errors import MtlbenchError
 from mtlbench.objectives import task_loss
 from mtlbench.optim import StepContext
 from mtlbench.registry import build_options, get
@@ -203,3 +205,23 @@ def check_contract(model, batch):
             if i != j and task_params[name]:
                 grads = torch.autograd.grad(loss, task_params[name], retain_graph=True, allow_unused=True)
                 assert all(g is None or float(g.abs().max()) == 0.0 for g in grads)
+
+
+# -- shared checks of declared options ------------------------------------------------------------------
+
+def check_range_refused(entry, field) -> None:
+    """A value just outside ``field``'s declared range (its minimum - 1, else its maximum + 1) is refused by
+    ``entry.resolve_options`` in one line naming the option, the value and the range, before anything loads or
+    builds; an open bound itself is refused too."""
+    rng = field.metadata["range"]
+    bad = rng.minimum - 1 if rng.minimum is not None else rng.maximum + 1
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    value = (bad,) if isinstance(default, tuple) else bad
+    with pytest.raises(MtlbenchError) as info:
+        entry.resolve_options({field.name: value})
+    msg = str(info.value)
+    assert "\n" not in msg and field.name in msg and rng.text() in msg and str(bad) in msg, msg
+    for edge, is_open in ((rng.minimum, rng.open_minimum), (rng.maximum, rng.open_maximum)):
+        if edge is not None and is_open:  # an open bound itself is outside
+            with pytest.raises(MtlbenchError):
+                entry.resolve_options({field.name: (edge,) if isinstance(default, tuple) else edge})

@@ -10,7 +10,11 @@ from mtlbench.registry import names, variants
 
 from conftest import assert_close_fp, grad_scale, build_arch
 
+# examples for the task-subset and plain-task-loss tests below: esmm needs its ctr/cvr/ctcvr roles and esmm and
+# aitm train on their own task_losses (their every-arch form is the contract test over ALL_ARCHS further down)
 BUILTIN_ARCHS = ["single", "shared_bottom", "mmoe", "home"]
+# every registered tabular arch (a new arch is checked without editing a list); image variants: tests/test_vision*
+ALL_ARCHS = [n for n in names("arch") if "tabular" in variants(n)]
 HOME_ABLATIONS = [{}, {"expert_norm": False}, {"tower_norm": False}, {"hierarchy": False}, {"feature_gate": False},
                   {"self_gate": False},
                   {"expert_norm": False, "tower_norm": False, "hierarchy": False, "feature_gate": False,
@@ -25,7 +29,7 @@ def test_builtins_registered():
     assert set(BUILTIN_ARCHS) <= set(names("arch"))
 
 
-@pytest.mark.parametrize("arch", BUILTIN_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_forward_shapes(arch, small_data):
     torch.manual_seed(0)
     model = build_arch(arch, small_data)
@@ -159,8 +163,7 @@ def test_expert_bank_matches_separate_mlps():
         torch.testing.assert_close(out[e], h, rtol=1e-5, atol=1e-5)
 
 
-# -- contract tests over EVERY registered arch (a new arch is checked without editing this list) ---------------
-ALL_ARCHS = [n for n in names("arch") if "tabular" in variants(n)]  # image variants: tests/test_vision*
+# -- contract tests over EVERY registered arch (ALL_ARCHS: a new arch is checked without editing a list) --------
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

@@ -104,7 +104,7 @@ def test_empty_split_after_max_rows():
 
 def test_bad_options_and_unknown_task():
     e = get("dataset", "adult")
-    with pytest.raises(MtlbenchError, match="max_rows must be a positive"):
+    with pytest.raises(MtlbenchError, match=r"option 'max_rows' must be >= 1, got -1"):
         e.resolve_options({"max_rows": -1})
     with pytest.raises(MtlbenchError, match="unknown option for dataset 'adult' 'mode'"):
         e.resolve_options({"mode": "full"})

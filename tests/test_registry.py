@@ -12,6 +12,8 @@ from mtlbench import registry
 from mtlbench.errors import MtlbenchError
 from mtlbench.metrics import Metric
 
+from conftest import check_range_refused
+
 
 @pytest.fixture(autouse=True)
 def restore_registry():
@@ -337,14 +339,4 @@ def _ranged_options():
 def test_every_declared_range_is_enforced_before_anything_loads(entry, field):
     """Issue 15: `-A expert_units=-5`, `-A dropout=1.5`: refused by the options class in one line naming the
     option, the value and the range (no torch message, no failed record)."""
-    rng = field.metadata["range"]
-    bad = rng.minimum - 1 if rng.minimum is not None else rng.maximum + 1
-    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    value = (bad,) if isinstance(default, tuple) else bad
-    with pytest.raises(MtlbenchError) as info:
-        entry.resolve_options({field.name: value})
-    msg = str(info.value)
-    assert "\n" not in msg and field.name in msg and rng.text() in msg and str(bad) in msg
-    if rng.maximum is not None and rng.open_maximum:
-        with pytest.raises(MtlbenchError):
-            entry.resolve_options({field.name: (rng.maximum,) if isinstance(default, tuple) else rng.maximum})
+    check_range_refused(entry, field)
