@@ -1,4 +1,5 @@
-"""The driver both reproduction scripts share: where the records go, sweep (unless --summary-only), summarise."""
+"""What the reproduction scripts share: one mtlbench call with the common flags, and the driver (where the records
+go, sweep unless --summary-only, summarise)."""
 from __future__ import annotations
 
 import sys
@@ -6,6 +7,17 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+
+def run_mtlbench(argv: list[str], data_dir: str | None = None, jobs: int | None = None,
+                 what: str = "") -> str | None:
+    """``mtlbench`` with ``argv`` (+ ``--data-dir``/``--jobs`` when given), echoed first; a failure message or None."""
+    from mtlbench import cli
+
+    argv = argv + (["--data-dir", data_dir] if data_dir else []) + (["--jobs", str(jobs)] if jobs else [])
+    print(f"== {what + ': ' if what else ''}mtlbench {' '.join(argv)}", flush=True)
+    rc = cli.main(argv)
+    return None if rc == 0 else f"{what + ': ' if what else ''}mtlbench exited {rc}"
 
 
 def drive(name: str, default_results_dir: str, results_dir: str | None, quick: bool, summary_only: bool,

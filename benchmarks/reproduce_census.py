@@ -54,8 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from _reproduction import drive  # benchmarks/, the script's own directory
-from mtlbench import cli
+from _reproduction import drive, run_mtlbench  # benchmarks/, the script's own directory
 from mtlbench.results import stats
 from mtlbench.results.leaderboard import load_store, long_frame
 
@@ -107,13 +106,8 @@ def sweep(results_dir: str, seeds: str, epochs: int, max_rows: int | None, jobs:
             "-D", "mode=test_only", "--results-dir", results_dir]
     if max_rows is not None:
         argv += ["-D", f"max_rows={max_rows}"]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
-    if jobs:
-        argv += ["--jobs", str(jobs)]
-    print(f"== mtlbench {' '.join(argv)}", flush=True)
-    rc = cli.main(argv)
-    return [f"mtlbench exited {rc}"] if rc != 0 else []
+    failure = run_mtlbench(argv, data_dir, jobs)
+    return [failure] if failure else []
 
 
 # ------------------------------------------------------------------------------------------------------------

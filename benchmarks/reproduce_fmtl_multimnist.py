@@ -25,8 +25,7 @@ import sys
 
 import numpy as np
 
-from _reproduction import drive  # benchmarks/, the script's own directory
-from mtlbench import cli
+from _reproduction import drive, run_mtlbench  # benchmarks/, the script's own directory
 
 NAME = "fmtl_multimnist"
 DEFAULT_RESULTS_DIR = "results/published/runs"
@@ -40,14 +39,9 @@ def sweep(results_dir: str, seeds: str, quick: bool, jobs: int | None, data_dir:
         argv = ["run", "--config", config, "--seeds", seeds, "--results-dir", results_dir]
         if quick:
             argv += ["--epochs", "1", "-D", "train=512", "-D", "val=128", "-D", "test=256"]
-        if data_dir:
-            argv += ["--data-dir", data_dir]
-        if jobs:
-            argv += ["--jobs", str(jobs)]
-        print(f"== mtlbench {' '.join(argv)}", flush=True)
-        rc = cli.main(argv)
-        if rc != 0:
-            failures.append(f"mtlbench exited {rc} on {config}")
+        failure = run_mtlbench(argv, data_dir, jobs, what=config)
+        if failure:
+            failures.append(failure)
     return failures
 
 

@@ -68,8 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from _reproduction import drive  # benchmarks/, the script's own directory
-from mtlbench import cli
+from _reproduction import drive, run_mtlbench  # benchmarks/, the script's own directory
 from mtlbench.results import stats
 from mtlbench.results.leaderboard import load_store, long_frame
 
@@ -120,12 +119,9 @@ def sweep(results_dir: str, seeds: str, epochs: int, n_rows: int, jobs: int | No
                     "--selection", TRAINING["selection"], "--device", device,
                     "-D", f"correlation={float(p)!r}", "-D", f"n_rows={n_rows}",
                     "--results-dir", results_dir]
-            if jobs:
-                argv += ["--jobs", str(jobs)]
-            print(f"== correlation {p}: mtlbench {' '.join(argv)}", flush=True)
-            rc = cli.main(argv)
-            if rc != 0:
-                failures.append(f"correlation {p}: mtlbench exited {rc}")
+            failure = run_mtlbench(argv, jobs=jobs, what=f"correlation {p}")
+            if failure:
+                failures.append(failure)
     return failures
 
 
