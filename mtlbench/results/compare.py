@@ -92,10 +92,9 @@ def compare(results_dir: str, a: str, b: str, dataset: str | None = None, tasks:
         pairs.append(w.n)
     adj_t = stats.correct(p_t, options.correction, alpha).adjusted
     adj_w = stats.correct(p_w, options.correction, alpha).adjusted
-    short = "Holm" if options.correction == "holm" else "BH"
     width = max([len(r[0]) for r in rows] + [10])
     head = f"{'task':<{width}} {'metric':<9} {'n':>3} {'mean A':>9} {'mean B':>9} {'diff':>9} {'95% CI':>21} " \
-           f"{f't p ({short})':>17} {f'Wilcoxon p ({short})':>18}"
+           f"{f't p ({options.correction_short})':>17} {f'Wilcoxon p ({options.correction_short})':>18}"
     lines.append(head)
     notes = []
     for (task, metric, n, ma, mb, t, w), at, aw in zip(rows, adj_t, adj_w):

@@ -281,6 +281,7 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     base = _reference(methods, ids, at_default, BASELINE_ARCH)
     if base is None:  # a merging table: the experts are its T single-task runs
         base = next((m for m in methods if ids[m].optimizer == EXPERTS), None)
+    experts_base = base is not None and ids[base].optimizer == EXPERTS
     delta: dict[str, float | None] = {}
     dense = any(c[1] in DENSE_METRIC_NAMES for c in columns)  # per-pixel tasks: every metric counts (vision papers)
     flat = flat or dense
@@ -294,7 +295,7 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
                 "al. 2021)" if dense else "all task metrics" if flat else "tasks of the primary metric")
         note = (f"Δm% (Maninis et al. 2019): mean over {what}"
                 f" of the signed relative change vs `{base}`, in %, positive = better")
-        if ids[base].optimizer == EXPERTS:
+        if experts_base:
             note += " (the per-task fine-tuned experts: a merging table's single-task reference)"
         if len(cols_for_delta) < len(columns if flat else prim):
             note += " (metrics without a direction left out)"
@@ -349,7 +350,7 @@ def _table(protocol: dict[str, Any], part: pd.DataFrame, flat: bool, baseline: s
     compute = {m: _mean_or_none(part.loc[part["method"] == m].drop_duplicates("run_id")["compute_seconds"])
                for m in methods}
     cost_kind = "epoch"
-    if ref is None and base is not None and ids[base].optimizer == EXPERTS and compute.get(base):
+    if ref is None and experts_base and compute.get(base):
         ref, cost_kind = base, "compute"
         cost = {m: (compute[m] / compute[ref] if compute[m] is not None else None) for m in methods}
     families = sorted(set(part["family"]))

@@ -31,6 +31,7 @@ from mtlbench.errors import MtlbenchError, unknown
 
 CORRECTIONS = ("holm", "bh")
 CORRECTION_NAMES = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
+CORRECTION_SHORT = {"holm": "Holm", "bh": "BH"}   # for column headers
 
 
 def _opt(default: Any, help: str, *, kind: type = float, choices: tuple[str, ...] = (), low: float | None = None,
@@ -67,6 +68,10 @@ class StatOptions:
     @property
     def correction_name(self) -> str:
         return CORRECTION_NAMES[self.correction]
+
+    @property
+    def correction_short(self) -> str:
+        return CORRECTION_SHORT[self.correction]
 
     def with_(self, **changes: Any) -> "StatOptions":
         return replace(self, **changes)

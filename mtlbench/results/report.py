@@ -147,10 +147,6 @@ def _primary(table: Table, col: tuple[str, str]) -> bool:
     return col == next(c for c in table.columns if c[0] == col[0])
 
 
-def _corr(table: Table) -> str:
-    return {"holm": "Holm", "bh": "BH"}[table.options.correction]
-
-
 # ------------------------------------------------------------------------------------ reviewer statistics
 
 def robust_note(table: Table, name: Any = lambda m: f"`{m}`") -> str:
@@ -346,7 +342,8 @@ def _significance_section(table: Table, results: dict[str, dict[str, Any]], agai
         return "\n".join(lines + ["", "</details>"])
     lines = [f"<details><summary>Significance vs {md_escape(against)}; mean diff = method minus it, signed so that "
              "positive = better</summary>", "",
-             f"| method | task | n | mean diff | 95% CI | t-test p ({_corr(table)}) | Wilcoxon p ({_corr(table)}) "
+             f"| method | task | n | mean diff | 95% CI | t-test p ({table.options.correction_short}) | Wilcoxon p "
+             f"({table.options.correction_short}) "
              "| note |",
              "|---|---|--:|--:|---|--:|--:|---|"]
     for m in table.methods:
@@ -555,7 +552,7 @@ def _robust_html(table: Table) -> list[str]:
     if not table.robust:
         return []
     e = html.escape
-    out = [f"<h3>Robust aggregates and practical significance</h3>",
+    out = ["<h3>Robust aggregates and practical significance</h3>",
            f'<p class="note">{e(robust_note(table, str))}.</p>',
            '<table class="sig"><thead><tr>' + "".join(f"<th>{e(h)}</th>" for h in robust_header(table))
            + "</tr></thead><tbody>"]
@@ -597,8 +594,8 @@ def _significance_html(table: Table) -> list[str]:
     for results, against in sections:
         out += [f"<details><summary>Significance vs {e(against)}; mean diff = method minus it, positive = better"
                 "</summary>", '<table class="sig"><thead><tr><th>method</th><th>task</th><th>n</th>'
-                f"<th>mean diff</th><th>95% CI</th><th>t-test p ({_corr(table)})</th><th>Wilcoxon p "
-                f"({_corr(table)})</th><th>note</th>"
+                f"<th>mean diff</th><th>95% CI</th><th>t-test p ({table.options.correction_short})</th><th>Wilcoxon p "
+                f"({table.options.correction_short})</th><th>note</th>"
                 "</tr></thead><tbody>"]
         for m in table.methods:
             for t, r in results.get(m, {}).items():

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence, Union
 import numpy as np
 from scipy import stats as sps
 
+from mtlbench.results.options import CORRECTIONS  # torch-free: the names of the corrections, declared once
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -404,7 +406,6 @@ def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None 
     return WilcoxonFloor(floor, m, n_max, alpha, note)
 
 
-CORRECTIONS = {"holm": "Holm", "bh": "Benjamini-Hochberg"}
 
 
 def correct(pvalues: Sequence[float], correction: str = "holm", alpha: float = 0.05) -> Holm | BH:
