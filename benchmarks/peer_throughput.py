@@ -8,6 +8,8 @@ The arms (interleaved: arm 1, arm 2, ..., arm 1, arm 2, ... for ``--reps`` repet
     mtlbench            our real loop: ``mtlbench.train.train`` (BatchLoader slices, the registered ``mmoe``, the
                         ``ew`` step through StepContext, the lazy non-finite checks, Adam), timed by the loop's own
                         ``train_seconds`` (evaluation excluded)
+    mtlbench bf16       the same loop with ``--precision bf16`` (autocast to bfloat16 in the forward passes;
+                        float32 parameters, gradients, Adam state and losses), against the bfloat16 GEMM floor
     mtlbench before     the same loop without issue 13's exact CPU speed-ups (glibc's default allocator
                         thresholds, Adam's per-tensor loop): the before/after ratio of one run (CPU only)
 Every arm and repetition runs in its own fresh process (interleaved), so a process-wide setting of one arm (the
@@ -91,12 +93,13 @@ class Arm:
 
 class Mtlbench(Arm):
     name = "mtlbench (its train loop)"
+    precision = "fp32"
 
     def __init__(self, embed_dim: int, device: str, warm: dict[str, torch.Tensor]) -> None:
         self.device, self.embed_dim = device, embed_dim
         self.spec = build_spec(dataset="ecommerce", tasks=["ctr", "ctcvr"], arch="mmoe", optimizer="ew", epochs=1,
                                batch_size=BATCH, lr=LR, weight_decay=0.0, patience=0, embed_dim=embed_dim,
-                               device=device, arch_options={"n_experts": N_EXPERTS,
+                               device=device, precision=self.precision, arch_options={"n_experts": N_EXPERTS,
                                                             "expert_units": list(EXPERT_UNITS),
                                                             "tower_units": list(TOWER_UNITS), "dropout": DROPOUT,
                                                             "batch_norm": True})
@@ -118,6 +121,14 @@ class Mtlbench(Arm):
                             {"train": Split(dict(data)), "val": Split(small), "test": Split(small)})
         body = train(self.spec, Built(mtd, self.model, self.method))
         return body["train_seconds"] / (len(data["labels"]) // BATCH)
+
+
+class MtlbenchBf16(Mtlbench):
+    """The same loop with ``--precision bf16``: forward passes under autocast to bfloat16 (float32 parameters,
+    gradients, Adam state and losses). Its floor is the same matmuls in bfloat16."""
+
+    name = "mtlbench --precision bf16"
+    precision = "bf16"
 
 
 class MtlbenchBefore(Mtlbench):
@@ -253,11 +264,12 @@ def gemm_shapes(embed_dim: int) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def gemm_floor(embed_dim: int, device: str, reps: int = 5) -> float:
-    """Seconds for the forward matmuls and, per matmul, the two backward ones (dX = dY W^T, dW = X^T dY)."""
+def gemm_floor(embed_dim: int, device: str, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Seconds for the forward matmuls and, per matmul, the two backward ones (dX = dY W^T, dW = X^T dY), in
+    ``dtype``."""
     ops: list[Callable[[], torch.Tensor]] = []
     for b, m, k, n in gemm_shapes(embed_dim):
-        x, w, dy = (torch.randn(b, *s, device=device) for s in ((m, k), (k, n), (m, n)))
+        x, w, dy = (torch.randn(b, *s, device=device, dtype=dtype) for s in ((m, k), (k, n), (m, n)))
         ops += [lambda x=x, w=w: torch.bmm(x, w), lambda dy=dy, w=w: torch.bmm(dy, w.transpose(1, 2)),
                 lambda x=x, dy=dy: torch.bmm(x.transpose(1, 2), dy)]
     times = []
@@ -273,7 +285,8 @@ def gemm_floor(embed_dim: int, device: str, reps: int = 5) -> float:
 
 # ---------------------------------------------------------------------------------------------------- main
 
-ARMS = {"mtlbench": Mtlbench, "mtlbench before": MtlbenchBefore, "torch-rechub": Rechub, "DeepCTR-Torch": DeepCTR,
+ARMS = {"mtlbench": Mtlbench, "mtlbench bf16": MtlbenchBf16, "mtlbench before": MtlbenchBefore,
+        "torch-rechub": Rechub, "DeepCTR-Torch": DeepCTR,
         "rechub+our loader": RechubOurLoader}
 NEEDS = {"torch-rechub": "torch_rechub", "DeepCTR-Torch": "deepctr_torch", "rechub+our loader": "torch_rechub"}
 
@@ -337,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # the floor without page faults: the best case for the matmuls alone
     floor = gemm_floor(args.embed_dim, args.device)
+    floor_bf16 = gemm_floor(args.embed_dim, args.device, dtype=torch.bfloat16) if "mtlbench bf16" in names else None
     med = {n: statistics.median(t) for n, t in times.items()}
     peers = [med[n] for n in ("torch-rechub", "DeepCTR-Torch") if n in med]
     fastest_peer = min(peers) if peers else None
@@ -347,10 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|")
     for name, t in med.items():
         vs = f"{fastest_peer / t:.2f}" if fastest_peer else "n/a"
+        own = floor_bf16 if name == "mtlbench bf16" else floor  # each arm against the floor of its precision
         print(f"| {ARMS[name].name} | {params[name]:,} | {t * 1e3:.1f} | {BATCH / t:,.0f} | "
-              f"{t / floor:.2f} | {vs} |")
+              f"{t / own:.2f} | {vs} |")
     print(f"| GEMM floor (mtlbench's matmuls alone) | | {floor * 1e3:.1f} | {BATCH / floor:,.0f} | 1.00 | |")
+    if floor_bf16 is not None:
+        print(f"| GEMM floor in bfloat16 (the bf16 arm's) | | {floor_bf16 * 1e3:.1f} | {BATCH / floor_bf16:,.0f} "
+              f"| 1.00 | |")
     ours = med["mtlbench"]
+    if "mtlbench bf16" in med:
+        print(f"--precision bf16: {med['mtlbench bf16'] * 1e3:.1f} ms / step, {ours / med['mtlbench bf16']:.2f}x the "
+              f"fp32 loop, {fastest_peer / med['mtlbench bf16']:.2f}x the fastest peer" if fastest_peer else "")
     if "mtlbench before" in med:
         print(f"\nissue 13's exact CPU speed-ups (allocator thresholds, multi-tensor Adam): "
               f"{med['mtlbench before'] * 1e3:.1f} -> {ours * 1e3:.1f} ms / step ({med['mtlbench before'] / ours:.2f}x)")

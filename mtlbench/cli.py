@@ -299,6 +299,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if st["vectorize_seeds"] and st["merger"]:  # settings alone: answered before torch is imported
         raise MtlbenchError("--vectorize-seeds trains seeds together; merges (--merger) are not training runs: "
                             "drop one of the two")
+    if st["precision"] != "fp32" and st["merger"]:
+        raise MtlbenchError(f"--precision {st['precision']} applies to training runs; a merge (--merger) fine-tunes "
+                            "and evaluates its zoo in fp32: drop one of the two")
     if st["vectorize_seeds"] and st["executor"] != "local":
         raise MtlbenchError(f"--vectorize-seeds trains a spec's seeds together in one process, on the local "
                             f"executor; executor '{st['executor']}' places each run on its own worker: drop one of "

@@ -138,7 +138,9 @@ class StepContext:
         fgrads, hgrads = [], []
         for loss, params in zip(self.losses, self.task_params):
             grads = torch.autograd.grad(loss, (*feats, *params), retain_graph=True, allow_unused=True)
-            fgrads.append(tuple(torch.zeros_like(f) if g is None else g for f, g in zip(feats, grads[:len(feats)])))
+            # float32 whatever the forward's precision (a bf16 run's features are bfloat16; no-op in fp32)
+            fgrads.append(tuple(torch.zeros_like(f, dtype=torch.float32) if g is None else g.float()
+                                for f, g in zip(feats, grads[:len(feats)])))
             hgrads.append(grads[len(feats):])
         self._feature_grads, self._head_grads = fgrads, hgrads
 

@@ -40,6 +40,7 @@ FALLBACK_TRAINING = {"epochs": 10, "batch_size": 1024, "lr": 1e-3, "embed_dim": 
 MAX_SEEDS = 10_000      # seeds per sweep: a count beyond this is a typo, refused before anything is expanded
 MAX_RUNS = 100_000      # runs per sweep (the product of the grid's axes)
 SELECTIONS = ("mean_primary", "val_loss")
+PRECISIONS = ("fp32", "bf16")
 EXECUTORS = ("local", "ray")
 TRACKERS = ("mlflow", "tensorboard")
 
@@ -148,6 +149,10 @@ SETTINGS: tuple[Setting, ...] = (
             "in the last digits between thread counts). auto: the dataset's suggestion (1 for the built-in "
             "tabular datasets, whose small models run fastest on one thread), at most the cores divided "
             "among parallel runs", spec=True, protocol=True, minimum=1, v1_value=1),
+    Setting("precision", "str", "fp32", "compute precision of the forward passes: fp32, or bf16 (torch.autocast "
+            "to bfloat16: matmuls and convolutions in bfloat16, parameters, gradients, optimizer state, losses "
+            "and metrics in float32; part of the run id and the protocol)", spec=True, protocol=True,
+            choices=PRECISIONS, v1_value="fp32"),
     # the method's and the dataset's own options (validated against their declared Options)
     Setting("arch_options", "options", {}, "architecture option", flags=("-A", "--arch-option"),
             metavar="KEY=VALUE"),

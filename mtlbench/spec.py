@@ -128,6 +128,22 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_precision(precision: str, device: str) -> None:
+    """bf16 needs autocast to bfloat16 on the device: every CPU torch has it; a CUDA GPU needs bfloat16 support
+    (compute capability 8.0+, or emulation torch refuses to rely on); MPS needs a torch whose autocast covers it."""
+    if precision == "fp32":
+        return
+    import torch
+
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.version.hip and torch.cuda.get_device_capability(device) < (8, 0):
+        raise MtlbenchError(f"precision '{precision}': {torch.cuda.get_device_name(device)} has no native "
+                            f"bfloat16 (valid here: fp32)")
+    if not torch.amp.is_autocast_available(kind):
+        raise MtlbenchError(f"precision '{precision}': torch {torch.__version__} has no autocast on '{kind}' "
+                            f"(valid here: fp32)")
+
+
 def _check_features(dataset: str, ds: registry.Entry, dataset_options: dict[str, Any], arch: str,
                     ar: registry.Entry, arch_options: dict[str, Any]) -> None:
     """An arch that needs optional features (behaviour sequences...) the dataset lacks: one line, up front."""
@@ -195,6 +211,7 @@ def build_spec(*, dataset: str, tasks: list[str] | None, arch: str, optimizer: s
         values[name] = s.check(v, s.title)
     values["device"] = resolve_device(values["device"])
     values["threads"] = resolve_threads(values["threads"], suggested.get("threads"), jobs)
+    check_precision(values["precision"], values["device"])
     if isinstance(seed, bool) or not float(seed).is_integer() or seed < 0:
         raise MtlbenchError(f"seed must be a non-negative integer, got {seed}")
     arch_options = ar.resolve_options(arch_options)

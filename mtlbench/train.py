@@ -8,7 +8,9 @@ shuffling and any randomness of the MTL optimizer; on CPU the same seed gives th
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import math
 import platform
 import subprocess
@@ -94,6 +96,7 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             for i, (task, o) in enumerate(zip(data.tasks, model(batch).outputs)):
+                o = o.float()  # a bf16 run's outputs: metrics in float32 (a no-op in fp32)
                 if i in dense:
                     dense[i].update(o, batch, i)
                 else:
@@ -107,6 +110,25 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
         result[task.name] = evaluate_task(task.metrics, labels[:, i], torch.cat(outs[i]).cpu(), masks[:, i],
                                           task.label_scale)
     return result
+
+
+def precision_context(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """Where the forward passes run: as they are in fp32; under ``torch.autocast`` to bfloat16 in bf16 (matmuls
+    and convolutions in bfloat16, the ops autocast keeps in float32 in float32). Backward passes run outside it,
+    as torch recommends; parameters, gradients and the optimizer state stay float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def float_outputs(out: Any) -> Any:
+    """``out`` with float32 task outputs (and auxiliary loss): losses and metrics are computed in float32
+    whatever the forward's precision. The same object when they already are (every fp32 run)."""
+    outputs = getattr(out, "outputs", None)
+    if outputs is None or all(o.dtype != torch.bfloat16 for o in outputs):
+        return out
+    aux = out.aux.float() if getattr(out, "aux", None) is not None else None
+    return dataclasses.replace(out, outputs=[o.float() for o in outputs], aux=aux)
 
 
 def eval_batch_size(model: torch.nn.Module) -> int:
@@ -157,7 +179,7 @@ def _val_losses(model, data: MultiTaskData, split: Split, device: str) -> dict[s
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             n = batch["labels"].shape[0]
-            losses = model.task_losses(model(batch).outputs, batch)
+            losses = model.task_losses(float_outputs(model(batch)).outputs, batch)
             total += torch.stack([l.detach() for l in losses]).to(total.dtype) * n  # no sync per batch
             rows += n
     return {t: float(v) / max(rows, 1) for t, v in zip(names, total.cpu())}
@@ -338,8 +360,12 @@ def _train(spec: RunSpec, built: Built, progress: bool, log: Callable[[str], Non
     first_loss: torch.Tensor | None = None
     watch = FiniteWatch(loss_names, spec.optimizer, device)
 
+    amp = lambda: precision_context(spec.precision, device)  # noqa: E731
+
     def losses_of(batch):
-        out = model(batch)
+        with amp():
+            out = model(batch)
+        out = float_outputs(out)
         return out, model.task_losses(out.outputs, batch)
 
     for epoch in range(1, spec.epochs + 1):
@@ -413,8 +439,9 @@ def _train(spec: RunSpec, built: Built, progress: bool, log: Callable[[str], Non
         sums_h, counts_h = sums.cpu().tolist(), counts.cpu().tolist()  # one copy per epoch
         train_losses = {t: s / c if c > 0 else math.nan for t, s, c in zip(loss_names, sums_h, counts_h)}
         method.end_epoch(epoch, train_losses)
-        val = evaluate(model, data, val_split, device)
-        val_losses = _val_losses(model, data, val_split, device) if spec.selection == "val_loss" else None
+        with amp():
+            val = evaluate(model, data, val_split, device)
+            val_losses = _val_losses(model, data, val_split, device) if spec.selection == "val_loss" else None
         val_loss = sum(val_losses.values()) if val_losses is not None else None
         score = selection_score(spec, data, val, val_loss)
         entry = {"epoch": epoch, "train_loss": {t: v if math.isfinite(v) else None for t, v in train_losses.items()},
@@ -456,11 +483,13 @@ def _train(spec: RunSpec, built: Built, progress: bool, log: Callable[[str], Non
     if best_state is None:
         raise RunFailed("no epoch produced a finite validation score")
     model.load_state_dict(best_state)
-    metrics = {name: evaluate(model, data, data.splits[name].to(device), device) for name in ("train", "val", "test")}
-    extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
-    grid = getattr(model, "evaluate_grid", None)
-    if callable(grid):  # controllable archs: their preference x budget grid, once, after selection
-        extras = {**extras, **grid(data, device, evaluate, spec.batch_size)}
+    with amp():
+        metrics = {name: evaluate(model, data, data.splits[name].to(device), device)
+                   for name in ("train", "val", "test")}
+        extras = model.record_extras(data.splits["test"], device) if hasattr(model, "record_extras") else {}
+        grid = getattr(model, "evaluate_grid", None)
+        if callable(grid):  # controllable archs: their preference x budget grid, once, after selection
+            extras = {**extras, **grid(data, device, evaluate, spec.batch_size)}
     return {"arch_extras": extras, "metrics": metrics, "selected_epoch": best_epoch, **extra, "epochs_run": len(curves),
             "curves": curves,
             "selection_score": best_score, "train_seconds": train_seconds,

