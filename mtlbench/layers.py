@@ -116,32 +116,43 @@ class MLP(nn.Module):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout from a uniform mask: same maths as ``F.dropout``, ~1.5x faster on CPU (its bernoulli
-    sampler is the slow part). Draws from :func:`thread_generator` when one is set (the same stream as the global
-    generator seeded alike)."""
+    """Inverted dropout of the expert banks: each element zeroed with probability ``p``, the rest scaled so the
+    expectation is unchanged. Draws from :func:`thread_generator` when one is set (the same stream as the global
+    generator seeded alike).
+
+    On the CPU the mask comes from 16-bit random lanes, four per 64-bit draw: torch's CPU generator (mt19937)
+    costs per draw, so a mask of 8.4M elements takes 18 ms instead of 41 ms with one float per element (issue 13;
+    ``F.dropout``'s Bernoulli sampler: 66 ms). ``p`` is thereby rounded to a multiple of 2^-16 (``k / 65536``,
+    |error| <= 7.6e-6: 0.2 drops 0.19999695) and the scale is the exact ``65536 / (65536 - k)``. Elsewhere a
+    float uniform mask (one draw per element; GPUs draw them in parallel)."""
     if not training or p <= 0.0:
         return x
     g = thread_generator()
-    u = torch.rand_like(x) if g is None else torch.empty_like(x).uniform_(0.0, 1.0, generator=g)  # rand_like's layout
+    if x.device.type == "cpu":
+        k = round(p * 65536)
+        if k >= 65536:
+            return x * 0.0
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, None, generator=g)
+        lanes = words.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
+        keep = torch.ge(lanes, k - 32768, out=torch.empty(x.shape, dtype=x.dtype))  # 1.0 kept, 0.0 dropped
+        return x * keep.mul_(65536 / (65536 - k))
+    u = torch.rand_like(x) if g is None else torch.empty_like(x).uniform_(0.0, 1.0, generator=g)
     return x * ((u >= p).to(x.dtype) * (1.0 / (1.0 - p)))
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout``, drawing from :func:`thread_generator` when one is set. Without one (every separate run)
-    it is ``nn.Dropout`` itself; with one, on the CPU, it computes what ``F.dropout`` computes there (a Bernoulli
-    mask of keep-probability ``1 - p`` scaled by ``1 / (1 - p)``) from that generator, so a seed trained in a
-    group draws what its separate run draws. The seed groups refuse other devices with dropout."""
+    """``nn.Dropout`` whose CPU masks come from :func:`dropout`'s sampler (16-bit lanes, drawn from
+    :func:`thread_generator` when one is set, so a seed trained in a group draws what its separate run draws;
+    ``F.dropout``'s CPU Bernoulli sampler is 3.7x slower). On other devices it is ``nn.Dropout`` itself; the seed
+    groups run such seeds one by one."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = thread_generator()
-        if g is None or not self.training or self.p <= 0.0:
-            return super().forward(x)
-        if x.device.type != "cpu":
+        if x.device.type == "cpu":
+            return dropout(x, self.p, self.training)
+        if thread_generator() is not None and self.training and self.p > 0.0:
             raise RuntimeError("per-thread dropout generators exist on the CPU only")
-        if self.p >= 1.0:
-            return x * 0.0
-        noise = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=g).div_(1.0 - self.p)
-        return x * noise
+        return super().forward(x)
 
 
 class ExpertBatchNorm(nn.Module):
