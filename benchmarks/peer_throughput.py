@@ -36,7 +36,11 @@ parameter count.
 Goals (issue 13): mtlbench's step at least 3x faster than the fastest peer's real loop, or within 1.2x of the
 GEMM floor (on 2 CPU cores this model is close to compute-bound).
 
+``--quality`` adds what each arm learned: after its timed epoch (the same rows for every arm; each arm its own
+initialisation, data order and optimizer defaults), the test AUC of both tasks on the same held-out rows.
+
     .venv/bin/python benchmarks/peer_throughput.py --threads 1 --steps 20 --reps 3
+    .venv/bin/python benchmarks/peer_throughput.py --threads 1 --steps 100 --reps 1 --quality --no-before
     .venv/bin/python benchmarks/peer_throughput.py --quick          # a smoke run
     .venv/bin/python benchmarks/peer_throughput.py --device cuda    # on a GPU (benchmarks/gpu_check.py calls it)
 """
@@ -68,6 +72,7 @@ from mtlbench.spec import build_spec  # noqa: E402
 from mtlbench.train import Built, train  # noqa: E402
 
 BATCH = 2048
+TEST_ROWS = 50 * BATCH  # --quality: held-out rows, the same for every arm
 
 
 def sync(device: str) -> None:
@@ -89,6 +94,16 @@ class Arm:
 
     def run(self, data: dict[str, torch.Tensor]) -> float:
         raise NotImplementedError
+
+    def predict(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Probabilities ``[N, tasks]`` of the trained model on ``data`` (evaluation mode, no gradients)."""
+        self.model.eval()
+        with torch.no_grad():
+            return torch.cat([self._probs({k: v[i:i + BATCH].to(self.device) for k, v in data.items()}).float().cpu()
+                              for i in range(0, len(data["labels"]), BATCH)])
+
+    def _probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(_columns(batch))
 
 
 class Mtlbench(Arm):
@@ -121,6 +136,12 @@ class Mtlbench(Arm):
                             {"train": Split(dict(data)), "val": Split(small), "test": Split(small)})
         body = train(self.spec, Built(mtd, self.model, self.method))
         return body["train_seconds"] / (len(data["labels"]) // BATCH)
+
+    def _probs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from mtlbench.train import precision_context
+
+        with precision_context(self.precision, self.device):
+            return torch.sigmoid(torch.cat([o.float().reshape(-1, 1) for o in self.model(batch).outputs], 1))
 
 
 class MtlbenchBf16(Mtlbench):
@@ -225,6 +246,10 @@ class DeepCTR(Arm):
             sync(self.device)
         return (time.perf_counter() - t0) / -(-len(y) // BATCH)
 
+    def predict(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = {k: v.numpy() for k, v in _columns(data).items()}
+        return torch.as_tensor(self.model.predict(x, batch_size=BATCH)).float().reshape(len(data["labels"]), -1)
+
 
 class RechubOurLoader(Arm):
     name = "torch-rechub model, mtlbench loader"
@@ -292,12 +317,20 @@ NEEDS = {"torch-rechub": "torch_rechub", "DeepCTR-Torch": "deepctr_torch", "rech
 
 
 def child(name: str, args: argparse.Namespace) -> None:
-    """One arm, one repetition, in this fresh process: prints ``CHILD <seconds per step> <parameters>``."""
-    data = make_data((args.steps + 1) * BATCH, seed=0)
+    """One arm, one repetition, in this fresh process: prints ``CHILD <seconds per step> <parameters>`` and, with
+    ``--quality``, ``AUC <task 1> <task 2>`` on the held-out rows after the arm's epoch."""
+    data = make_data((args.steps + 1) * BATCH + (TEST_ROWS if args.quality else 0), seed=0)
     warm = {k: v[:BATCH] for k, v in data.items()}
-    timed = {k: v[BATCH:] for k, v in data.items()}
+    timed = {k: v[BATCH:(args.steps + 1) * BATCH] for k, v in data.items()}
     arm = ARMS[name](args.embed_dim, args.device, warm)
     print(f"CHILD {arm.run(timed)!r} {arm.params}", flush=True)
+    if args.quality:
+        from mtlbench.metrics import auc
+
+        test = {k: v[(args.steps + 1) * BATCH:] for k, v in data.items()}
+        probs = arm.predict(test)
+        print("AUC " + " ".join(repr(auc(test["labels"][:, j], probs[:, j])) for j in range(len(TASK_NAMES))),
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="at most 3 steps, 1 repetition")
     ap.add_argument("--no-before", dest="before", action="store_false",
                     help="skip the 'mtlbench before' arm (the loop without issue 13's exact CPU speed-ups)")
+    ap.add_argument("--quality", action="store_true",
+                    help="also the test AUC of each arm after its one epoch over the timed rows (same rows, same "
+                         "held-out set for every arm): the same model should learn the same thing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -334,8 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     # mtlbench's loop sets, torch's caches) never leak from one arm into another
     times: dict[str, list[float]] = {n: [] for n in names}
     params: dict[str, int] = {}
+    aucs: dict[str, list[list[float]]] = {}
     base = [sys.executable, str(Path(__file__).resolve()), "--embed-dim", str(args.embed_dim), "--steps",
-            str(args.steps), "--threads", str(args.threads), "--device", args.device]
+            str(args.steps), "--threads", str(args.threads), "--device", args.device] + (
+        ["--quality"] if args.quality else [])
     for _ in range(args.reps):
         for name in names:
             r = subprocess.run(base + ["--child", name], capture_output=True, text=True)
@@ -346,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             _, secs, n = line.split()
             times[name].append(float(secs))
             params[name] = int(n)
+            got = next((x for x in r.stdout.splitlines() if x.startswith("AUC ")), None)
+            if got is not None:
+                aucs.setdefault(name, []).append([float(v) for v in got.split()[1:]])
     from mtlbench.train import keep_freed_memory
 
     keep_freed_memory()  # the floor without page faults: the best case for the matmuls alone
@@ -368,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     if floor_bf16 is not None:
         print(f"| GEMM floor in bfloat16 (the bf16 arm's) | | {floor_bf16 * 1e3:.1f} | {BATCH / floor_bf16:,.0f} "
               f"| 1.00 | |")
+    if aucs:
+        print(f"\nTest AUC after one epoch over the {args.steps * BATCH:,} timed rows (plus the warm-up batch), on "
+              f"{TEST_ROWS:,} held-out rows; mean over repetitions (each arm's own initialisation and data order):")
+        print(f"\n| arm | {' | '.join(f'AUC {t}' for t in TASK_NAMES)} |\n|---|{'---:|' * len(TASK_NAMES)}")
+        for name, runs in aucs.items():
+            print(f"| {ARMS[name].name} | "
+                  + " | ".join(f"{statistics.mean(r[j] for r in runs):.4f}" for j in range(len(TASK_NAMES))) + " |")
     ours = med["mtlbench"]
     if "mtlbench bf16" in med:
         print(f"--precision bf16: {med['mtlbench bf16'] * 1e3:.1f} ms / step, {ours / med['mtlbench bf16']:.2f}x the "
