@@ -39,6 +39,11 @@ from mtlbench.errors import MtlbenchError
 Requirement = str  # "shared_grads" | "features"
 
 
+def upcast_half(t: torch.Tensor) -> torch.Tensor:
+    """float32 for a half-precision tensor (``--precision bf16``'s activations), anything else unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 class StepContext:
     """Everything one training step knows, with expensive quantities computed on first use and cached."""
 
@@ -138,8 +143,8 @@ class StepContext:
         fgrads, hgrads = [], []
         for loss, params in zip(self.losses, self.task_params):
             grads = torch.autograd.grad(loss, (*feats, *params), retain_graph=True, allow_unused=True)
-            # float32 whatever the forward's precision (a bf16 run's features are bfloat16; no-op in fp32)
-            fgrads.append(tuple(torch.zeros_like(f, dtype=torch.float32) if g is None else g.float()
+            # a bf16 run's features are bfloat16: their gradients in float32 (any other dtype as it is)
+            fgrads.append(tuple(upcast_half(torch.zeros_like(f) if g is None else g)
                                 for f, g in zip(feats, grads[:len(feats)])))
             hgrads.append(grads[len(feats):])
         self._feature_grads, self._head_grads = fgrads, hgrads

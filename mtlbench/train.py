@@ -31,7 +31,7 @@ from mtlbench.errors import MtlbenchError, RunFailed
 from mtlbench.loader import BatchLoader
 from mtlbench.metrics import evaluate_task, metric
 from mtlbench.objectives import predict
-from mtlbench.optim import MTLOptimizer, StepContext, check_compatible, present_tasks
+from mtlbench.optim import MTLOptimizer, StepContext, check_compatible, present_tasks, upcast_half
 from mtlbench.registry import build_options
 from mtlbench.spec import RunSpec
 from mtlbench.results.record import make_record
@@ -96,7 +96,7 @@ def evaluate(model: torch.nn.Module, data: MultiTaskData, split: Split, device: 
     with torch.no_grad():
         for batch in BatchLoader(split, eval_batch_size(model), device=device):
             for i, (task, o) in enumerate(zip(data.tasks, model(batch).outputs)):
-                o = o.float()  # a bf16 run's outputs: metrics in float32 (a no-op in fp32)
+                o = upcast_half(o)  # a bf16 run's outputs: metrics in float32 (other dtypes as they are)
                 if i in dense:
                     dense[i].update(o, batch, i)
                 else:
@@ -125,10 +125,10 @@ def float_outputs(out: Any) -> Any:
     """``out`` with float32 task outputs (and auxiliary loss): losses and metrics are computed in float32
     whatever the forward's precision. The same object when they already are (every fp32 run)."""
     outputs = getattr(out, "outputs", None)
-    if outputs is None or all(o.dtype != torch.bfloat16 for o in outputs):
+    if outputs is None or all(upcast_half(o) is o for o in outputs):
         return out
-    aux = out.aux.float() if getattr(out, "aux", None) is not None else None
-    return dataclasses.replace(out, outputs=[o.float() for o in outputs], aux=aux)
+    aux = upcast_half(out.aux) if getattr(out, "aux", None) is not None else None
+    return dataclasses.replace(out, outputs=[upcast_half(o) for o in outputs], aux=aux)
 
 
 def eval_batch_size(model: torch.nn.Module) -> int:
