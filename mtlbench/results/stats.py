@@ -406,8 +406,6 @@ def holm_wilcoxon_floor(n_pairs: Sequence[int], pvalues: Sequence[float] | None 
     return WilcoxonFloor(floor, m, n_max, alpha, note)
 
 
-
-
 def correct(pvalues: Sequence[float], correction: str = "holm", alpha: float = 0.05) -> Holm | BH:
     """``pvalues`` adjusted by ``correction``: ``"holm"`` (:func:`holm`) or ``"bh"`` (:func:`benjamini_hochberg`)."""
     if correction == "holm":
